@@ -1,0 +1,120 @@
+"""The `posttrain` command line: `posttrain <command> --config X.yaml [key=value ...] [--resume]`.
+
+Every command is a recipe module exposing a config dataclass and a `run(config, resume=...)` function. Overrides
+can be written `key=value` or `--key value`; both go through the same checked config loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from posttrain.errors import PosttrainError
+
+# command -> (module, config class, entry function). Modules are imported lazily so `posttrain --help` is instant.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("posttrain.recipes.sft", "SFTConfig", "run"),
+    "dpo": ("posttrain.recipes.dpo", "DPOConfig", "run"),
+    "reward": ("posttrain.recipes.reward", "RewardConfig", "run"),
+    "grpo": ("posttrain.recipes.grpo", "GRPOConfig", "run"),
+    "ppo": ("posttrain.recipes.ppo", "PPOConfig", "run"),
+    "eval": ("posttrain.eval.runner", "EvalConfig", "run"),
+    "diffusion train": ("posttrain.diffusion.recipe", "DiffusionTrainConfig", "train"),
+    "diffusion sample": ("posttrain.diffusion.recipe", "DiffusionSampleConfig", "sample"),
+    "demo": ("posttrain.demo", "DemoConfig", "run"),
+}
+
+DESCRIPTIONS = {
+    "sft": "supervised fine-tuning, loss on completion/assistant tokens only",
+    "dpo": "direct preference optimization and its variants (ipo, hinge, idea0, idea1, TR-DPO)",
+    "reward": "Bradley-Terry reward model on preference pairs",
+    "grpo": "online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, ScaleRL/CISPO",
+    "ppo": "RLHF with PPO, a value head and a learned reward model",
+    "eval": "evaluate a model on a task with a decoding / test-time strategy",
+    "diffusion train": "train a diffusion denoiser (2-D data or 8x8 digits)",
+    "diffusion sample": "sample from a trained diffusion denoiser with DDPM or DDIM",
+    "demo": "the end-to-end demo on the embedded SmolLM2, with a report",
+}
+
+
+def _split_flags(rest: list[str]) -> list[str]:
+    """Turn `--key value` and `--key=value` into `key=value`; keep plain `key=value` as is."""
+    out, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if item.startswith("--") and len(item) > 2:
+            key = item[2:]
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--") and "=" not in rest[i + 1]:
+                out.append(f"{key}={rest[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{key}=true")
+        else:
+            out.append(item)
+        i += 1
+    return out
+
+
+def _load_command(name: str):
+    module_name, config_name, fn_name = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, fn_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: posttrain <command> [--config FILE.yaml] [key=value ...] [--resume]\n\ncommands:")
+        for name, text in DESCRIPTIONS.items():
+            print(f"  {name:<18} {text}")
+        print("\n`posttrain <command> --help` lists the command's keys.")
+        return 0
+    name = argv.pop(0)
+    if name == "diffusion":
+        if not argv or argv[0] not in ("train", "sample"):
+            print("usage: posttrain diffusion train|sample [--config FILE.yaml] [key=value ...]", file=sys.stderr)
+            return 2
+        name = f"diffusion {argv.pop(0)}"
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"posttrain: unknown command '{name}'.{hint}", file=sys.stderr)
+        return 2
+
+    parser = argparse.ArgumentParser(prog=f"posttrain {name}", description=DESCRIPTIONS[name], add_help=False)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the latest checkpoint in output_dir, or from a given checkpoint folder")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config_cls, fn = _load_command(name)
+        if args.help:
+            from posttrain.config import config_help
+
+            print(f"usage: posttrain {name} [--config FILE.yaml] [key=value ...] [--resume [DIR]]\n")
+            print(f"{DESCRIPTIONS[name]}\n\nkeys:\n{config_help(config_cls)}")
+            return 0
+        from posttrain.config import load_config
+
+        config = load_config(config_cls, args.config, _split_flags(rest))
+        kwargs = {"resume": args.resume} if args.resume is not None else {}
+        fn(config, **kwargs)
+    except PosttrainError as e:
+        print(f"posttrain {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

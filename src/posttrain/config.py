@@ -1,0 +1,187 @@
+"""Recipe configuration: one flat dataclass per recipe, filled from YAML and `key=value` overrides.
+
+A config file is a flat YAML mapping whose keys are the dataclass's fields. Overrides on the command line use the
+same keys (`lr=1e-5 lora_r=8`); values are parsed as YAML scalars and then checked against the field's type.
+An unknown key is an error that names the key, where it came from, and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from posttrain.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that carries its help text once (shown by `posttrain <recipe> --help`)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    else:
+        kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, converting the few things YAML cannot express directly."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}.")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: key '{key}' must be one of {list(choices)}, got {value!r}.")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}.")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' expects a mapping, got {value!r}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{source}: key '{key}' expects true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}.")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}.") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}.")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' expects a number, got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: key '{key}' expects a number, got {value!r}.") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{source}: key '{key}' expects a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Make `cls` from a flat mapping, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{_suggest(key, list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], key, source)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s) {missing} for {cls.__name__}.")
+    config = cls(**kwargs)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["lr=1e-5", "lora_r=8"]` -> `{"lr": 1e-5, "lora_r": 8}`; values are YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value.")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read a flat YAML file (optional), apply `key=value` overrides, and build the recipe's dataclass.
+
+    Keys are checked where they come from, so an error names the file or the command line."""
+    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of key: value, got {type(loaded).__name__}.")
+        for key in loaded:
+            if key not in fields:
+                raise ConfigError(f"{path}: unknown key '{key}' for {cls.__name__}.{_suggest(str(key), fields)}")
+        values.update(loaded)
+        source = str(path)
+    cli = parse_overrides(overrides or [])
+    for key in cli:
+        if key not in fields:
+            raise ConfigError(f"command line: unknown key '{key}' for {cls.__name__}.{_suggest(key, fields)}")
+    values.update(cli)
+    return build_config(cls, values, source=source if not cli else f"{source} + command line")
+
+
+def config_help(cls: type) -> str:
+    """One line per key: name, type, default, help."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        )
+        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

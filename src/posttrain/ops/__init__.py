@@ -1,0 +1,1 @@
+"""Core tensor operations shared by every recipe: log-probs, masked reductions, KL estimators, advantages."""

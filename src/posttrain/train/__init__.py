@@ -1,0 +1,1 @@
+"""Training infrastructure: optimizer and schedule, atomic resumable checkpoints, logging, distributed setup."""
