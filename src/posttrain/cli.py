@@ -1,7 +1,8 @@
 """The `posttrain` command line: `posttrain <command> --config X.yaml [key=value ...] [--resume]`.
 
 Every command is a recipe module exposing a config dataclass and a `run(config, resume=...)` function. Overrides
-can be written `key=value` or `--key value`; both go through the same checked config loader.
+can be written `key=value` or `--key value`; both go through the same checked config loader
+(posttrain.config.parse_overrides).
 """
 
 from __future__ import annotations
@@ -39,30 +40,22 @@ DESCRIPTIONS = {
 }
 
 
-def _split_flags(rest: list[str]) -> list[str]:
-    """Turn `--key value` and `--key=value` into `key=value`; keep plain `key=value` as is."""
-    out, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if item.startswith("--") and len(item) > 2:
-            key = item[2:]
-            if "=" in key:
-                out.append(key)
-            elif i + 1 < len(rest) and not rest[i + 1].startswith("--") and "=" not in rest[i + 1]:
-                out.append(f"{key}={rest[i + 1]}")
-                i += 1
-            else:
-                out.append(f"{key}=true")
-        else:
-            out.append(item)
-        i += 1
-    return out
-
-
 def _load_command(name: str):
     module_name, config_name, fn_name = COMMANDS[name]
     module = importlib.import_module(module_name)
     return getattr(module, config_name), getattr(module, fn_name)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages are enough; silence transformers' per-shard bars and info logs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="resume from the latest checkpoint in output_dir, or from a given checkpoint folder")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
+    _quiet_libraries()
     try:
         config_cls, fn = _load_command(name)
         if args.help:
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from posttrain.config import load_config
 
-        config = load_config(config_cls, args.config, _split_flags(rest))
+        config = load_config(config_cls, args.config, rest)
         kwargs = {"resume": args.resume} if args.resume is not None else {}
         fn(config, **kwargs)
     except PosttrainError as e:
@@ -116,5 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

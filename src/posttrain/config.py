@@ -126,10 +126,27 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     return config
 
 
+def _flags_to_pairs(items: list[str]) -> list[str]:
+    """`--key value` and `--key=value` become `key=value`; a bare `--flag` is `flag=true`."""
+    out, i = [], 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--") and len(item) > 2 and "=" not in item:
+            if i + 1 < len(items) and not items[i + 1].startswith("--") and "=" not in items[i + 1]:
+                out.append(f"{item[2:]}={items[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{item[2:]}=true")
+        else:
+            out.append(item[2:] if item.startswith("--") else item)
+        i += 1
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["lr=1e-5", "lora_r=8"]` -> `{"lr": 1e-5, "lora_r": 8}`; values are YAML scalars."""
+    """`["lr=1e-5", "--lora_r", "8"]` -> `{"lr": 1e-5, "lora_r": 8}`; values are YAML scalars."""
     out: dict[str, Any] = {}
-    for item in overrides:
+    for item in _flags_to_pairs(overrides):
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form key=value.")
         key, raw = item.split("=", 1)

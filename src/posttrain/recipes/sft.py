@@ -1,0 +1,249 @@
+"""SFT recipe: completion-only cross-entropy, packing, accumulation, AdamW + warmup/cosine, exact resume, DDP.
+
+    posttrain sft --config configs/sft_arithmetic.yaml [key=value ...] [--resume]
+
+The loop: read + validate all rows -> tokenize with the chat template -> pack -> for each optimizer step, this
+rank's micro-batches -> per-token log-probs -> loss normalized by the step's global target count -> clip -> step.
+The data order is a pure function of (seed, step), so a checkpoint needs only the step to resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import field
+from posttrain.data.collate import pack_examples, packed_batch
+from posttrain.data.formats import load_dataset_file
+from posttrain.data.tokenize import encode_sft, truncate
+from posttrain.errors import ConfigError, DataError
+from posttrain.losses.sft import sft_loss
+from posttrain.models.forward import TokenLogps
+from posttrain.ops.logps import shift_labels
+from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, no_sync, wrap_ddp
+from posttrain.train.logging import MetricsLogger
+from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.state import (
+    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+)
+
+
+@dataclass
+class SFTConfig:
+    train_file: str = field(help="training data: .jsonl/.json/.parquet/.csv or a datasets folder "
+                                 "(formats: messages, prompt/completion, text)")
+    model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
+    eval_file: str | None = field(None, help="held-out data in the same format; default: none")
+    output_dir: str = field("runs/sft", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
+    max_length: int = field(512, help="tokens per example (and per packed row); longer examples are truncated")
+    packing: bool = field(True, help="pack several short examples per row, attention kept inside each example")
+    micro_batch_size: int = field(8, help="rows (packed) or examples (unpacked) per forward/backward")
+    grad_accum_steps: int = field(1, help="micro-batches per optimizer step and process")
+    epochs: float = field(1.0, help="passes over the data (ignored if max_steps > 0)")
+    max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
+    lr: float = field(2e-5, help="peak learning rate")
+    weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
+    warmup_steps: int = field(0, help="linear warmup steps")
+    min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
+    lr_schedule: str = field("cosine", help="cosine or constant (after warmup)")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
+    lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
+    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
+    device: str = field("auto", help="auto, cpu or cuda")
+    seed: int = field(0, help="seed for data order and initialization")
+    logging_steps: int = field(1, help="log every N steps")
+    eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
+    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
+    keep_last: int = field(2, help="checkpoints kept")
+    chunk_size: int = field(1024, help="rows per chunk of the fused LM-head log-prob computation")
+    tensorboard: bool = field(True, help="also log to TensorBoard")
+    progress: bool = field(True, help="show a progress bar")
+
+    def validate(self) -> None:
+        for key in ("max_length", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if self.lr <= 0:
+            raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set max_steps > 0 or epochs > 0.")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
+
+
+def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str) -> tuple[list[dict[str, list[int]]], int]:
+    """Tokenize validated rows; returns (examples with at least one target, number dropped by truncation)."""
+    examples, dropped = [], 0
+    for row in rows:
+        ex = truncate(encode_sft(tokenizer, row, fmt), max_length)
+        if sum(ex["loss_mask"][1:]) == 0:
+            dropped += 1
+            continue
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: every example lost its completion to truncation at max_length={max_length}.")
+    return examples, dropped
+
+
+def unit_order(num_units: int, seed: int, epoch: int) -> list[int]:
+    """The order of packed rows in one epoch: a permutation fixed by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_units, generator=g).tolist()
+
+
+def step_units(step: int, global_batch: int, num_units: int, seed: int) -> list[int]:
+    """The `global_batch` unit indices of optimizer step `step` (epochs chained, a pure function of its inputs)."""
+    out: list[int] = []
+    start = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), num_units)
+        order = unit_order(num_units, seed, epoch)
+        out.extend(order[offset: offset + global_batch - len(out)])
+    return out
+
+
+def micro_batches(units: list[int], micro_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of one step: chunk the step's units, rank r takes chunks r, r+W, r+2W, ..."""
+    chunks = [units[i:i + micro_batch_size] for i in range(0, len(units), micro_batch_size)]
+    return chunks[rank::world_size]
+
+
+def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    batch = packed_batch(examples, rows, pad_id)
+    labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
+    return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+            "labels": labels.to(device), "num_tokens": sum(len(examples[i]["input_ids"]) for row in rows for i in row)}
+
+
+@torch.no_grad()
+def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size: int, dist_info) -> dict[str, float]:
+    """Token-mean eval loss and perplexity over all eval rows (split across ranks, sums reduced)."""
+    logps_fn.eval()
+    nll, count = 0.0, 0.0
+    mine = rows[dist_info.rank::dist_info.world_size]
+    for i in range(0, len(mine), micro_batch_size):
+        batch = batch_tensors(examples, mine[i:i + micro_batch_size], pad_id, dist_info.device)
+        out = logps_fn(batch["input_ids"], batch["labels"], batch["position_ids"])
+        mask = batch["labels"] != -100
+        nll += float(-(out.logps * mask).sum())
+        count += float(mask.sum())
+    logps_fn.train()
+    nll, count = all_reduce_sum(nll, dist_info), all_reduce_sum(count, dist_info)
+    loss = nll / max(count, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
+
+
+def run(config: SFTConfig, resume: str | None = None) -> dict[str, Any]:
+    d = init_distributed(config.device)
+    try:
+        return _run(config, resume, d)
+    finally:
+        cleanup(d)
+
+
+def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
+    out_dir = Path(config.output_dir)
+    checkpoint = resolve_resume(out_dir, resume)
+    # All data is read and validated before a model is loaded or anything is written.
+    train_data = load_dataset_file(config.train_file, "sft")
+    eval_data = load_dataset_file(config.eval_file, "sft") if config.eval_file else None
+    seed_everything(config.seed)
+    model, tokenizer = prepare_model(
+        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, lora_target=config.lora_target,
+        gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint,
+    )
+    train_examples, dropped = tokenize_rows(*train_data, tokenizer, config.max_length, config.train_file)
+    eval_examples = tokenize_rows(*eval_data, tokenizer, config.max_length, config.eval_file)[0] if eval_data else None
+    pack = (lambda ex: pack_examples(ex, config.max_length)) if config.packing else (lambda ex: [[i] for i in range(len(ex))])
+    train_rows = pack(train_examples)
+    eval_rows = pack(eval_examples) if eval_examples else None
+    global_batch = config.micro_batch_size * config.grad_accum_steps * d.world_size
+    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(train_rows) / global_batch))
+
+    logps_fn = wrap_ddp(TokenLogps(model, chunk_size=config.chunk_size), d)
+    optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
+    start_step = 0
+    if checkpoint is not None:
+        start_step, _ = restore_training_state(checkpoint, optimizer, scheduler)
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+    if d.is_main and start_step == 0:
+        logger.log(0, {"data/examples": len(train_examples), "data/dropped_truncated": dropped,
+                       "data/rows": len(train_rows), "data/global_batch": global_batch, "total_steps": total_steps})
+    progress = Progress(total_steps, initial=start_step, enabled=config.progress and d.is_main, desc="sft")
+    pad_id = tokenizer.pad_token_id
+    summary: dict[str, Any] = {}
+    t_last, tokens_since = time.perf_counter(), 0.0
+
+    for step in range(start_step, total_steps):
+        units = step_units(step, global_batch, len(train_rows), config.seed)
+        mine = micro_batches(units, config.micro_batch_size, d.rank, d.world_size)
+        batches = [batch_tensors(train_examples, [train_rows[u] for u in mb], pad_id, d.device) for mb in mine]
+        local_targets = sum(float((b["labels"] != -100).sum()) for b in batches)
+        global_targets = all_reduce_sum(local_targets, d)
+        nll_sum, seen_tokens = 0.0, 0.0
+        for i, batch in enumerate(batches):
+            with no_sync(logps_fn, skip=i < len(batches) - 1):
+                out = logps_fn(batch["input_ids"], batch["labels"], batch["position_ids"])
+                mask = batch["labels"] != -100
+                # DDP averages gradients over ranks; the world_size factor turns that average back into the sum.
+                result = sft_loss(out.logps, mask, num_target_tokens=global_targets / d.world_size)
+                result.loss.backward()
+            nll_sum += float(result.nll_sum)
+            seen_tokens += batch["num_tokens"]
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = all_reduce_sum(nll_sum, d) / max(global_targets, 1.0)
+        tokens_since += all_reduce_sum(seen_tokens, d)
+        done = step + 1
+        if done % config.logging_steps == 0 or done == total_steps:
+            now = time.perf_counter()
+            metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/target_tokens": global_targets, "train/tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                       "train/epoch": done * global_batch / len(train_rows)}
+            logger.log(done, metrics)
+            t_last, tokens_since = now, 0.0
+            summary.update(metrics)
+        progress.update(loss=loss, tok_s=summary.get("train/tokens_per_s", 0.0))
+        if eval_rows and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
+            logger.log(done, evaluate(logps_fn, eval_examples, eval_rows, pad_id, config.micro_batch_size, d))
+        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+            if d.is_main:
+                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                         scheduler=scheduler, keep_last=config.keep_last)
+            barrier(d)
+    progress.close()
+
+    if eval_rows:
+        eval_metrics = evaluate(logps_fn, eval_examples, eval_rows, pad_id, config.micro_batch_size, d)
+        logger.log(total_steps, eval_metrics)
+        summary.update(eval_metrics)
+    if d.is_main:
+        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                 scheduler=scheduler, keep_last=config.keep_last)
+        save_final(model, tokenizer, out_dir / "final")
+    barrier(d)
+    logger.close()
+    summary["final_dir"] = str(out_dir / "final")
+    return summary

@@ -1,0 +1,135 @@
+"""Shared plumbing for recipes: model preparation (LoRA, resume), checkpoint save/restore, final export.
+
+Plain arguments only (STYLE.md §8): recipes pass the values they need, never their whole config.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from posttrain.models.loading import apply_lora, load_model
+from posttrain.train.checkpoint import atomic_dir, load_state, save_checkpoint, set_rng_state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(
+    name_or_path: str,
+    *,
+    device: torch.device,
+    dtype: str = "float32",
+    lora_r: int = 0,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target: str = "all-linear",
+    gradient_checkpointing: bool = False,
+    checkpoint: Path | None = None,
+):
+    """(model, tokenizer) ready to train: from `checkpoint` if resuming, with LoRA adapters if lora_r > 0."""
+    if checkpoint is not None and lora_r > 0:
+        from peft import PeftModel
+
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(model, checkpoint / "model", is_trainable=True)
+    elif checkpoint is not None:
+        model, tokenizer = load_model(checkpoint / "model", dtype=dtype, device=device)
+    else:
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
+        if lora_r > 0:
+            target = lora_target if lora_target == "all-linear" else [t.strip() for t in lora_target.split(",")]
+            model = apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_r > 0:
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+    return model.to(device), tokenizer
+
+
+def save_training_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Model (HF folder, or the LoRA adapter) + optimizer, scheduler, RNG and `extra` (e.g. data position)."""
+
+    def save_model(folder: Path) -> None:
+        model.save_pretrained(folder / "model", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "model")
+
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "extra": extra or {}}
+    return save_checkpoint(output_dir, step, save_model=save_model, state=state, keep_last=keep_last)
+
+
+def restore_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, dict[str, Any]]:
+    """Load optimizer, scheduler and RNG states; returns (step, extra)."""
+    state = load_state(checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"]), state.get("extra", {})
+
+
+def save_final(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """An ordinary HF checkpoint loadable by `transformers` alone (LoRA adapters merged into a copy)."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return path
+
+
+class Progress:
+    """A progress bar with loss and tokens/s on the main process; a plain line every few seconds when not a tty."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+        self.enabled = enabled
+        self.bar = None
+        self.t0 = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+
+    def update(self, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else v)
+                                  for k, v in postfix.items()}, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def remove_tree(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
