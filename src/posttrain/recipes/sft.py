@@ -191,6 +191,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
     summary: dict[str, Any] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
+    t_loop, tokens_total = time.perf_counter(), 0.0
 
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_rows), config.seed)
@@ -215,7 +216,9 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
 
         loss = all_reduce_sum(nll_sum, d) / max(global_targets, 1.0)
-        tokens_since += all_reduce_sum(seen_tokens, d)
+        step_tokens = all_reduce_sum(seen_tokens, d)
+        tokens_since += step_tokens
+        tokens_total += step_tokens
         done = step + 1
         if done % config.logging_steps == 0 or done == total_steps:
             now = time.perf_counter()
@@ -234,6 +237,8 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
                                          scheduler=scheduler, keep_last=config.keep_last)
             barrier(d)
     progress.close()
+    summary["train/loop_seconds"] = time.perf_counter() - t_loop
+    summary["train/tokens"] = tokens_total
 
     if eval_rows:
         eval_metrics = evaluate(logps_fn, eval_examples, eval_rows, pad_id, config.micro_batch_size, d)

