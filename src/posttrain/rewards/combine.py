@@ -1,0 +1,57 @@
+"""Weighted combination of reward functions, with TRL's None semantics (GRPOTrainer: weighted nansum over functions).
+
+A reward function may return None for a completion it does not apply to. As in TRL, the combined reward of a
+completion is the weighted sum over the functions that did return a number; when none did, it is `all_none`
+(TRL's nansum gives 0.0, the default here; pass None to keep such rows visible as "not applicable").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+RewardFunc = Callable[..., list]
+
+
+def reward_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+class CombinedReward:
+    """`CombinedReward(funcs, weights)(prompts=..., completions=..., **columns)` -> list[float | None].
+
+    After each call `last_components` maps each function's name to its own list of rewards, for logging.
+    """
+
+    def __init__(self, funcs: Sequence[RewardFunc], weights: Sequence[float] | None = None, *,
+                 all_none: float | None = 0.0, name: str = "combined_reward"):
+        if not funcs:
+            raise ValueError("combine_rewards needs at least one reward function")
+        weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(funcs):
+            raise ValueError(f"combine_rewards: {len(funcs)} reward functions but {len(weights)} weights")
+        names = [reward_name(f) for f in funcs]
+        self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        self.funcs, self.weights, self.all_none, self.__name__ = list(funcs), weights, all_none, name
+        self.last_components: dict[str, list[float | None]] = {}
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        columns = []
+        for name, func in zip(self.names, self.funcs):
+            column = list(func(prompts=prompts, completions=completions, **kwargs))
+            if len(column) != len(completions):
+                raise ValueError(f"reward function {name!r} returned {len(column)} rewards for "
+                                 f"{len(completions)} completions")
+            columns.append(column)
+        self.last_components = dict(zip(self.names, columns))
+        combined: list[float | None] = []
+        for i in range(len(completions)):
+            terms = [w * float(col[i]) for w, col in zip(self.weights, columns) if col[i] is not None]
+            combined.append(sum(terms) if terms else self.all_none)
+        return combined
+
+
+def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None = None, *,
+                    all_none: float | None = 0.0, name: str = "combined_reward") -> CombinedReward:
+    """One TRL-style reward function computing sum_k w_k r_k over the functions k that scored the completion."""
+    return CombinedReward(funcs, weights, all_none=all_none, name=name)

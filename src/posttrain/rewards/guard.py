@@ -1,0 +1,127 @@
+"""Fault isolation for reward functions: an exception or a timeout costs one batch's rewards, never the run.
+
+`GuardedReward(func, timeout_s=..., fallback=0.0)` has the TRL calling convention itself. It calls `func`; if that
+raises, it retries each completion on its own (so one bad completion does not zero the batch); if a call overruns
+`timeout_s` or still fails, it substitutes `fallback` (0.0, or None for "not applicable") for the affected
+completions, logs a warning, and counts them in `counters` ({"reward_errors": n, "reward_timeouts": m}: numbers of
+completions whose reward was substituted). A recipe logs `pop_counters()` once per step.
+
+A timed-out call runs in a daemon thread that is abandoned, not killed (Python cannot kill a thread): a reward that
+hangs forever leaks one idle thread. Rewards that run untrusted code use the sandbox, which kills its processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.rewards.combine import RewardFunc, reward_name
+
+log = logging.getLogger(__name__)
+
+
+class RewardTimeout(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RewardCall:
+    rewards: list[float | None]
+    errors: int  # completions substituted after an exception or an invalid return value
+    timeouts: int  # completions substituted after a timeout
+
+
+def _call_with_timeout(func: RewardFunc, timeout_s: float | None, kwargs: dict[str, Any]) -> list:
+    if timeout_s is None:
+        return func(**kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = func(**kwargs)
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward-{reward_name(func)}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeout(f"no result after {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _validate(value: Any, n: int) -> list[float | None]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        got = f"{len(value)} values" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(f"expected a list of {n} rewards, got {got}")
+    rewards: list[float | None] = []
+    for v in value:
+        if v is None:
+            rewards.append(None)
+            continue
+        v = float(v)  # raises on strings, tensors of several elements...
+        rewards.append(None if math.isnan(v) else v)
+    return rewards
+
+
+def _item_kwargs(kwargs: dict[str, Any], n: int, i: int) -> dict[str, Any]:
+    return {k: (v[i: i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in kwargs.items()}
+
+
+def call_reward(func: RewardFunc, *, timeout_s: float | None = None, fallback: float | None = 0.0,
+                per_item_retry: bool = True, **kwargs: Any) -> RewardCall:
+    """Call `func(**kwargs)` (kwargs hold prompts=, completions= and the dataset columns) without letting it fail."""
+    n = len(kwargs["completions"])
+    name = reward_name(func)
+    try:
+        return RewardCall(_validate(_call_with_timeout(func, timeout_s, kwargs), n), 0, 0)
+    except RewardTimeout as e:
+        log.warning("reward %s timed out on a batch of %d (%s); using %r", name, n, e, fallback)
+        return RewardCall([fallback] * n, 0, n)
+    except Exception as e:  # noqa: BLE001 -- any failure of user reward code is contained
+        log.warning("reward %s raised %s: %s", name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        if not per_item_retry or n == 1:
+            return RewardCall([fallback] * n, n, 0)
+    rewards: list[float | None] = []
+    errors = timeouts = 0
+    for i in range(n):
+        try:
+            rewards += _validate(_call_with_timeout(func, timeout_s, _item_kwargs(kwargs, n, i)), 1)
+        except RewardTimeout:
+            rewards.append(fallback)
+            timeouts += 1
+        except Exception as e:  # noqa: BLE001
+            log.warning("reward %s raised on completion %d: %s: %s", name, i, type(e).__name__, e)
+            rewards.append(fallback)
+            errors += 1
+    return RewardCall(rewards, errors, timeouts)
+
+
+class GuardedReward:
+    """A reward function that never raises; see the module docstring."""
+
+    def __init__(self, func: RewardFunc, *, timeout_s: float | None = None, fallback: float | None = 0.0,
+                 per_item_retry: bool = True, name: str | None = None):
+        self.func, self.timeout_s, self.fallback, self.per_item_retry = func, timeout_s, fallback, per_item_retry
+        self.__name__ = name or reward_name(func)
+        self.counters = {"reward_errors": 0, "reward_timeouts": 0}
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        result = call_reward(self.func, timeout_s=self.timeout_s, fallback=self.fallback,
+                             per_item_retry=self.per_item_retry, prompts=prompts, completions=completions, **kwargs)
+        with self._lock:
+            self.counters["reward_errors"] += result.errors
+            self.counters["reward_timeouts"] += result.timeouts
+        return result.rewards
+
+    def pop_counters(self) -> dict[str, int]:
+        """The counters since the last pop, then reset (log them once per step)."""
+        with self._lock:
+            counters, self.counters = self.counters, {"reward_errors": 0, "reward_timeouts": 0}
+        return counters
