@@ -70,6 +70,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    if tp in (dict, list) and not isinstance(value, tp):
+        raise ConfigError(f"{source}: key '{key}' expects a {'mapping' if tp is dict else 'list'}, got {value!r}.")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -1,0 +1,398 @@
+"""Online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, CISPO and ScaleRL, chosen by name (`loss=`).
+
+    posttrain grpo --config configs/grpo_chain_sum.yaml [key=value ...] [--resume]
+
+One step: take B prompts -> sample G completions each (KV cache shared per prompt) -> rewards -> group advantages ->
+drop zero-variance groups -> (μ times) micro-batched forward -> policy loss with global counts -> clip -> step.
+The loss presets (posttrain.losses.policy.POLICY_LOSSES) fix each algorithm's clip, aggregation and advantage
+estimator; keys here override them. Logged per step: reward mean/std, pass rate, KL, clip fraction, entropy,
+completion lengths, filtered-group fraction, sampler/trainer log-prob mismatch, and stage timers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import field
+from posttrain.data.formats import load_dataset_file
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
+from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
+from posttrain.models.forward import TokenLogps
+from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
+from posttrain.ops.masked import masked_mean
+from posttrain.rewards import GuardedReward, build_reward
+from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.distributed import init_distributed
+from posttrain.train.logging import MetricsLogger
+from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.rl import PromptPool, SequenceBatch, StageTimer, compute_rewards, rollout_batch
+from posttrain.train.state import (
+    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+)
+
+RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
+
+
+@dataclass
+class GRPOConfig:
+    model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
+    train_file: str | None = field(None, help="prompt-only rows (+ columns the rewards use, e.g. answer)")
+    task: str | None = field(None, help="or a reasoning-gym task name to generate prompts offline")
+    task_size: int = field(512, help="training prompts generated from `task`")
+    task_seed: int = field(0, help="generator seed for `task` (held-out prompts use task_seed + 1000)")
+    task_kwargs: dict = field(default_factory=dict, help="generator settings for `task`, e.g. {min_terms: 2}")
+    task_instruction: str = field("\nGive the result alone on the last line as `Answer: <number>`.",
+                                  help="appended to each generated question")
+    eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
+    eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
+    output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
+    rewards: list[str] = field(default_factory=lambda: ["gym"], help="reward names (posttrain.rewards.REWARDS); "
+                               "the first one is the verifier used for pass rates and eval accuracy")
+    reward_weights: list[float] = field(default_factory=list, help="weights per reward (default all 1)")
+    reward_options: dict = field(default_factory=dict, help="per-reward options, e.g. {gym: {extract: last_number}}")
+    reward_timeout_s: float = field(60.0, help="a reward call slower than this is abandoned and counted")
+    loss: str = field("grpo", help=f"one of {RL_LOSSES}")
+    advantage: str | None = field(None, help="override the preset's advantage estimator: grpo, dr_grpo, batch, rloo")
+    epsilon_low: float | None = field(None, help="clip ε (lower); default: the preset's")
+    epsilon_high: float | None = field(None, help="clip ε_high (DAPO clip-higher); default: the preset's")
+    epsilon_max: float | None = field(None, help="CISPO/ScaleRL truncation cap ε_max; default: the preset's (5.0)")
+    aggregation: str | None = field(None, help="override: token, sample, prompt or constant")
+    num_generations: int = field(8, help="G: samples per prompt")
+    prompts_per_step: int = field(4, help="B: prompts per optimizer step")
+    max_new_tokens: int = field(64, help="completion budget")
+    temperature: float = field(1.0, help="sampling temperature (training log-probs use the same temperature)")
+    top_k: int = field(0, help="sampling top-k (0 = off); a filter makes the IS correction matter")
+    top_p: float = field(1.0, help="sampling top-p")
+    updates_per_batch: int = field(1, help="μ: optimizer passes over each rollout batch (μ > 1: ratio ≠ 1)")
+    micro_batch_size: int = field(16, help="completions per forward/backward")
+    kl_coef: float = field(0.0, help="β: KL penalty to the reference (0 = no reference model)")
+    kl_estimator: str = field("k3", help="k1, k2 or k3")
+    zero_variance_filter: bool = field(True, help="drop groups whose rewards are all equal (they carry no signal)")
+    dynamic_sampling: bool = field(False, help="DAPO: sample more prompts until B groups survive the filter")
+    max_sampling_rounds: int = field(3, help="dynamic sampling: at most this many generation rounds per step")
+    pass_rate_cap: float = field(1.01, help="ScaleRL no-positive-resampling: retire prompts at this pass rate "
+                                            "(0.9 in the paper; > 1 disables)")
+    is_level: str = field("none", help="sampler/trainer importance correction: none, token or sequence")
+    is_mode: str = field("truncate", help="truncate (TIS) or mask (MIS)")
+    is_cap: float = field(2.0, help="cap C of the importance weight")
+    ratio_against: str = field("trainer", help="old log-probs from the trainer's forward (trainer) or the "
+                                               "sampler (sampler: ScaleRL's literal ρ = π_train/π_gen)")
+    lr: float = field(1e-6, help="peak learning rate")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    warmup_steps: int = field(0, help="linear warmup steps")
+    lr_schedule: str = field("constant", help="constant (ScaleRL) or cosine")
+    max_grad_norm: float = field(1.0, help="gradient clipping; 0 = off")
+    max_steps: int = field(50, help="optimizer steps")
+    lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target: str = field("all-linear", help="LoRA target modules")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward")
+    dtype: str = field("float32", help="float32 or bfloat16")
+    device: str = field("auto", help="auto, cpu or cuda")
+    seed: int = field(0, help="seed for prompt order, sampling and initialization")
+    logging_steps: int = field(1, help="log every N steps")
+    eval_steps: int = field(0, help="held-out greedy accuracy every N steps (and at start and end); 0 = start/end")
+    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
+    keep_last: int = field(2, help="checkpoints kept")
+    chunk_size: int = field(1024, help="rows per chunk of the fused LM-head log-prob computation")
+    tensorboard: bool = field(True, help="also log to TensorBoard")
+    progress: bool = field(True, help="show a progress bar")
+
+    def validate(self) -> None:
+        if (self.train_file is None) == (self.task is None):
+            raise ConfigError("set exactly one of 'train_file' (prompt rows) or 'task' (a reasoning-gym task).")
+        if self.loss not in RL_LOSSES:
+            raise ConfigError(f"key 'loss' must be one of {RL_LOSSES}, got {self.loss!r}.")
+        if self.advantage is not None and self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(f"key 'advantage' must be one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}.")
+        if self.num_generations < 2:
+            raise ConfigError("key 'num_generations' must be >= 2: group advantages need at least two samples.")
+        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if self.is_level not in ("none", "token", "sequence"):
+            raise ConfigError(f"key 'is_level' must be none, token or sequence, got {self.is_level!r}.")
+        if self.ratio_against not in ("trainer", "sampler"):
+            raise ConfigError(f"key 'ratio_against' must be trainer or sampler, got {self.ratio_against!r}.")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"'reward_weights' has {len(self.reward_weights)} values for {len(self.rewards)} rewards.")
+        if self.aggregation_name == "prompt" and self.micro_batch_size % self.num_generations:
+            raise ConfigError("prompt-average aggregation needs whole groups per micro-batch: make "
+                              "'micro_batch_size' a multiple of 'num_generations'.")
+
+    @property
+    def aggregation_name(self) -> str:
+        return self.aggregation or POLICY_LOSSES[self.loss].defaults["aggregation"]
+
+
+def load_prompt_rows(config: GRPOConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows); every row has `prompt` plus the columns the rewards read."""
+    if config.train_file is not None:
+        train, _ = load_dataset_file(config.train_file, "rl")
+        held_out = load_dataset_file(config.eval_file, "rl")[0] if config.eval_file else []
+        return train, held_out
+    from posttrain.rewards.gym import gym_rows
+
+    kw = dict(instruction=config.task_instruction, **config.task_kwargs)
+    train = gym_rows(config.task, config.task_size, config.task_seed, **kw)
+    held_out = gym_rows(config.task, config.eval_size, config.task_seed + 1000, **kw)
+    return train, held_out
+
+
+def build_rewards(config: GRPOConfig) -> list[GuardedReward]:
+    return [GuardedReward(build_reward(name, **config.reward_options.get(name, {})), timeout_s=config.reward_timeout_s,
+                          name=name) for name in config.rewards]
+
+
+def loss_options(config: GRPOConfig) -> dict[str, Any]:
+    """The preset's keywords overridden by the config (only those the chosen loss takes)."""
+    preset = POLICY_LOSSES[config.loss]
+    opts: dict[str, Any] = {"group_size": config.num_generations, "max_length": config.max_new_tokens}
+    if config.aggregation:
+        opts["aggregation"] = config.aggregation
+    names = ("epsilon_low", "epsilon_high") if "epsilon_low" in preset.defaults else ("epsilon_max",)
+    for name in names:
+        if getattr(config, name) is not None:
+            opts[name] = getattr(config, name)
+    if config.kl_coef:
+        opts.update(kl_coef=config.kl_coef, kl_estimator=config.kl_estimator)
+    return opts
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64) -> float:
+    """Mean verifier reward of greedy answers to `rows`."""
+    if not rows:
+        return float("nan")
+    generator = HFGenerator(model, tokenizer)
+    scores: list[float] = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        out = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in chunk]),
+                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        values, _ = compute_rewards([reward_fn], [1.0], chunk, out.texts)
+        scores += values.tolist()
+    return sum(scores) / len(scores)
+
+
+def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, config: GRPOConfig, reward_fns,
+                weights, step: int, timer: StageTimer) -> dict[str, Any]:
+    """Generate, score and (optionally) filter one step's groups; DAPO dynamic sampling draws more rounds."""
+    G, B = config.num_generations, config.prompts_per_step
+    kept: list[dict[str, Any]] = []
+    stats = {"groups": 0, "filtered": 0, "rewards": [], "verifier": [], "lengths": [], "truncated": 0}
+    rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
+    for r in range(rounds):
+        need = B - sum(len(k["prompt_index"]) for k in kept) if config.dynamic_sampling else B
+        if need <= 0:
+            break
+        indices = pool.take(need)
+        params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                top_k=config.top_k, top_p=config.top_p, seed=config.seed * 1_000_003 + step * 101 + r)
+        with timer("generate"):
+            rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
+        with timer("reward"):
+            row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
+            rewards, parts = compute_rewards(reward_fns, weights, row_of, rollouts.texts)
+        verifier = parts[reward_fns[0].__name__].nan_to_num(0.0)
+        for b, index in enumerate(indices):
+            pool.report(index, float((verifier[b * G:(b + 1) * G] >= 1.0).float().mean()))
+        flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(indices), dtype=torch.bool)
+        stats["groups"] += len(indices)
+        stats["filtered"] += int(flat.sum())
+        stats["rewards"].append(rewards)
+        stats["verifier"].append(verifier)
+        stats["lengths"].append(torch.tensor(rollouts.lengths, dtype=torch.float32))
+        stats["truncated"] += sum(f == "length" for f in rollouts.finish_reasons)
+        keep_groups = (~flat).nonzero().flatten().tolist()
+        if keep_groups:
+            keep_rows = [b * G + g for b in keep_groups for g in range(G)]
+            kept.append({"batch": rollout_batch(rollouts, tokenizer.pad_token_id).select(keep_rows),
+                         "rewards": rewards.view(-1, G)[keep_groups], "prompt_index": [indices[b] for b in keep_groups]})
+    return {"kept": kept, **stats}
+
+
+def _merge(parts: list[SequenceBatch]) -> SequenceBatch:
+    L = max(p.input_ids.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=value)
+
+    from posttrain.ops.logps import IGNORE_INDEX
+
+    return SequenceBatch(
+        input_ids=torch.cat([pad(p.input_ids, 0) for p in parts]),
+        position_ids=torch.cat([torch.arange(L).expand(len(p), L) for p in parts]),
+        labels=torch.cat([pad(p.labels, IGNORE_INDEX) for p in parts]),
+        mask=torch.cat([pad(p.mask, False) for p in parts]),
+        gen_logps=torch.cat([pad(p.gen_logps, 0.0) for p in parts]),
+        completion_lengths=torch.cat([p.completion_lengths for p in parts]),
+    )
+
+
+def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
+    d = init_distributed(config.device)
+    if d.enabled:
+        raise PosttrainError("posttrain grpo runs in one process for now (generation is not yet split across "
+                             "ranks); launch it without torchrun / accelerate.")
+    out_dir = Path(config.output_dir)
+    checkpoint = resolve_resume(out_dir, resume)
+    rows, held_out = load_prompt_rows(config)  # validated before any model is loaded
+    reward_fns = build_rewards(config)
+    weights = config.reward_weights or [1.0] * len(reward_fns)
+    seed_everything(config.seed)
+    model, tokenizer = prepare_model(
+        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, lora_target=config.lora_target,
+        gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint)
+    ref_model = None
+    if config.kl_coef and config.lora_r == 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
+    ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
+    generator = HFGenerator(model, tokenizer)
+    optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
+                                kind=config.lr_schedule)
+    pool = PromptPool(len(rows), config.seed, config.pass_rate_cap)
+    start_step = 0
+    if checkpoint is not None:
+        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
+        pool.load(extra["pool"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
+    preset = POLICY_LOSSES[config.loss]
+    estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
+    opts = loss_options(config)
+    G = config.num_generations
+    timer = StageTimer()
+    summary: dict[str, Any] = {}
+
+    def evaluate(step: int) -> None:
+        acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens)
+        logger.log(step, {"eval/accuracy": acc})
+        summary.setdefault("eval/accuracy_start", acc)
+        summary["eval/accuracy"] = acc
+
+    if start_step == 0:
+        evaluate(0)
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc=f"grpo[{config.loss}]")
+    for step in range(start_step, config.max_steps):
+        sampled = sample_step(generator, tokenizer, pool, rows, prompt_ids_all, config, reward_fns, weights, step, timer)
+        all_rewards = torch.cat(sampled["rewards"])
+        verifier = torch.cat(sampled["verifier"])
+        lengths = torch.cat(sampled["lengths"])
+        metrics: dict[str, float] = {
+            "reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+            "pass_rate": float((verifier >= 1.0).float().mean()),
+            "completion/mean_length": float(lengths.mean()), "completion/max_length": float(lengths.max()),
+            "completion/truncated_frac": sampled["truncated"] / len(lengths),
+            "filter/zero_variance_frac": sampled["filtered"] / max(sampled["groups"], 1),
+            "pool/retired": len(pool.retired),
+        }
+        for fn in reward_fns:
+            metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
+        if sampled["kept"]:
+            metrics.update(_update(sampled["kept"], model, logps_fn, ref_fn, optimizer, scheduler, config, estimator,
+                                   preset, opts, G, timer))
+        else:
+            scheduler.step()  # an all-filtered step still advances the schedule: steps mean the same in every run
+            metrics["update/skipped"] = 1.0
+        metrics.update(timer.pop())
+        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        done = step + 1
+        if done % config.logging_steps == 0 or done == config.max_steps:
+            logger.log(done, metrics)
+        summary.update(metrics)
+        progress.update(reward=metrics["reward/mean"], pass_rate=metrics["pass_rate"])
+        if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
+            evaluate(done)
+        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                     scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
+    progress.close()
+    evaluate(config.max_steps)
+    save_training_checkpoint(out_dir, config.max_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                             scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
+    save_final(model, tokenizer, out_dir / "final")
+    logger.close()
+    summary["final_dir"] = str(out_dir / "final")
+    return summary
+
+
+def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOConfig, estimator, preset, opts, G,
+            timer) -> dict[str, float]:
+    """Advantages, old/ref log-probs, and μ passes of micro-batched updates over the kept groups."""
+    batch = _merge([k["batch"] for k in kept])
+    rewards = torch.cat([k["rewards"] for k in kept])  # [B', G]
+    advantages = estimator(rewards).reshape(-1)  # [B'*G]
+    N = len(batch)
+    counts = GlobalCounts.from_mask(batch.mask, G)
+    mb = config.micro_batch_size
+    slices = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
+    temperature = config.temperature
+
+    old_logps = ref_logps = None
+    with timer("logps"), torch.no_grad():
+        if config.ratio_against == "sampler":
+            old_logps = batch.gen_logps
+        elif config.updates_per_batch > 1:
+            old_logps = torch.cat([logps_fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s],
+                                            temperature=temperature).logps for s in slices])
+        if config.kl_coef:
+            ctx = model.disable_adapter() if ref_fn is None else nullcontext()
+            fn = ref_fn or logps_fn
+            with ctx:
+                ref_logps = torch.cat([fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s]).logps
+                                       for s in slices])
+
+    totals: dict[str, float] = {}
+    weight_sum = 0.0
+    for _ in range(config.updates_per_batch):
+        for s in slices:
+            with timer("update"):
+                out = logps_fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s], temperature=temperature,
+                               with_entropy=True)
+                mask = batch.mask[s]
+                old = old_logps[s] if old_logps is not None else out.logps.detach()
+                is_w = None
+                stats = importance_sampling_weights(old, batch.gen_logps[s], mask,
+                                                    level="token" if config.is_level == "none" else config.is_level,
+                                                    mode=config.is_mode, cap=config.is_cap)
+                if config.is_level != "none":
+                    is_w = stats.weights
+                result = preset(out.logps, old, advantages[s], mask, counts=counts, is_weights=is_w,
+                                ref_logps=ref_logps[s] if ref_logps is not None else None, **opts)
+                result.loss.backward()
+            n = float(mask.sum())
+            weight_sum += n
+            for k, v in {**result.metrics(), **stats.metrics(),
+                         "entropy": float(masked_mean(out.entropy, mask))}.items():
+                if k == "loss":
+                    totals["loss"] = totals.get("loss", 0.0) + v  # micro-batch losses add up to the step's loss
+                else:
+                    totals[k] = totals.get(k, 0.0) + v * n
+        with timer("update"):
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                         if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in totals.items()}
+    metrics["grad_norm"] = float(grad_norm)
+    metrics["advantage/abs_mean"] = float(advantages.abs().mean())
+    metrics["update/sequences"] = float(N)
+    return metrics

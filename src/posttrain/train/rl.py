@@ -1,0 +1,151 @@
+"""Shared pieces of the online RL recipes (GRPO family, PPO): the prompt pool, rollouts as training tensors, rewards.
+
+Layout: a rollout of B prompts × G samples gives N = B·G rows, prompt-major (row i is sample i % G of prompt i // G).
+Each row becomes one right-padded sequence `prompt + completion` of length L. Per-token tensors are [N, L] with the
+log-prob of token t+1 stored at position t (the `shift_labels` convention), so `mask` marks the positions whose
+label is a completion token. The sampler's per-token log-probs [N, T_c] are scattered into that layout.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from posttrain.generation.sampler import Rollouts
+from posttrain.ops.logps import IGNORE_INDEX
+
+
+@dataclass
+class SequenceBatch:
+    """Training tensors for N rollout rows.  All [N, L] except `completion_lengths` [N]."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor  # IGNORE_INDEX outside completion tokens
+    mask: torch.Tensor  # bool, labels != IGNORE_INDEX
+    gen_logps: torch.Tensor  # sampler's log-probs in the same layout, 0 outside the mask
+    completion_lengths: torch.Tensor
+
+    def select(self, rows: torch.Tensor | list[int]) -> "SequenceBatch":
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return SequenceBatch(*(getattr(self, f)[idx] for f in
+                               ("input_ids", "position_ids", "labels", "mask", "gen_logps", "completion_lengths")))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def rollout_batch(rollouts: Rollouts, pad_id: int) -> SequenceBatch:
+    """Concatenate each row's prompt and completion, right-pad, and align the sampler's log-probs with the labels."""
+    G = rollouts.n
+    lengths = rollouts.lengths  # [N]
+    N = len(lengths)
+    prompts = [rollouts.prompt_ids[i // G] for i in range(N)]
+    L = max(len(p) + c for p, c in zip(prompts, lengths))
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+    labels = torch.full((N, L), IGNORE_INDEX, dtype=torch.long)
+    gen_logps = torch.zeros((N, L), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, lengths)):
+        P = len(p)
+        completion = rollouts.completion_ids[i, :c]
+        input_ids[i, :P] = torch.tensor(p)
+        input_ids[i, P:P + c] = completion
+        labels[i, P - 1:P - 1 + c] = completion  # position t predicts token t+1
+        gen_logps[i, P - 1:P - 1 + c] = rollouts.logps[i, :c].float()
+    position_ids = torch.arange(L).expand(N, L).clone()
+    return SequenceBatch(input_ids, position_ids, labels, labels != IGNORE_INDEX, gen_logps,
+                         torch.tensor(lengths, dtype=torch.long))
+
+
+@dataclass
+class PromptPool:
+    """The training prompts, visited in a seeded order epoch after epoch, with ScaleRL's no-positive-resampling.
+
+    A prompt whose latest group pass rate reaches `pass_rate_cap` is retired for good (ScaleRL §4: "prompts with
+    pass rate >= 0.9 are permanently removed from later epochs"); cap 1.0+ disables retirement. The state
+    (cursor, epoch, retired) is checkpointed, so a resumed run draws the same prompts.
+    """
+
+    size: int
+    seed: int
+    pass_rate_cap: float = 1.01
+    cursor: int = 0
+    epoch: int = 0
+    retired: set[int] = field(default_factory=set)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        """The next k active prompt indices (wrapping into new epochs); raises when every prompt is retired."""
+        if len(self.retired) >= self.size:
+            raise RuntimeError("every training prompt has been retired by no-positive-resampling")
+        out: list[int] = []
+        order = self._order(self.epoch)
+        while len(out) < k:
+            if self.cursor >= self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            i = order[self.cursor]
+            self.cursor += 1
+            if i not in self.retired:
+                out.append(i)
+        return out
+
+    def report(self, index: int, pass_rate: float) -> None:
+        if pass_rate >= self.pass_rate_cap:
+            self.retired.add(index)
+
+    def state(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "epoch": self.epoch, "retired": sorted(self.retired)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.cursor, self.epoch, self.retired = state["cursor"], state["epoch"], set(state["retired"])
+
+
+def compute_rewards(
+    reward_fns: list[Callable[..., list]], weights: list[float], rows: list[dict[str, Any]], completions: list[str],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the reward functions (TRL's rule: None entries are skipped, all-None gives 0).
+
+    rows: the dataset row of each completion (its columns are passed as keywords). Returns ([N] rewards, each
+    function's [N] values with NaN for None).
+    """
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    prompts = [r["prompt"] for r in rows]
+    total = torch.zeros(len(completions), dtype=torch.float64)
+    seen = torch.zeros(len(completions), dtype=torch.bool)
+    parts: dict[str, torch.Tensor] = {}
+    for fn, w in zip(reward_fns, weights):
+        values = fn(prompts=prompts, completions=completions, **columns)
+        as_tensor = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+        parts[getattr(fn, "__name__", "reward")] = as_tensor
+        present = ~torch.isnan(as_tensor)
+        total = total + torch.where(present, as_tensor * w, 0.0)
+        seen |= present
+    return torch.where(seen, total, 0.0).float(), parts
+
+
+class StageTimer:
+    """Wall time per stage (generate, reward, logps, update), like veRL's timing metrics."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.seconds = {f"time/{k}": v for k, v in self.seconds.items()}, {}
+        out["time/step"] = sum(out.values())
+        return out
