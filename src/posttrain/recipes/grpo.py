@@ -23,19 +23,19 @@ from typing import Any
 import torch
 
 from posttrain.config import field
-from posttrain.data.formats import load_dataset_file
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.masked import masked_mean
-from posttrain.rewards import GuardedReward, build_reward
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.rl import PromptPool, SequenceBatch, StageTimer, compute_rewards, rollout_batch
+from posttrain.train.rl import (
+    PromptPool, SequenceBatch, StageTimer, build_rewards, compute_rewards, load_prompt_rows, rollout_batch,
+)
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
 )
@@ -136,25 +136,6 @@ class GRPOConfig:
         return self.aggregation or POLICY_LOSSES[self.loss].defaults["aggregation"]
 
 
-def load_prompt_rows(config: GRPOConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train rows, held-out rows); every row has `prompt` plus the columns the rewards read."""
-    if config.train_file is not None:
-        train, _ = load_dataset_file(config.train_file, "rl")
-        held_out = load_dataset_file(config.eval_file, "rl")[0] if config.eval_file else []
-        return train, held_out
-    from posttrain.rewards.gym import gym_rows
-
-    kw = dict(instruction=config.task_instruction, **config.task_kwargs)
-    train = gym_rows(config.task, config.task_size, config.task_seed, **kw)
-    held_out = gym_rows(config.task, config.eval_size, config.task_seed + 1000, **kw)
-    return train, held_out
-
-
-def build_rewards(config: GRPOConfig) -> list[GuardedReward]:
-    return [GuardedReward(build_reward(name, **config.reward_options.get(name, {})), timeout_s=config.reward_timeout_s,
-                          name=name) for name in config.rewards]
-
-
 def loss_options(config: GRPOConfig) -> dict[str, Any]:
     """The preset's keywords overridden by the config (only those the chosen loss takes)."""
     preset = POLICY_LOSSES[config.loss]
@@ -248,8 +229,11 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
                              "ranks); launch it without torchrun / accelerate.")
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
-    rows, held_out = load_prompt_rows(config)  # validated before any model is loaded
-    reward_fns = build_rewards(config)
+    # validated before any model is loaded
+    rows, held_out = load_prompt_rows(config.train_file, config.eval_file, task=config.task, task_size=config.task_size,
+                                      task_seed=config.task_seed, task_kwargs=config.task_kwargs,
+                                      instruction=config.task_instruction, eval_size=config.eval_size)
+    reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(

@@ -61,6 +61,15 @@ def rollout_batch(rollouts: Rollouts, pad_id: int) -> SequenceBatch:
                          torch.tensor(lengths, dtype=torch.long))
 
 
+def completion_view(x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    """[N, L] label-layout tensor -> [N, T_c] completion-aligned (right-padded with 0), e.g. for GAE."""
+    T = int(batch.completion_lengths.max())
+    start = batch.mask.float().argmax(dim=1)  # [N] first completion position
+    idx = (start[:, None] + torch.arange(T)[None, :]).clamp(max=x.shape[1] - 1)  # [N, T_c]
+    valid = torch.arange(T)[None, :] < batch.completion_lengths[:, None]
+    return torch.where(valid, x.gather(1, idx), torch.zeros((), dtype=x.dtype))
+
+
 @dataclass
 class PromptPool:
     """The training prompts, visited in a seeded order epoch after epoch, with ScaleRL's no-positive-resampling.
@@ -129,6 +138,31 @@ def compute_rewards(
         total = total + torch.where(present, as_tensor * w, 0.0)
         seen |= present
     return torch.where(seen, total, 0.0).float(), parts
+
+
+def load_prompt_rows(
+    train_file: str | None, eval_file: str | None, *, task: str | None, task_size: int, task_seed: int,
+    task_kwargs: dict[str, Any], instruction: str, eval_size: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows) from prompt files (validated) or a reasoning-gym task (held-out seed + 1000)."""
+    if train_file is not None:
+        from posttrain.data.formats import load_dataset_file
+
+        train, _ = load_dataset_file(train_file, "rl")
+        held_out = load_dataset_file(eval_file, "rl")[0] if eval_file else []
+        return train, held_out
+    from posttrain.rewards.gym import gym_rows
+
+    train = gym_rows(task, task_size, task_seed, instruction=instruction, **task_kwargs)
+    held_out = gym_rows(task, eval_size, task_seed + 1000, instruction=instruction, **task_kwargs)
+    return train, held_out
+
+
+def build_rewards(names: list[str], options: dict[str, dict[str, Any]], timeout_s: float) -> list:
+    """Reward functions by name (posttrain.rewards.REWARDS), each guarded: errors and timeouts are counted, not fatal."""
+    from posttrain.rewards import GuardedReward, build_reward
+
+    return [GuardedReward(build_reward(name, **options.get(name, {})), timeout_s=timeout_s, name=name) for name in names]
 
 
 class StageTimer:

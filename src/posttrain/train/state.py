@@ -71,12 +71,17 @@ def save_training_checkpoint(
     scheduler,
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
+    modules: dict[str, nn.Module] | None = None,
 ) -> Path:
-    """Model (HF folder, or the LoRA adapter) + optimizer, scheduler, RNG and `extra` (e.g. data position)."""
+    """Model (HF folder, or the LoRA adapter) + optimizer, scheduler, RNG and `extra` (e.g. data position).
+
+    modules: other trained networks (a critic, a reward head) saved as `<name>.safetensors` via their `save`."""
 
     def save_model(folder: Path) -> None:
         model.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
+        for name, module in (modules or {}).items():
+            module.save(folder / f"{name}.safetensors")
 
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "extra": extra or {}}
     return save_checkpoint(output_dir, step, save_model=save_model, state=state, keep_last=keep_last)

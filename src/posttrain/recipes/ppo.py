@@ -1,0 +1,235 @@
+"""RLHF with PPO (Ouyang et al. 2022; Ziegler et al. 2019): a critic, GAE, and the KL to the reference in the reward.
+
+    posttrain ppo --config configs/ppo_reward_model.yaml [key=value ...] [--resume]
+
+One step: B prompts -> one completion each (or G) -> score with the reward model (a folder saved by
+`posttrain reward`) or verifier rewards -> per-token rewards r_t = −β·KL_t, plus the score on the last token ->
+values from the critic -> GAE advantages (whitened) and returns -> `ppo_epochs` passes of minibatch updates of the
+clipped policy loss plus vf_coef × the clipped value loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import field
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
+from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
+from posttrain.models.forward import TokenLogps
+from posttrain.models.value import ValueModel
+from posttrain.ops.advantages import gae, masked_whiten
+from posttrain.ops.kl import kl_penalized_token_rewards
+from posttrain.ops.masked import masked_mean
+from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.distributed import init_distributed
+from posttrain.train.logging import MetricsLogger
+from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.rl import (
+    PromptPool, StageTimer, build_rewards, completion_view, compute_rewards, load_prompt_rows, rollout_batch,
+)
+from posttrain.train.state import (
+    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+)
+
+
+@dataclass
+class PPOConfig:
+    model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
+    reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
+    rewards: list[str] = field(default_factory=list, help="or verifier rewards by name (posttrain.rewards.REWARDS)")
+    reward_options: dict = field(default_factory=dict, help="per-reward options")
+    reward_timeout_s: float = field(60.0, help="a reward call slower than this is abandoned and counted")
+    train_file: str | None = field(None, help="prompt rows (+ columns the rewards use)")
+    task: str | None = field(None, help="or a reasoning-gym task to generate prompts")
+    task_size: int = field(512, help="prompts generated from `task`")
+    task_seed: int = field(0, help="generator seed for `task`")
+    task_kwargs: dict = field(default_factory=dict, help="generator settings for `task`")
+    task_instruction: str = field("\nGive the result alone on the last line as `Answer: <number>`.",
+                                  help="appended to each generated question")
+    eval_file: str | None = field(None, help="unused by PPO's loop; kept for symmetry with grpo")
+    eval_size: int = field(0, help="held-out prompts (unused)")
+    output_dir: str = field("runs/ppo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
+    prompts_per_step: int = field(8, help="B: prompts per rollout batch")
+    num_generations: int = field(1, help="completions per prompt")
+    max_new_tokens: int = field(64, help="completion budget")
+    temperature: float = field(1.0, help="sampling temperature (training log-probs use the same)")
+    kl_coef: float = field(0.05, help="β of the per-token KL penalty in the reward")
+    kl_estimator: str = field("k1", help="estimator of the in-reward KL (k1 is the usual choice)")
+    gamma: float = field(1.0, help="discount")
+    lam: float = field(0.95, help="GAE λ")
+    whiten_advantages: bool = field(True, help="normalize advantages over the batch")
+    ppo_epochs: int = field(2, help="passes over each rollout batch")
+    minibatch_size: int = field(8, help="sequences per optimizer step within a pass")
+    epsilon: float = field(0.2, help="policy clip ε")
+    value_clip: float = field(0.2, help="value clip ε_v")
+    vf_coef: float = field(0.1, help="weight of the value loss")
+    lr: float = field(1e-6, help="policy learning rate")
+    critic_lr: float = field(1e-5, help="critic learning rate")
+    warmup_steps: int = field(0, help="linear warmup steps")
+    max_grad_norm: float = field(1.0, help="gradient clipping; 0 = off")
+    max_steps: int = field(50, help="rollout batches")
+    lora_r: int = field(0, help="LoRA rank for the policy; 0 = full fine-tuning")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target: str = field("all-linear", help="LoRA target modules")
+    dtype: str = field("float32", help="float32 or bfloat16")
+    device: str = field("auto", help="auto, cpu or cuda")
+    seed: int = field(0, help="seed")
+    logging_steps: int = field(1, help="log every N steps")
+    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
+    keep_last: int = field(2, help="checkpoints kept")
+    chunk_size: int = field(1024, help="rows per chunk of the fused LM-head log-prob computation")
+    tensorboard: bool = field(True, help="also log to TensorBoard")
+    progress: bool = field(True, help="show a progress bar")
+
+    def validate(self) -> None:
+        if (self.train_file is None) == (self.task is None):
+            raise ConfigError("set exactly one of 'train_file' (prompt rows) or 'task' (a reasoning-gym task).")
+        if (self.reward_model is None) == (not self.rewards):
+            raise ConfigError("set exactly one of 'reward_model' (a `posttrain reward` folder) or 'rewards' (names).")
+        for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+
+
+def load_reward_fns(config: PPOConfig) -> list:
+    if config.reward_model is not None:
+        from posttrain.models.reward_model import load_reward_function
+
+        return [load_reward_function(config.reward_model)]
+    return build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+
+
+def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
+    d = init_distributed(config.device)
+    if d.enabled:
+        raise PosttrainError("posttrain ppo runs in one process for now; launch it without torchrun / accelerate.")
+    out_dir = Path(config.output_dir)
+    checkpoint = resolve_resume(out_dir, resume)
+    rows, _ = load_prompt_rows(config.train_file, None, task=config.task, task_size=config.task_size,
+                               task_seed=config.task_seed, task_kwargs=config.task_kwargs,
+                               instruction=config.task_instruction, eval_size=0)
+    reward_fns = load_reward_fns(config)
+    seed_everything(config.seed)
+    model, tokenizer = prepare_model(
+        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, lora_target=config.lora_target, checkpoint=checkpoint)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.lora_r == 0 else None
+    critic = ValueModel.from_causal_lm(model).to(d.device)
+    if checkpoint is not None:
+        critic.load(checkpoint / "critic.safetensors")
+    logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
+    ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
+    generator = HFGenerator(model, tokenizer)
+    optimizer = build_optimizer(model.parameters(), lr=config.lr)
+    optimizer.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad], "lr": config.critic_lr,
+                               "weight_decay": 0.0})
+    steps_per_batch = config.ppo_epochs * -(-config.prompts_per_step * config.num_generations // config.minibatch_size)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps,
+                                total_steps=config.max_steps * steps_per_batch, kind="constant")
+    prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    pool = PromptPool(len(rows), config.seed)
+    start_step = 0
+    if checkpoint is not None:
+        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
+        pool.load(extra["pool"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
+    policy_loss = POLICY_LOSSES["ppo"]
+    timer = StageTimer()
+    summary: dict[str, Any] = {}
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc="ppo")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    for step in range(start_step, config.max_steps):
+        indices = pool.take(config.prompts_per_step)
+        sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  seed=config.seed * 1_000_003 + step)
+        with timer("generate"):
+            rollouts = generator.generate([prompt_ids_all[i] for i in indices], sampling, n=config.num_generations)
+        G = config.num_generations
+        with timer("reward"):
+            row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
+            scores, _ = compute_rewards(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
+        batch = rollout_batch(rollouts, tokenizer.pad_token_id)
+        mask = completion_view(batch.mask, batch)  # [N, Tc]
+
+        with timer("logps"), torch.no_grad():
+            old_logps = logps_fn(batch.input_ids, batch.labels, batch.position_ids, temperature=config.temperature).logps
+            with (model.disable_adapter() if ref_fn is None else nullcontext()):
+                ref_logps = (ref_fn or logps_fn)(batch.input_ids, batch.labels, batch.position_ids,
+                                                 temperature=config.temperature).logps
+            old_values = critic(batch.input_ids, batch.position_ids)
+        old_logps_c, ref_logps_c = completion_view(old_logps, batch), completion_view(ref_logps, batch)
+        old_values_c = completion_view(old_values, batch)
+        token_rewards = kl_penalized_token_rewards(scores, old_logps_c, ref_logps_c, mask, kl_coef=config.kl_coef,
+                                                   estimator=config.kl_estimator)
+        est = gae(token_rewards, old_values_c, mask, gamma=config.gamma, lam=config.lam)
+        advantages = masked_whiten(est.advantages, mask) if config.whiten_advantages else est.advantages
+
+        N = len(batch)
+        totals: dict[str, float] = {}
+        updates = 0
+        g = torch.Generator().manual_seed(config.seed * 31 + step)
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(N, generator=g)
+            for i in range(0, N, config.minibatch_size):
+                idx = order[i:i + config.minibatch_size]
+                sub = batch.select(idx)
+                with timer("update"):
+                    out = logps_fn(sub.input_ids, sub.labels, sub.position_ids, temperature=config.temperature,
+                                   with_entropy=True)
+                    values = critic(sub.input_ids, sub.position_ids)
+                    m = mask[idx]
+                    pg = policy_loss(completion_view(out.logps, sub), old_logps_c[idx], advantages[idx], m,
+                                     epsilon_low=config.epsilon, epsilon_high=config.epsilon)
+                    vf = clipped_value_loss(completion_view(values, sub), old_values_c[idx], est.returns[idx], m,
+                                            clip_range=config.value_clip)
+                    (pg.loss + config.vf_coef * vf.loss).backward()
+                    grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                                 if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                for k, v in {**{f"policy/{k}": v for k, v in pg.metrics().items()},
+                             "value/loss": vf.loss.item(), "value/clip_frac": float(vf.clip_frac),
+                             "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
+                             "grad_norm": float(grad_norm)}.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        kl_seq = (torch.where(mask, old_logps_c - ref_logps_c, 0.0)).sum(1)  # [N] sequence KL (k1)
+        metrics = {k: v / updates for k, v in totals.items()}
+        metrics.update({
+            "reward/score_mean": float(scores.mean()), "reward/score_std": float(scores.std()) if N > 1 else 0.0,
+            "reward/non_score_mean": float(torch.where(mask, token_rewards, 0.0).sum(1).mean() - scores.mean()),
+            "kl/sequence_mean": float(kl_seq.mean()), "value/explained_variance": float(vf.explained_variance),
+            "completion/mean_length": float(batch.completion_lengths.float().mean()),
+            "train/lr": scheduler.get_last_lr()[0], **timer.pop(),
+        })
+        done = step + 1
+        if done % config.logging_steps == 0 or done == config.max_steps:
+            logger.log(done, metrics)
+        summary.update(metrics)
+        progress.update(score=metrics["reward/score_mean"], kl=metrics["kl/sequence_mean"])
+        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                     scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
+                                     modules={"critic": critic})
+    progress.close()
+    save_training_checkpoint(out_dir, config.max_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                             scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
+                             modules={"critic": critic})
+    save_final(model, tokenizer, out_dir / "final")
+    logger.close()
+    summary["final_dir"] = str(out_dir / "final")
+    return summary
