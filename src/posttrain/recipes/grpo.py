@@ -292,8 +292,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
         if sampled["kept"]:
             metrics.update(_update(sampled["kept"], model, logps_fn, ref_fn, optimizer, scheduler, config, estimator,
                                    preset, opts, G, timer))
-        else:
-            scheduler.step()  # an all-filtered step still advances the schedule: steps mean the same in every run
+        else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
         metrics["train/lr"] = scheduler.get_last_lr()[0]
