@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import model_folder  # noqa: E402
 
 
 def make_rows(n: int, seed: int = 0) -> list[dict]:
@@ -107,13 +109,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(a.examples)))
-    if a.model.startswith("tiny"):  # TRL needs a folder: save the tiny model once, both sides load it
-        from posttrain.models import load_model
-
-        m, t = load_model(a.model)
-        m.save_pretrained(tmp / "tiny")
-        t.save_pretrained(tmp / "tiny")
-        a.model = str(tmp / "tiny")
+    a.model = model_folder(a.model, tmp)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     results: dict = {"model": a.model, "examples": a.examples, "batch": 8, "max_length": 256, "runs": []}
     for mode in a.modes.split(","):

@@ -154,7 +154,7 @@ def load_prompt_rows(
     from posttrain.rewards.gym import gym_rows
 
     train = gym_rows(task, task_size, task_seed, instruction=instruction, **task_kwargs)
-    held_out = gym_rows(task, eval_size, task_seed + 1000, instruction=instruction, **task_kwargs)
+    held_out = gym_rows(task, eval_size, task_seed + 1000, instruction=instruction, **task_kwargs) if eval_size > 0 else []
     return train, held_out
 
 
