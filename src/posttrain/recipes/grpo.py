@@ -266,6 +266,8 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
 
     def evaluate(step: int) -> None:
+        if not held_out:
+            return
         acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens)
         logger.log(step, {"eval/accuracy": acc})
         summary.setdefault("eval/accuracy_start", acc)
