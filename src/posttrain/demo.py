@@ -5,6 +5,8 @@ Stages (each adds a section to `<output_dir>/report.md`):
         held-out format compliance and accuracy before and after.
 - grpo: GRPO with the task's own scorer as the reward, from the SFT model (LoRA); held-out accuracy before and
         after, and the reward curve.
+- ttc:  test-time compute on held-out problems with the trained model: greedy vs temperature 1 vs maj@k vs
+        low temperature vs power sampling (p^α by Metropolis-Hastings), each with its cost in forwarded tokens.
 Later stages build on the SFT model. Every stage is a function `(ctx) -> Section`; `STAGES` maps names to them.
 """
 
@@ -29,7 +31,7 @@ from posttrain.train.checkpoint import atomic_write_text
 class DemoConfig:
     output_dir: str = field("demo_out", help="where the report, plots, data and checkpoints go")
     model: str = field(EMBEDDED_DEFAULT, help="the starting model")
-    stages: str = field("sft,grpo", help="comma list of stages to run, in order")
+    stages: str = field("sft,grpo,ttc", help="comma list of stages to run, in order")
     task: str = field("chain_sum", help="reasoning-gym task for the arithmetic problems")
     train_problems: int = field(320, help="SFT training problems")
     eval_problems: int = field(48, help="held-out problems for before/after evaluation")
@@ -40,6 +42,10 @@ class DemoConfig:
     grpo_prompts: int = field(4, help="GRPO prompts per step")
     grpo_generations: int = field(6, help="GRPO samples per prompt")
     grpo_lr: float = field(5e-5, help="GRPO learning rate (LoRA)")
+    ttc_problems: int = field(24, help="held-out problems for the test-time compute comparison")
+    ttc_samples: int = field(8, help="samples per problem for majority vote (maj@k)")
+    power_alpha: float = field(4.0, help="power sampling exponent α (proposal temperature 1/α)")
+    power_mcmc_steps: int = field(2, help="MH steps per block")
     seed: int = field(0, help="seed for data and training")
 
     def validate(self) -> None:
@@ -233,11 +239,47 @@ def stage_grpo(ctx: DemoContext) -> Section:
         "reward_first": train[0]["reward/mean"], "reward_last": train[-1]["reward/mean"], **timers})
 
 
+def stage_ttc(ctx: DemoContext) -> Section:
+    from posttrain.eval.runner import evaluate
+    from posttrain.eval.tasks import GymTask, Problem
+    from posttrain.generation.strategies import DecodeOptions
+
+    c = ctx.config
+    held_out = (ctx.cache.get("held_out") or task_rows(c.task, c.eval_problems, seed=c.seed + 2))[: c.ttc_problems]
+    task = GymTask(c.task, TASK_KWARGS.get(c.task, {}), extract="final_line")
+    problems = [Problem(id=f"demo-{i}", prompt=r["prompt"], answer=r["answer"],
+                        data={"entry": r["entry"], "task_config": r["task_config"]}) for i, r in enumerate(held_out)]
+    model, tokenizer = load_model(ctx.model_path)
+    base = DecodeOptions(max_new_tokens=c.max_new_tokens, seed=c.seed, alpha=c.power_alpha, block_size=16,
+                         mcmc_steps=c.power_mcmc_steps)
+    runs = [("greedy", "greedy", 1, base), ("temperature 1", "temperature", 1, base),
+            (f"maj@{c.ttc_samples} (T=1)", "majority", c.ttc_samples, base),
+            (f"low temperature (τ=1/{c.power_alpha:g})", "low_temperature", 1, base),
+            (f"power sampling (α={c.power_alpha:g}, {c.power_mcmc_steps} MH steps/block)", "power", 1, base)]
+    rows, metrics = [], {}
+    for label, strategy, n, options in runs:
+        t0 = time.perf_counter()
+        m = evaluate(model, tokenizer, task, problems, strategy, options=options, num_samples=n)["metrics"]
+        m["wall_s"] = time.perf_counter() - t0
+        print(f"[demo] {label}: accuracy {m['accuracy']:.0%}", flush=True)
+        metrics[strategy] = m
+        rows.append(f"| {label} | {m['accuracy']:.1%} ± {m['accuracy_stderr']:.1%} | {m['mean_generated_tokens']:.1f} | "
+                    f"{m['forward_per_output_token']:.2f} | {m['wall_s'] / len(problems):.2f} |")
+    md = (
+        f"{len(problems)} held-out problems with the trained model. Cost: tokens run through the model per output "
+        f"token (prompt encoding included) and seconds per problem.\n\n"
+        "| strategy | accuracy | generated tokens | forward tokens / output token | s / problem |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\nLow temperature sharpens each token's distribution; "
+        "power sampling targets p(sequence)^α, which sums over futures before sharpening (Karan & Du 2025).\n"
+    )
+    return Section("3. Test-time compute: spending more while answering", md, metrics)
+
+
 def _cell(text: str) -> str:
     return text.strip().replace("\n", " ⏎ ").replace("|", "\\|")[:90]
 
 
-STAGES: dict[str, Callable[[DemoContext], Section]] = {"sft": stage_sft, "grpo": stage_grpo}
+STAGES: dict[str, Callable[[DemoContext], Section]] = {"sft": stage_sft, "grpo": stage_grpo, "ttc": stage_ttc}
 
 
 def write_report(ctx: DemoContext, seconds: float) -> Path:

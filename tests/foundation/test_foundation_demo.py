@@ -1,0 +1,28 @@
+"""`posttrain demo` runs every stage end to end (on a tiny model here; `make demo` uses the embedded SmolLM2)."""
+
+import json
+
+from posttrain.cli import main
+
+
+def test_demo_pipeline_writes_a_complete_report(tmp_path):
+    out = tmp_path / "demo"
+    code = main(["demo", "model=tiny", f"output_dir={out}", "train_problems=16", "eval_problems=6", "ttc_problems=3",
+                 "grpo_steps=2", "ttc_samples=2", "max_new_tokens=6"])
+    assert code == 0
+    report = (out / "report.md").read_text()
+    for title in ("1. SFT", "2. GRPO", "3. Test-time compute"):
+        assert title in report
+    metrics = json.loads((out / "report.json").read_text())
+    sft = next(v for k, v in metrics.items() if k.startswith("1."))
+    assert 0.0 <= sft["after_format"] <= 1.0 and sft["train_seconds"] > 0
+    ttc = next(v for k, v in metrics.items() if k.startswith("3."))
+    assert set(ttc) == {"greedy", "temperature", "majority", "low_temperature", "power"}
+    # majority voting over 2 samples forwards more tokens per output token than one greedy answer
+    assert ttc["majority"]["forward_tokens"] > ttc["greedy"]["forward_tokens"]
+    assert (out / "sft.png").stat().st_size > 0 and (out / "grpo.png").stat().st_size > 0
+
+
+def test_demo_rejects_unknown_stage(tmp_path, capsys):
+    assert main(["demo", "stages=sft,rlhf", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
