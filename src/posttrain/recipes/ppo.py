@@ -103,9 +103,9 @@ class PPOConfig:
 
 def load_reward_fns(config: PPOConfig) -> list:
     if config.reward_model is not None:
-        from posttrain.models.reward_model import load_reward_function
+        from posttrain.models.reward_model import reward_function
 
-        return [load_reward_function(config.reward_model)]
+        return [reward_function(config.reward_model)]
     return build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
 
 
