@@ -22,3 +22,14 @@ def test_scaling_cli_recovers_a_known_curve(tmp_path):
     assert abs(fit["A"] - 0.7) < 5e-3 and abs(fit["B"] - 1.8) < 0.05 and abs(fit["C_mid"] - 40.0) < 1.0, fit
     assert result["early_half_prediction"]["max_abs_error"] < 0.01
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_scaling_cli_on_a_real_noisy_rl_log(tmp_path):
+    """The committed GRPO-vs-ScaleRL run's log (20 noisy steps): bootstrap resamples that diverge are skipped."""
+    from pathlib import Path
+
+    log = Path(__file__).resolve().parents[2] / "experiments" / "grpo_arithmetic" / "metrics_scalerl.jsonl"
+    assert main(["scaling", f"metrics={log}", "smooth=5", f"out={tmp_path / 'fit'}"]) == 0
+    result = json.loads((tmp_path / "fit.json").read_text())
+    assert len(result["points"]["compute"]) == 20
+    assert all(np.isfinite(v) for v in (result["fit"]["A"], result["fit"]["A_err"], result["fit"]["C_mid"]))

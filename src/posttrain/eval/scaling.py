@@ -265,6 +265,8 @@ def fit_sigmoid(
             if np.unique(c[idx]).size < num_params:
                 continue  # too few distinct points to determine the curve
             th = _refine(theta, log_c[idx], y[idx], R0_fixed, A_max)
+            if not np.isfinite(th).all() or th[2] > 700:
+                continue  # a degenerate resample sent C_mid off to infinity (noisy, flat curves do this)
             draws.append(np.concatenate([th[:2], [math.exp(th[2])], th[3:]]))
         if len(draws) < 2:
             raise ValueError("bootstrap: too few usable resamples; use uncertainty='covariance'")
