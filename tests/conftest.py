@@ -1,7 +1,16 @@
-"""Shared test setup: deterministic, quiet, offline, small thread count."""
+"""Shared test setup: deterministic, quiet, offline, one torch thread per test process.
+
+`make test` runs two pytest workers on two cores; two torch threads per worker would oversubscribe the cores, and
+on a loaded machine that makes small-tensor work 10-100x slower. Subprocesses started by tests inherit the same.
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
