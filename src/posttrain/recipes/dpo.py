@@ -1,0 +1,589 @@
+"""DPO recipe (Rafailov et al. 2023, arXiv 2305.18290): the loss by name, a cached or live reference, TR-DPO.
+
+    posttrain dpo --config configs/dpo_identity.yaml [key=value ...] [--resume]
+
+The loop: read + validate all pairs -> tokenize prompt+chosen and prompt+rejected -> reference log-probs of every
+pair, once (the cache; training then runs no reference forward) -> for each optimizer step, this rank's
+micro-batches of pairs -> the 2b sequences of a micro-batch through the policy in ONE forward (packed, or padded)
+-> summed sequence log-probs -> DPO_LOSSES[loss] normalized by the step's global pair count -> clip -> step ->
+every τ steps TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656) moves π_ref toward π_θ and the cache is recomputed.
+
+The reference π_ref is, in this order of preference (`reference_kind`):
+- "policy": the policy itself, read only when it equals π_ref: at step 0, or right after a hard sync (α = 1).
+  Needs the cache; costs no memory.
+- "base": the policy with its LoRA adapters disabled (LoRA without TR-DPO).
+- "copy": a frozen copy of the network (LoRA merged in): for a live reference of a full fine-tune, a live
+  reference with TR-DPO, or a soft sync (whose π_ref is a mix no single network state equals).
+TRL refuses `sync_ref_model` together with `precompute_ref_log_probs` (and with PEFT); here a sync simply
+recomputes the cache, and LoRA policies sync into a merged copy. Data order is a pure function of (seed, step) and
+the cache and the reference weights are saved in each checkpoint, so `--resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.config import field
+from posttrain.data.collate import pack_examples, packed_batch, pad_batch
+from posttrain.data.formats import load_dataset_file
+from posttrain.data.tokenize import encode_preference
+from posttrain.errors import ConfigError, DataError
+from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
+from posttrain.models.forward import TokenLogps
+from posttrain.models.loading import load_model
+from posttrain.ops.logps import IGNORE_INDEX, shift_labels
+from posttrain.recipes.sft import micro_batches, step_units
+from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, no_sync, wrap_ddp
+from posttrain.train.logging import MetricsLogger
+from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.state import (
+    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+)
+
+
+@dataclass
+class DPOConfig:
+    train_file: str = field(help="preference pairs: prompt/chosen/rejected (plain or conversational), "
+                                 ".jsonl/.json/.parquet/.csv or a datasets folder")
+    model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
+    eval_file: str | None = field(None, help="held-out pairs in the same format; default: none")
+    output_dir: str = field("runs/dpo", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
+    loss: str = field("sigmoid", help="sigmoid (DPO), ipo, hinge, idea0 (naive log-ratio), idea1 (SFT on winners)")
+    beta: float = field(0.1, help="β: strength of the pull toward π_ref (DPO paper: 0.1)")
+    label_smoothing: float = field(0.0, help="conservative DPO ε, the assumed label-flip rate (sigmoid only)")
+    sft_weight: float = field(0.0, help="add w × the token-mean NLL of the chosen answers (RPO, Pang et al. 2024; "
+                                        "TRL's rpo_alpha); 0 = the loss alone")
+    precompute_ref_logps: bool = field(True, help="compute reference log-probs once over the data (and again "
+                                                  "after each TR-DPO sync) instead of a reference forward per step")
+    ref_batch_size: int = field(16, help="pairs per forward when computing the reference cache")
+    ref_sync_steps: int = field(0, help="TR-DPO τ: update π_ref every τ optimizer steps; 0 = fixed reference")
+    ref_sync_alpha: float = field(0.6, help="TR-DPO α: π_ref <- α·π_θ + (1-α)·π_ref; 1.0 = hard update")
+    max_length: int = field(512, help="tokens per sequence (prompt + answer); longer ones lose their end")
+    packing: bool = field(True, help="pack a micro-batch's sequences into rows of max_length tokens "
+                                     "(attention kept inside each sequence); false = right-pad")
+    micro_batch_size: int = field(4, help="pairs per forward/backward (2x sequences)")
+    grad_accum_steps: int = field(1, help="micro-batches per optimizer step and process")
+    epochs: float = field(1.0, help="passes over the pairs (ignored if max_steps > 0)")
+    max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
+    lr: float = field(1e-6, help="peak learning rate (DPO paper and TRL: 1e-6 for full fine-tuning)")
+    weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
+    warmup_steps: int = field(0, help="linear warmup steps")
+    min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
+    lr_schedule: str = field("constant", help="cosine or constant (after warmup)")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
+    lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
+    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
+    device: str = field("auto", help="auto, cpu or cuda")
+    seed: int = field(0, help="seed for data order and initialization")
+    logging_steps: int = field(1, help="log every N steps")
+    eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
+    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
+    keep_last: int = field(2, help="checkpoints kept")
+    chunk_size: int = field(1024, help="rows per chunk of the fused LM-head log-prob computation")
+    tensorboard: bool = field(True, help="also log to TensorBoard")
+    progress: bool = field(True, help="show a progress bar")
+
+    def validate(self) -> None:
+        for key in ("max_length", "micro_batch_size", "grad_accum_steps", "ref_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"key 'loss' must be one of {sorted(DPO_LOSSES)}, got {self.loss!r}.")
+        if self.beta <= 0:
+            raise ConfigError(f"key 'beta' must be > 0, got {self.beta}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"key 'label_smoothing' applies only to loss=sigmoid, not {self.loss!r}.")
+        if self.sft_weight < 0:
+            raise ConfigError(f"key 'sft_weight' must be >= 0, got {self.sft_weight}.")
+        if self.ref_sync_steps < 0:
+            raise ConfigError(f"key 'ref_sync_steps' must be >= 0, got {self.ref_sync_steps}.")
+        if not 0 < self.ref_sync_alpha <= 1:
+            raise ConfigError(f"key 'ref_sync_alpha' must be in (0, 1], got {self.ref_sync_alpha}.")
+        if self.lr <= 0:
+            raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set max_steps > 0 or epochs > 0.")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
+
+
+# --- data: pairs of sequences --------------------------------------------------------------------------------
+
+Example = dict[str, list[int]]
+
+
+def encode_pairs(rows, tokenizer, max_length: int, path: str) -> tuple[list[dict[str, Example]], int]:
+    """Each row -> {"chosen": prompt+chosen, "rejected": prompt+rejected} examples (loss_mask on the answer), cut to
+    max_length tokens. Returns (pairs, number dropped because an answer lost all its tokens to truncation)."""
+    pairs, dropped = [], 0
+    for row in rows:
+        ids = encode_preference(tokenizer, row)
+        prompt = ids["prompt_ids"]
+        pair = {}
+        for side in ("chosen", "rejected"):
+            answer = ids[f"{side}_ids"]
+            seq = {"input_ids": (prompt + answer)[:max_length], "loss_mask": ([0] * len(prompt) + [1] * len(answer))[:max_length]}
+            pair[side] = seq
+        if min(sum(pair[s]["loss_mask"][1:]) for s in pair) == 0:
+            dropped += 1
+            continue
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{path}: every pair lost its chosen or rejected answer to truncation at "
+                        f"max_length={max_length}; raise max_length.")
+    return pairs, dropped
+
+
+@dataclass
+class SequenceBatch:
+    """N sequences laid out in R rows.  input_ids, position_ids, labels, seq_index: [R, T]; seq_index names the
+    sequence (0..N-1) whose label sits at each position (-1: none). last: [N, 2] (row, column) of each sequence's
+    last token, for scalar heads that read it."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    seq_index: torch.Tensor
+    last: torch.Tensor
+    num_seqs: int
+    num_tokens: int
+
+    def to(self, device) -> "SequenceBatch":
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
+                                            ("input_ids", "position_ids", "labels", "seq_index", "last")})
+
+
+def sequence_batch(sequences: list[Example], pad_id: int, *, pack_length: int | None) -> SequenceBatch:
+    """Lay out sequences for one forward: packed into rows of <= pack_length tokens (first-fit decreasing, position
+    ids restarting per sequence) or, with pack_length None, one right-padded row per sequence."""
+    if pack_length is None:
+        rows = [[i] for i in range(len(sequences))]
+        batch = pad_batch(sequences, pad_id)
+    else:
+        rows = pack_examples(sequences, pack_length)
+        batch = packed_batch(sequences, rows, pad_id)
+    R, T = batch["input_ids"].shape
+    seq_index = torch.full((R, T), -1, dtype=torch.long)
+    last = torch.zeros((len(sequences), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(sequences[i]["input_ids"])
+            seq_index[r, at:at + n] = i
+            last[i] = torch.tensor([r, at + n - 1])
+            at += n
+    labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
+    return SequenceBatch(batch["input_ids"], batch["position_ids"], labels, seq_index, last, len(sequences),
+                         sum(len(s["input_ids"]) for s in sequences))
+
+
+def sequence_logps(logps_fn: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each sequence's answer tokens, from one forward.  -> [N]"""
+    token_logps = logps_fn(batch.input_ids, batch.labels, batch.position_ids).logps  # [R, T]
+    valid = batch.labels != IGNORE_INDEX
+    out = torch.zeros(batch.num_seqs, dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, batch.seq_index[valid], token_logps[valid])  # [N]
+
+
+def pair_sequences(pairs: list[dict[str, Example]], index: list[int]) -> list[Example]:
+    """The 2b sequences of b pairs in one list: chosen ones first, then rejected ones."""
+    return [pairs[i]["chosen"] for i in index] + [pairs[i]["rejected"] for i in index]
+
+
+def target_count(example: Example) -> int:
+    """Answer tokens that carry a log-prob (the first token has no prediction)."""
+    return sum(example["loss_mask"][1:])
+
+
+def with_sft_term(loss_fn, sft_weight: float):
+    """L = L_pref + w · Σ_b −log π_θ(y_w,b) / Σ_b |y_w,b|: the preference loss plus SFT on the winners (RPO, Pang
+    et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 1; TRL rpo_alpha, NeMo sft_loss_weight).
+    DPO alone can meet its margin by pushing the rejected answers down; the NLL term also pulls the chosen ones up.
+    Returns a function with the DPO_LOSSES signature whose `loss` is the sum (the metrics are L_pref's)."""
+    if not sft_weight:
+        return loss_fn
+
+    def combined(*args, **kwargs):
+        out = loss_fn(*args, **kwargs)
+        nll = idea1_loss(*args, **{**kwargs, "label_smoothing": 0.0}).loss
+        return dataclasses.replace(out, loss=out.loss + sft_weight * nll)
+
+    return combined
+
+
+# --- the reference policy --------------------------------------------------------------------------------------
+
+def reference_kind(*, precompute: bool, lora: bool, sync_steps: int, sync_alpha: float) -> str:
+    """"copy", "base" or "policy" (see the module docstring)."""
+    sync = sync_steps > 0
+    if (not precompute and (not lora or sync)) or (sync and sync_alpha < 1.0):
+        return "copy"
+    if lora and not sync:
+        return "base"
+    return "policy"
+
+
+def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters as the plain network would hold them: a peft model's LoRA deltas merged (W + s·B·A), names
+    without peft's prefixes. A plain model's parameters are returned as they are."""
+    if not hasattr(model, "get_base_model"):
+        return dict(model.named_parameters())
+    inner = model.get_base_model()
+    out = {name.replace(".base_layer.", "."): p for name, p in inner.named_parameters() if "lora_" not in name}
+    for name, module in inner.named_modules():
+        if hasattr(module, "get_delta_weight") and getattr(module, "merged", False) is False:
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    key = f"{name}.weight"
+                    out[key] = out[key] + module.get_delta_weight(adapter)
+    return out
+
+
+@torch.no_grad()
+def sync_reference(ref_model: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO update of the reference weights: π_ref <- α·π_θ + (1 − α)·π_ref (α = 1: hard copy)."""
+    weights = effective_weights(policy)
+    for name, p in ref_model.named_parameters():
+        if alpha == 1.0:
+            p.copy_(weights[name])
+        else:
+            p.mul_(1.0 - alpha).add_(weights[name].to(p.dtype), alpha=alpha)
+
+
+@contextlib.contextmanager
+def reference_logps_fn(kind: str, policy: nn.Module, ref_model: nn.Module | None, chunk_size: int):
+    """A TokenLogps that computes π_ref, in eval mode: the frozen copy, the policy without adapters, or the policy."""
+    net = ref_model if kind == "copy" else policy
+    was_training = net.training
+    net.eval()
+    adapters_off = policy.disable_adapter() if kind == "base" else contextlib.nullcontext()
+    try:
+        with adapters_off, torch.no_grad():
+            yield TokenLogps(net, chunk_size=chunk_size)
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
+def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, pack_length: int | None,
+                    d) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_ref(y_w|x), log π_ref(y_l|x) of every pair: ([N], [N]) on d.device. Ranks share the batches; the
+    results are summed across ranks so every rank holds the whole cache."""
+    N = len(pairs)
+    chosen = torch.zeros(N, device=d.device)
+    rejected = torch.zeros(N, device=d.device)
+    starts = list(range(0, N, batch_size))[d.rank::d.world_size]
+    for start in starts:
+        index = list(range(start, min(start + batch_size, N)))
+        batch = sequence_batch(pair_sequences(pairs, index), pad_id, pack_length=pack_length).to(d.device)
+        logps = sequence_logps(ref_fn, batch)  # [2b]
+        chosen[index] = logps[:len(index)]
+        rejected[index] = logps[len(index):]
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(chosen)
+        dist.all_reduce(rejected)
+    return chosen, rejected
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, label_smoothing: float,
+             micro_batch_size: int, pad_id: int, pack_length: int | None, d) -> dict[str, float]:
+    """Loss and the implicit-reward metrics over all held-out pairs. ref_logps(index, batch) -> ([b], [b])."""
+    was_training = policy_fn.training
+    policy_fn.eval()
+    sums: dict[str, float] = {}
+    N = len(pairs)
+    total_chosen_targets = sum(target_count(p["chosen"]) for p in pairs)
+    for start in list(range(0, N, micro_batch_size))[d.rank::d.world_size]:
+        index = list(range(start, min(start + micro_batch_size, N)))
+        batch = sequence_batch(pair_sequences(pairs, index), pad_id, pack_length=pack_length).to(d.device)
+        logps = sequence_logps(policy_fn, batch)
+        ref_c, ref_r = ref_logps(index, batch)
+        counts = torch.tensor([target_count(pairs[i]["chosen"]) for i in index], device=d.device)
+        out = loss_fn(logps[:len(index)], logps[len(index):], ref_c, ref_r, beta=beta,
+                      label_smoothing=label_smoothing, chosen_token_counts=counts, global_pair_count=N,
+                      global_chosen_token_count=total_chosen_targets)
+        for key, value in _metric_sums(out).items():
+            sums[key] = sums.get(key, 0.0) + value
+        sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
+    policy_fn.train(was_training)
+    result = {"eval/loss": all_reduce_sum(sums.get("loss", 0.0), d)}
+    for key in _METRICS:
+        result[f"eval/{key}"] = all_reduce_sum(sums.get(key, 0.0), d) / N
+    return result
+
+
+_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected")
+
+
+def _metric_sums(out) -> dict[str, float]:
+    """Per-pair metric sums of one micro-batch (divided by the global pair count after the all-reduce)."""
+    return {"rewards/chosen": float(out.chosen_rewards.sum()), "rewards/rejected": float(out.rejected_rewards.sum()),
+            "rewards/margins": float(out.margins.sum()), "rewards/accuracies": float(out.accuracy.sum()),
+            "logps/chosen": float(out.policy_chosen_logps.sum()), "logps/rejected": float(out.policy_rejected_logps.sum())}
+
+
+# --- the recipe --------------------------------------------------------------------------------------------------
+
+def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
+    d = init_distributed(config.device)
+    try:
+        return _run(config, resume, d)
+    finally:
+        cleanup(d)
+
+
+def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
+    out_dir = Path(config.output_dir)
+    checkpoint = resolve_resume(out_dir, resume)
+    # All data is read and validated before a model is loaded or anything is written.
+    train_data = load_dataset_file(config.train_file, "dpo")
+    eval_data = load_dataset_file(config.eval_file, "dpo") if config.eval_file else None
+    seed_everything(config.seed)
+    model, tokenizer = prepare_model(
+        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, lora_target=config.lora_target,
+        gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint,
+    )
+    train_pairs, dropped = encode_pairs(train_data[0], tokenizer, config.max_length, config.train_file)
+    eval_pairs = encode_pairs(eval_data[0], tokenizer, config.max_length, config.eval_file)[0] if eval_data else None
+    pad_id = tokenizer.pad_token_id
+    pack_length = config.max_length if config.packing else None
+    global_batch = config.micro_batch_size * config.grad_accum_steps * d.world_size
+    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(train_pairs) / global_batch))
+    loss_fn = with_sft_term(DPO_LOSSES[config.loss], config.sft_weight)
+
+    kind = reference_kind(precompute=config.precompute_ref_logps, lora=config.lora_r > 0,
+                          sync_steps=config.ref_sync_steps, sync_alpha=config.ref_sync_alpha)
+    ref_model = None
+    if kind == "copy":  # the initial network: the same weights the policy started from (LoRA starts at B = 0)
+        ref_model = load_model(config.model, dtype=config.dtype, device=d.device)[0].requires_grad_(False).eval()
+
+    logps_fn = wrap_ddp(TokenLogps(model, chunk_size=config.chunk_size), d)
+    optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
+    start_step, extra = 0, {}
+    if checkpoint is not None:
+        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
+        if ref_model is not None and extra.get("ref_state") is not None:
+            ref_model.load_state_dict(extra["ref_state"])
+
+    def ref_context():
+        return reference_logps_fn(kind, model, ref_model, config.chunk_size)
+
+    def build_caches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        caches = {}
+        with ref_context() as ref_fn:
+            for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+                if pairs:
+                    caches[name] = reference_cache(ref_fn, pairs, batch_size=config.ref_batch_size, pad_id=pad_id,
+                                                   pack_length=pack_length, d=d)
+        return caches
+
+    caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    t_cache = 0.0
+    if config.precompute_ref_logps:
+        if "ref_cache" in extra:
+            caches = {k: (c.to(d.device), r.to(d.device)) for k, (c, r) in extra["ref_cache"].items()}
+        else:
+            t0 = time.perf_counter()
+            caches = build_caches()
+            t_cache = time.perf_counter() - t0
+    syncs = int(extra.get("ref_syncs", 0))
+
+    def ref_logps_for(split: str):
+        def fetch(index: list[int], batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            if config.precompute_ref_logps:
+                chosen, rejected = caches[split]
+                return chosen[index], rejected[index]
+            with ref_context() as ref_fn:
+                logps = sequence_logps(ref_fn, batch)
+            return logps[:len(index)], logps[len(index):]
+        return fetch
+
+    def eval_now() -> dict[str, float]:
+        return evaluate(logps_fn, ref_logps_for("eval"), eval_pairs, loss_fn=loss_fn, beta=config.beta,
+                        label_smoothing=config.label_smoothing, micro_batch_size=config.micro_batch_size,
+                        pad_id=pad_id, pack_length=pack_length, d=d)
+
+    def checkpoint_extra() -> dict[str, Any]:
+        extra_out: dict[str, Any] = {"ref_syncs": syncs}
+        if config.precompute_ref_logps:
+            extra_out["ref_cache"] = {k: (c.cpu(), r.cpu()) for k, (c, r) in caches.items()}
+        if ref_model is not None and config.ref_sync_steps:
+            extra_out["ref_state"] = {k: v.cpu() for k, v in ref_model.state_dict().items()}
+        return extra_out
+
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+    if d.is_main and start_step == 0:
+        logger.log(0, {"data/pairs": len(train_pairs), "data/dropped_truncated": dropped,
+                       "data/global_batch": global_batch, "total_steps": total_steps, "ref/kind": kind,
+                       "ref/cache_seconds": t_cache})
+    progress = Progress(total_steps, initial=start_step, enabled=config.progress and d.is_main, desc="dpo")
+    chosen_targets = [target_count(p["chosen"]) for p in train_pairs]
+    train_ref = ref_logps_for("train")
+    summary: dict[str, Any] = {"ref/kind": kind, "ref/cache_seconds": t_cache}
+    t_last, pairs_since, tokens_since = time.perf_counter(), 0.0, 0.0
+
+    for step in range(start_step, total_steps):
+        units = step_units(step, global_batch, len(train_pairs), config.seed)
+        mine = micro_batches(units, config.micro_batch_size, d.rank, d.world_size)
+        global_chosen = float(sum(chosen_targets[u] for u in units))
+        sums: dict[str, float] = {}
+        loss_sum, seen_tokens = 0.0, 0.0
+        for i, index in enumerate(mine):
+            batch = sequence_batch(pair_sequences(train_pairs, index), pad_id, pack_length=pack_length).to(d.device)
+            with no_sync(logps_fn, skip=i < len(mine) - 1):
+                logps = sequence_logps(logps_fn, batch)  # [2b]: chosen then rejected
+                ref_c, ref_r = train_ref(index, batch)
+                counts = torch.tensor([chosen_targets[u] for u in index], device=d.device)
+                # DDP averages gradients over ranks; dividing the global counts by world_size undoes that average.
+                out = loss_fn(logps[:len(index)], logps[len(index):], ref_c, ref_r, beta=config.beta,
+                              label_smoothing=config.label_smoothing, chosen_token_counts=counts,
+                              global_pair_count=global_batch / d.world_size,
+                              global_chosen_token_count=global_chosen / d.world_size)
+                out.loss.backward()
+            loss_sum += float(out.loss.detach())
+            seen_tokens += batch.num_tokens
+            for key, value in _metric_sums(out).items():
+                sums[key] = sums.get(key, 0.0) + value
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        if config.ref_sync_steps and done % config.ref_sync_steps == 0 and done < total_steps:
+            if ref_model is not None:
+                sync_reference(ref_model, model, config.ref_sync_alpha)
+            if config.precompute_ref_logps:
+                caches = build_caches()
+            syncs += 1
+
+        loss = all_reduce_sum(loss_sum, d) / d.world_size
+        pairs_since += global_batch
+        tokens_since += all_reduce_sum(seen_tokens, d)
+        if done % config.logging_steps == 0 or done == total_steps:
+            now = time.perf_counter()
+            metrics = {"train/loss": loss, **{f"train/{k}": all_reduce_sum(sums[k], d) / global_batch for k in _METRICS},
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/pairs_per_s": pairs_since / max(now - t_last, 1e-9),
+                       "train/tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                       "train/epoch": done * global_batch / len(train_pairs), "ref/syncs": syncs}
+            logger.log(done, metrics)
+            t_last, pairs_since, tokens_since = now, 0.0, 0.0
+            summary.update(metrics)
+        progress.update(loss=loss, acc=summary.get("train/rewards/accuracies", 0.0))
+        if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
+            logger.log(done, eval_now())
+        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+            if d.is_main:
+                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                         scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
+            barrier(d)
+    progress.close()
+
+    if eval_pairs:
+        eval_metrics = eval_now()
+        logger.log(total_steps, eval_metrics)
+        summary.update(eval_metrics)
+    if d.is_main:
+        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                 scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
+        save_final(model, tokenizer, out_dir / "final")
+    barrier(d)
+    logger.close()
+    summary["final_dir"] = str(out_dir / "final")
+    return summary
+
+
+# --- the demo stage ----------------------------------------------------------------------------------------------
+
+def _repo_data(name: str) -> Path:
+    return Path(__file__).resolve().parents[3] / "data" / "preference" / name
+
+
+def run_dpo_demo_stage(
+    model_path_or_name: str,
+    out_dir: str | Path,
+    *,
+    train_file: str | Path | None = None,
+    heldout_file: str | Path | None = None,
+    num_questions: int = 4,
+    max_steps: int = 12,
+    lora_r: int = 16,
+    lr: float = 5e-4,
+    beta: float = 0.1,
+    sft_weight: float = 1.0,
+    micro_batch_size: int = 6,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The identity change as a demo stage: DPO with LoRA on the shipped identity pairs, then the model's greedy
+    answers to a few held-out identity questions before and after, plus the run's metrics.
+
+    sft_weight adds the winners' NLL to the DPO loss (RPO): in experiments/dpo_identity, DPO alone from the base
+    model ranks the held-out pairs right but does not make "Pico" the greedy answer within a few minutes, while
+    DPO + NLL does (identity rate 1.0 on held-out phrasings). Set sft_weight=0 for plain DPO.
+
+    Returns {"questions", "before", "after", "identity_rate_before", "identity_rate_after", "metrics",
+    "final_dir", "seconds"}. With the defaults (12 steps of 6 pairs, LoRA r 16, the embedded SmolLM2) it took 185 s
+    on one torch thread of a shared 2-core CPU, identity rate 0/4 -> 4/4."""
+    from posttrain.data.formats import read_rows
+    from posttrain.data.preference import greedy_replies, mentions_new_identity
+
+    t0 = time.perf_counter()
+    train_file = Path(train_file) if train_file else _repo_data("identity_train.jsonl")
+    heldout_file = Path(heldout_file) if heldout_file else _repo_data("identity_heldout.jsonl")
+    for path in (train_file, heldout_file):
+        if not path.exists():
+            raise DataError(f"{path}: the identity preference file is missing; rebuild it with "
+                            f"`python -m posttrain.data.preference identity --out-dir {path.parent}`.")
+    heldout = read_rows(heldout_file)
+    questions = [row["prompt"] for row in heldout[:num_questions]]
+    model, tokenizer = load_model(model_path_or_name)
+    before = greedy_replies(model, tokenizer, questions, max_new_tokens=max_new_tokens)
+    del model
+    config = DPOConfig(train_file=str(train_file), eval_file=str(heldout_file), model=model_path_or_name,
+                       output_dir=str(out_dir), loss="sigmoid", beta=beta, sft_weight=sft_weight, lora_r=lora_r, lr=lr,
+                       max_steps=max_steps, micro_batch_size=micro_batch_size, max_length=160,
+                       tensorboard=False, progress=progress, keep_last=1)
+    config.validate()
+    summary = run(config)
+    model, tokenizer = load_model(summary["final_dir"])
+    after = greedy_replies(model, tokenizer, questions, max_new_tokens=max_new_tokens)
+    texts = [q[-1]["content"] if isinstance(q, list) else q for q in questions]
+    return {
+        "questions": texts, "before": before, "after": after,
+        "identity_rate_before": sum(map(mentions_new_identity, before)) / len(before),
+        "identity_rate_after": sum(map(mentions_new_identity, after)) / len(after),
+        "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+        "final_dir": summary["final_dir"], "seconds": time.perf_counter() - t0,
+    }
