@@ -7,6 +7,8 @@ Stages (each adds a section to `<output_dir>/report.md`):
         after, and the reward curve.
 - ttc:  test-time compute on held-out problems with the trained model: greedy vs temperature 1 vs maj@k vs
         low temperature vs power sampling (p^α by Metropolis-Hastings), each with its cost in forwarded tokens.
+- dpo:  DPO (plus the winners' NLL) on the shipped identity pairs: the assistant takes a new name and maker;
+        its answers to held-out identity questions before and after.
 Later stages build on the SFT model. Every stage is a function `(ctx) -> Section`; `STAGES` maps names to them.
 """
 
@@ -31,7 +33,7 @@ from posttrain.train.checkpoint import atomic_write_text
 class DemoConfig:
     output_dir: str = field("demo_out", help="where the report, plots, data and checkpoints go")
     model: str = field(EMBEDDED_DEFAULT, help="the starting model")
-    stages: str = field("sft,grpo,ttc", help="comma list of stages to run, in order")
+    stages: str = field("sft,grpo,ttc,dpo", help="comma list of stages to run, in order")
     task: str = field("chain_sum", help="reasoning-gym task for the arithmetic problems")
     train_problems: int = field(320, help="SFT training problems")
     eval_problems: int = field(48, help="held-out problems for before/after evaluation")
@@ -46,6 +48,7 @@ class DemoConfig:
     ttc_samples: int = field(8, help="samples per problem for majority vote (maj@k)")
     power_alpha: float = field(4.0, help="power sampling exponent α (proposal temperature 1/α)")
     power_mcmc_steps: int = field(2, help="MH steps per block")
+    dpo_steps: int = field(12, help="DPO steps on the identity pairs (LoRA)")
     seed: int = field(0, help="seed for data and training")
 
     def validate(self) -> None:
@@ -275,11 +278,35 @@ def stage_ttc(ctx: DemoContext) -> Section:
     return Section("3. Test-time compute: spending more while answering", md, metrics)
 
 
+def stage_dpo(ctx: DemoContext) -> Section:
+    from posttrain.recipes.dpo import run_dpo_demo_stage
+
+    c = ctx.config
+    result = run_dpo_demo_stage(ctx.model_path, ctx.out / "dpo", max_steps=c.dpo_steps)
+    ctx.model_path = result["final_dir"]
+    print(f"[demo] identity after DPO: {result['identity_rate_after']:.0%} of held-out questions", flush=True)
+    rows = "\n".join(f"| {q} | {_cell(b)} | {_cell(a)} |"
+                      for q, b, a in zip(result["questions"], result["before"], result["after"]))
+    m = result["metrics"]
+    md = (
+        f"DPO (β = 0.1, plus the chosen answers' NLL, LoRA r=16) for {c.dpo_steps} steps on the shipped identity pairs "
+        f"(chosen: a new name and maker; rejected: the model's own replies), {result['seconds']:.0f} s. Held-out "
+        f"preference accuracy {m.get('eval/rewards/accuracies', float('nan')):.0%}; new identity in "
+        f"{result['identity_rate_before']:.0%} → {result['identity_rate_after']:.0%} of held-out questions.\n\n"
+        f"| held-out question | before | after |\n|---|---|---|\n{rows}\n"
+    )
+    return Section("4. DPO: a new identity from preference pairs", md, {
+        "identity_rate_before": result["identity_rate_before"], "identity_rate_after": result["identity_rate_after"],
+        "eval_accuracy": m.get("eval/rewards/accuracies"), "seconds": result["seconds"]})
+
+
 def _cell(text: str) -> str:
     return text.strip().replace("\n", " ⏎ ").replace("|", "\\|")[:90]
 
 
-STAGES: dict[str, Callable[[DemoContext], Section]] = {"sft": stage_sft, "grpo": stage_grpo, "ttc": stage_ttc}
+STAGES: dict[str, Callable[[DemoContext], Section]] = {
+    "sft": stage_sft, "grpo": stage_grpo, "ttc": stage_ttc, "dpo": stage_dpo,
+}
 
 
 def write_report(ctx: DemoContext, seconds: float) -> Path:

@@ -8,10 +8,10 @@ from posttrain.cli import main
 def test_demo_pipeline_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
     code = main(["demo", "model=tiny", f"output_dir={out}", "train_problems=16", "eval_problems=6", "ttc_problems=3",
-                 "grpo_steps=2", "ttc_samples=2", "max_new_tokens=6"])
+                 "grpo_steps=2", "ttc_samples=2", "max_new_tokens=6", "dpo_steps=2"])
     assert code == 0
     report = (out / "report.md").read_text()
-    for title in ("1. SFT", "2. GRPO", "3. Test-time compute"):
+    for title in ("1. SFT", "2. GRPO", "3. Test-time compute", "4. DPO"):
         assert title in report
     metrics = json.loads((out / "report.json").read_text())
     sft = next(v for k, v in metrics.items() if k.startswith("1."))
