@@ -87,7 +87,7 @@ class PPOConfig:
     logging_steps: int = field(1, help="log every N steps")
     save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
     keep_last: int = field(2, help="checkpoints kept")
-    chunk_size: int = field(1024, help="rows per chunk of the fused LM-head log-prob computation")
+    chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
     tensorboard: bool = field(True, help="also log to TensorBoard")
     progress: bool = field(True, help="show a progress bar")
 
