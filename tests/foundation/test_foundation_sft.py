@@ -18,7 +18,8 @@ from posttrain.data.collate import pack_examples, pad_batch
 from posttrain.losses.sft import sft_loss
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
-from posttrain.recipes.sft import batch_tensors, micro_batches, step_units
+from posttrain.data.order import micro_batches, step_units
+from posttrain.recipes.sft import batch_tensors
 from posttrain.data.tokenize import encode_sft
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -42,7 +42,7 @@ from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
-from posttrain.recipes.sft import micro_batches, step_units
+from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, no_sync, wrap_ddp
 from posttrain.train.logging import MetricsLogger

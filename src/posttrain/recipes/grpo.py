@@ -28,6 +28,7 @@ from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_pro
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
+from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
@@ -209,8 +210,6 @@ def _merge(parts: list[SequenceBatch]) -> SequenceBatch:
 
     def pad(t: torch.Tensor, value) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=value)
-
-    from posttrain.ops.logps import IGNORE_INDEX
 
     return SequenceBatch(
         input_ids=torch.cat([pad(p.input_ids, 0) for p in parts]),

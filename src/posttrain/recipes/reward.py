@@ -30,7 +30,7 @@ from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models.reward_model import (
     build_reward_model, encode_reward_example, load_reward_model, reward_batch,
 )
-from posttrain.recipes.sft import micro_batches, step_units
+from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, no_sync, wrap_ddp
 from posttrain.train.logging import MetricsLogger

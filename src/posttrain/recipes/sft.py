@@ -22,6 +22,7 @@ import torch
 from posttrain.config import field
 from posttrain.data.collate import pack_examples, packed_batch
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.data.tokenize import encode_sft, truncate
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.sft import sft_loss
@@ -95,29 +96,6 @@ def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str) -> tupl
     if not examples:
         raise DataError(f"{path}: every example lost its completion to truncation at max_length={max_length}.")
     return examples, dropped
-
-
-def unit_order(num_units: int, seed: int, epoch: int) -> list[int]:
-    """The order of packed rows in one epoch: a permutation fixed by (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_units, generator=g).tolist()
-
-
-def step_units(step: int, global_batch: int, num_units: int, seed: int) -> list[int]:
-    """The `global_batch` unit indices of optimizer step `step` (epochs chained, a pure function of its inputs)."""
-    out: list[int] = []
-    start = step * global_batch
-    while len(out) < global_batch:
-        epoch, offset = divmod(start + len(out), num_units)
-        order = unit_order(num_units, seed, epoch)
-        out.extend(order[offset: offset + global_batch - len(out)])
-    return out
-
-
-def micro_batches(units: list[int], micro_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's micro-batches of one step: chunk the step's units, rank r takes chunks r, r+W, r+2W, ..."""
-    chunks = [units[i:i + micro_batch_size] for i in range(0, len(units), micro_batch_size)]
-    return chunks[rank::world_size]
 
 
 def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
