@@ -9,7 +9,13 @@ on CPU, in separate subprocesses run alternately (posttrain, TRL, posttrain, TRL
 Throughput = examples / seconds of the training loop (model loading excluded); both sides see the same examples, so
 this is the like-for-like figure (the sides' token counts differ slightly with their templates; both are reported). Memory = peak RSS of
 the process (ru_maxrss), which includes the model, optimizer state and activations.
-Modes: `padded` (no packing on either side) and `packed` (posttrain's packing vs TRL's packing=True, bfd).
+Modes (each side alternately, same data):
+- `unpacked`: one example per batch slot. posttrain lays a micro-batch's 8 examples padding-free (as few rows as hold
+  the longest one, positions restarting per example), TRL pads each to the batch's longest. Same examples per step,
+  same loss. No gradient checkpointing on either side.
+- `unpacked_padded`: as `unpacked` but posttrain pads too (padding_free=false): the layouts are identical.
+- `unpacked_gc`: as `unpacked` with gradient checkpointing on both sides (TRL's SFTConfig default).
+- `packed`: posttrain's packing vs TRL's packing=True (bfd), no gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -46,23 +52,33 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def run_posttrain(data: Path, model: str, packing: bool, out: Path) -> dict:
+MODES = {  # name: (packing, gradient checkpointing, posttrain padding_free)
+    "unpacked": (False, False, True),
+    "unpacked_padded": (False, False, False),
+    "unpacked_gc": (False, True, True),
+    "packed": (True, False, True),
+}
+
+
+def run_posttrain(data: Path, model: str, mode: str, out: Path) -> dict:
     from posttrain.recipes.sft import SFTConfig, run
 
+    packing, gc, padding_free = MODES[mode]
     config = SFTConfig(train_file=str(data), model=model, output_dir=str(out / "pt"), max_length=256, packing=packing,
                        micro_batch_size=8, epochs=1.0, lr=1e-5, progress=False, tensorboard=False, logging_steps=1000,
-                       max_grad_norm=1.0)
+                       max_grad_norm=1.0, gradient_checkpointing=gc, padding_free=padding_free)
     summary = run(config)
     return {"tokens": summary["train/tokens"], "seconds": summary["train/loop_seconds"]}
 
 
-def run_trl(data: Path, model: str, packing: bool, out: Path) -> dict:
+def run_trl(data: Path, model: str, mode: str, out: Path) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.models.loading import resolve
 
+    packing, gc, _ = MODES[mode]
     path = str(resolve(model))
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     ds = datasets.Dataset.from_list(rows)
@@ -78,17 +94,18 @@ def run_trl(data: Path, model: str, packing: bool, out: Path) -> dict:
     args = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=8, max_length=256, packing=packing,
                      num_train_epochs=1, learning_rate=1e-5, use_cpu=True, bf16=False, report_to="none",
                      save_strategy="no", logging_steps=1000, max_grad_norm=1.0, lr_scheduler_type="cosine",
-                     warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True)
+                     warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True,
+                     gradient_checkpointing=gc)
     trainer = SFTTrainer(model=path, args=args, train_dataset=ds, callbacks=[clock])
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     trainer.train()
     return {"tokens": tokens, "seconds": clock.seconds}
 
 
-def child(side: str, data: str, model: str, packing: bool) -> None:
+def child(side: str, data: str, model: str, mode: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fn = run_posttrain if side == "posttrain" else run_trl
-        result = fn(Path(data), model, packing, Path(tmp))
+        result = fn(Path(data), model, mode, Path(tmp))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -98,13 +115,12 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--examples", type=int, default=96)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--modes", default="padded,packed")
+    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sft.json"))
-    p.add_argument("--child", nargs=4, metavar=("SIDE", "DATA", "MODEL", "PACKING"))
+    p.add_argument("--child", nargs=4, metavar=("SIDE", "DATA", "MODEL", "MODE"))
     a = p.parse_args()
     if a.child:
-        side, data, model, packing = a.child
-        child(side, data, model, packing == "1")
+        child(*a.child)
         return
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "data.jsonl"
@@ -115,8 +131,8 @@ def main() -> None:
     for mode in a.modes.split(","):
         for r in range(a.rounds):
             for side in ("posttrain", "trl"):
-                proc = subprocess.run([sys.executable, __file__, "--child", side, str(data), a.model,
-                                       "1" if mode == "packed" else "0"], capture_output=True, text=True, env=env)
+                proc = subprocess.run([sys.executable, __file__, "--child", side, str(data), a.model, mode],
+                                      capture_output=True, text=True, env=env)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if proc.returncode != 0 or not line:
                     raise SystemExit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -35,6 +35,7 @@ def test_fused_hidden_logps_values_and_gradients(chunk_size):
     weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 30, (3, 5), generator=g)
     labels[2, -1] = IGNORE_INDEX
+    labels[0, :3] = IGNORE_INDEX  # a "prompt": the head is skipped at these rows
     upstream = torch.randn(3, 5, generator=g, dtype=torch.float64)
     got = logps_from_hidden(hidden, weight, labels, chunk_size=chunk_size, temperature=0.8)
     ref = _reference(hidden @ weight.t(), labels, 0.8)
@@ -43,6 +44,16 @@ def test_fused_hidden_logps_values_and_gradients(chunk_size):
     ref_grads = torch.autograd.grad((ref * upstream).sum(), [hidden, weight])
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert (grads[0][0, :3] == 0).all() and (grads[0][2, -1] == 0).all()
+
+
+def test_fused_logps_with_no_labels_is_zero_with_zero_gradient():
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    got = logps_from_hidden(hidden, weight, torch.full((2, 3), IGNORE_INDEX))
+    assert got.shape == (2, 3) and (got == 0).all()
+    got.sum().backward()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
 
 
 def test_fused_logps_float32_within_1e6():
@@ -61,6 +72,8 @@ def test_entropy_matches_definition():
     expected = -(p * p.log()).sum(-1)
     torch.testing.assert_close(entropy_from_logits(logits, chunk_size=4), expected)
     torch.testing.assert_close(entropy_from_hidden(hidden, weight, chunk_size=4), expected)
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    torch.testing.assert_close(entropy_from_hidden(hidden, weight, chunk_size=1, mask=mask), expected * mask)
     uniform = torch.zeros(1, 1, 8)
     assert entropy_from_logits(uniform).item() == pytest.approx(torch.log(torch.tensor(8.0)).item())
 

@@ -19,7 +19,7 @@ from posttrain.losses.sft import sft_loss
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
 from posttrain.data.order import micro_batches, step_units
-from posttrain.recipes.sft import batch_tensors
+from posttrain.recipes.sft import batch_tensors, padding_free_rows
 from posttrain.data.tokenize import encode_sft
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +89,26 @@ def test_packed_and_unpacked_give_same_loss_and_gradients():
     assert abs(loss_u - loss_p) < 1e-6
     for name in grads_u:
         torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_padding_free_rows_hold_each_example_once_and_change_nothing():
+    rows = _rows(10)
+    rows[3]["messages"][0]["content"] += " and now a much longer question" * 3  # one long example, nine short
+    examples, tok = _examples(rows)
+    n = sum(sum(e["loss_mask"][1:]) for e in examples)
+    padded = [[i] for i in range(10)]
+    rows = padding_free_rows(examples, padded)
+    longest = max(len(e["input_ids"]) for e in examples)
+    assert sorted(i for r in rows for i in r) == list(range(10))
+    assert all(sum(len(examples[i]["input_ids"]) for i in r) <= longest for r in rows)
+    assert len(rows) < 10  # some examples share a row
+    assert rows == padding_free_rows(examples, list(reversed(padded)))  # the order given does not matter
+    model = tiny_model(seed=2)
+    loss_u, grads_u = _loss_and_grads(model, examples, [padded], tok.pad_token_id, n)
+    loss_f, grads_f = _loss_and_grads(model, examples, [rows], tok.pad_token_id, n)
+    assert abs(loss_u - loss_f) < 1e-6
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_gradient_accumulation_8x1_equals_1x8():

@@ -5,9 +5,10 @@ log p(y_t) = z_{t, y_t} − logsumexp_v z_{t, v}, with z = h·Wᵀ / τ the logi
 Two entry points:
 - `logps_from_logits`: the model already produced logits [B, T, V]; we gather per chunk of rows and never build a
   second [B, T, V] tensor (log_softmax would). Autograd of logsumexp keeps only the [rows] result.
-- `logps_from_hidden`: the fused path. From the final hidden states [B, T, D] and the LM head weight [V, D], each
-  chunk's logits are computed, reduced to [rows] and dropped; the backward pass recomputes them per chunk. Peak
-  extra memory is one chunk of logits instead of B·T·V floats (trl#3678 is this blow-up).
+- `logps_from_hidden`: the fused path. The LM head runs only at positions that carry a label (not on prompts or
+  padding, which for RL and SFT batches is often most of them). From the final hidden states [B, T, D] and the LM
+  head weight [V, D], each chunk's logits are computed, reduced to [rows] and dropped; the backward pass recomputes
+  them per chunk. Peak extra memory is one chunk of logits instead of B·T·V floats (trl#3678 is this blow-up).
 The math is done in float32 whatever the model's dtype (ScaleRL's "FP32 logits", Khatri et al. 2025 §4).
 """
 
@@ -116,25 +117,58 @@ def logps_from_hidden(
     hidden [B, T, D], weight [V, D], labels [B, T] (IGNORE_INDEX allowed) -> [B, T] float32, 0 where ignored.
     """
     B, T, D = hidden.shape
-    valid = labels != IGNORE_INDEX
-    flat = _FusedLinearLogps.apply(
-        hidden.reshape(B * T, D), weight, labels.clamp(min=0).reshape(B * T), chunk_size, float(temperature)
-    )  # [B*T]
-    return flat.view(B, T) * valid
+    flat_labels = labels.reshape(B * T)
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # [N]: the head runs only where a label is scored
+    picked = logps_at_rows(hidden.reshape(B * T, D).index_select(0, rows), weight, flat_labels.index_select(0, rows),
+                           chunk_size=chunk_size, temperature=temperature)  # [N]
+    return picked.new_zeros(B * T).index_copy(0, rows, picked).view(B, T)
+
+
+def logps_at_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log softmax(h Wᵀ / τ)[label] for rows of hidden states.  hidden [N, D], weight [V, D], labels [N] -> [N]."""
+    return _FusedLinearLogps.apply(hidden, weight, labels, chunk_size, float(temperature))
 
 
 @torch.no_grad()
 def entropy_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, temperature: float = 1.0
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Entropy per position from hidden states [B, T, D] and LM head [V, D] -> [B, T], chunked, no grad."""
+    """Entropy per position from hidden states [B, T, D] and LM head [V, D] -> [B, T], chunked, no grad.
+
+    mask [B, T] (optional): compute only where it is nonzero; other positions are 0.
+    """
     B, T, D = hidden.shape
     flat = hidden.reshape(B * T, D)
-    out = []
-    for start in range(0, B * T, chunk_size):
-        z = _acc(flat[start:start + chunk_size] @ weight.t()) / temperature  # [c, V]
+    rows = mask.reshape(B * T).nonzero().squeeze(1) if mask is not None else None
+    values = entropy_at_rows(flat if rows is None else flat.index_select(0, rows), weight, chunk_size=chunk_size,
+                             temperature=temperature)
+    if rows is None:
+        return values.view(B, T)
+    return values.new_zeros(B * T).index_copy(0, rows, values).view(B, T)
+
+
+@torch.no_grad()
+def entropy_at_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, temperature: float = 1.0
+) -> torch.Tensor:
+    """Entropy of softmax(h Wᵀ / τ) for rows of hidden states, chunked, no grad.  hidden [N, D] -> [N]."""
+    out = [torch.zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)]
+    for start in range(0, hidden.shape[0], chunk_size):
+        z = _acc(hidden[start:start + chunk_size] @ weight.t()) / temperature  # [c, V]
         out.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
-    return torch.cat(out).view(B, T)
+    return torch.cat(out)
 
 
 def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

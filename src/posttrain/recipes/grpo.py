@@ -26,7 +26,7 @@ from posttrain.config import field
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
-from posttrain.models.forward import TokenLogps
+from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
@@ -99,6 +99,8 @@ class GRPOConfig:
     lora_dropout: float = field(0.0, help="LoRA dropout")
     lora_target: str = field("all-linear", help="LoRA target modules")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward")
+    shared_prefix: bool = field(True, help="training forward runs each prompt once for its G samples (exact; "
+                                           "falls back to per-sample rows for heads it cannot fuse)")
     dtype: str = field("float32", help="float32 or bfloat16")
     device: str = field("auto", help="auto, cpu or cuda")
     seed: int = field(0, help="seed for prompt order, sampling and initialization")
@@ -218,6 +220,7 @@ def _merge(parts: list[SequenceBatch]) -> SequenceBatch:
         mask=torch.cat([pad(p.mask, False) for p in parts]),
         gen_logps=torch.cat([pad(p.gen_logps, 0.0) for p in parts]),
         completion_lengths=torch.cat([p.completion_lengths for p in parts]),
+        prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
     )
 
 
@@ -329,27 +332,36 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
     slices = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
     temperature = config.temperature
 
+    device = next(model.parameters()).device
+    packed = ([batch.shared_prefix(s, pad_id=0).to(device) for s in slices]
+              if config.shared_prefix and fusable(model) else None)
+    batch, advantages = batch.to(device), advantages.to(device)
+
+    def score(fn: TokenLogps, i: int, **kw):
+        """Log-probs of micro-batch i in the [rows, L] label layout (shared-prefix packing when on)."""
+        if packed is not None:
+            return fn.shared_prefix(packed[i], **kw)
+        s = slices[i]
+        return fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s], **kw)
+
     old_logps = ref_logps = None
     with timer("logps"), torch.no_grad():
         if config.ratio_against == "sampler":
             old_logps = batch.gen_logps
         elif config.updates_per_batch > 1:
-            old_logps = torch.cat([logps_fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s],
-                                            temperature=temperature).logps for s in slices])
+            old_logps = torch.cat([score(logps_fn, i, temperature=temperature).logps for i in range(len(slices))])
         if config.kl_coef:
             ctx = model.disable_adapter() if ref_fn is None else nullcontext()
             fn = ref_fn or logps_fn
             with ctx:
-                ref_logps = torch.cat([fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s]).logps
-                                       for s in slices])
+                ref_logps = torch.cat([score(fn, i).logps for i in range(len(slices))])
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
     for _ in range(config.updates_per_batch):
-        for s in slices:
+        for i, s in enumerate(slices):
             with timer("update"):
-                out = logps_fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s], temperature=temperature,
-                               with_entropy=True)
+                out = score(logps_fn, i, temperature=temperature, with_entropy=True)
                 mask = batch.mask[s]
                 old = old_logps[s] if old_logps is not None else out.logps.detach()
                 is_w = None

@@ -47,6 +47,9 @@ class SFTConfig:
     max_length: int = field(512, help="tokens per example (and per packed row); longer examples are truncated")
     packing: bool = field(True, help="pack several short examples per row, attention kept inside each example")
     micro_batch_size: int = field(8, help="rows (packed) or examples (unpacked) per forward/backward")
+    padding_free: bool = field(True, help="without packing: lay each micro-batch's examples into as few rows as "
+                                          "fit its longest one (positions restart per example, no attention across "
+                                          "them) instead of one padded row each; same examples, same loss")
     grad_accum_steps: int = field(1, help="micro-batches per optimizer step and process")
     epochs: float = field(1.0, help="passes over the data (ignored if max_steps > 0)")
     max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
@@ -96,6 +99,17 @@ def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str) -> tupl
     if not examples:
         raise DataError(f"{path}: every example lost its completion to truncation at max_length={max_length}.")
     return examples, dropped
+
+
+def padding_free_rows(examples, rows: list[list[int]]) -> list[list[int]]:
+    """A micro-batch's examples re-laid into as few rows as hold its longest example (first-fit decreasing).
+
+    No row gets longer than the padded batch would be, so attention per row costs no more, while the pad tokens a
+    padded batch computes (~30% on variable-length data) mostly disappear.
+    """
+    flat = sorted(i for row in rows for i in row)
+    longest = max(len(examples[i]["input_ids"]) for i in flat)
+    return [[flat[j] for j in row] for row in pack_examples([examples[i] for i in flat], longest)]
 
 
 def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -174,7 +188,9 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_rows), config.seed)
         mine = micro_batches(units, config.micro_batch_size, d.rank, d.world_size)
-        batches = [batch_tensors(train_examples, [train_rows[u] for u in mb], pad_id, d.device) for mb in mine]
+        layout = (lambda rows: padding_free_rows(train_examples, rows)) if config.padding_free and not config.packing \
+            else (lambda rows: rows)
+        batches = [batch_tensors(train_examples, layout([train_rows[u] for u in mb]), pad_id, d.device) for mb in mine]
         local_targets = sum(float((b["labels"] != -100).sum()) for b in batches)
         global_targets = all_reduce_sum(local_targets, d)
         nll_sum, seen_tokens = 0.0, 0.0

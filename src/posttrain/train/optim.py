@@ -10,12 +10,18 @@ import torch
 def build_optimizer(
     params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and norm weights (ndim < 2) get no weight decay."""
+    """AdamW over the trainable parameters; biases and norm weights (ndim < 2) get no weight decay.
+
+    The fused kernel (one pass per parameter, no foreach temporaries the size of the model) is used wherever torch has
+    one for the parameters' device and dtype: it lowers peak memory by about two model-sized buffers and is faster.
+    """
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16,
+                                 torch.bfloat16, torch.float64) for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from posttrain.data.collate import SharedPrefixBatch, pack_shared_prefix
 from posttrain.generation.sampler import Rollouts
 from posttrain.ops.logps import IGNORE_INDEX
 
@@ -29,14 +30,25 @@ class SequenceBatch:
     mask: torch.Tensor  # bool, labels != IGNORE_INDEX
     gen_logps: torch.Tensor  # sampler's log-probs in the same layout, 0 outside the mask
     completion_lengths: torch.Tensor
+    prompt_lengths: torch.Tensor  # [N]
 
     def select(self, rows: torch.Tensor | list[int]) -> "SequenceBatch":
         idx = torch.as_tensor(rows, dtype=torch.long)
         return SequenceBatch(*(getattr(self, f)[idx] for f in
-                               ("input_ids", "position_ids", "labels", "mask", "gen_logps", "completion_lengths")))
+                               ("input_ids", "position_ids", "labels", "mask", "gen_logps", "completion_lengths",
+                                "prompt_lengths")))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(*(getattr(self, f).to(device) for f in
+                               ("input_ids", "position_ids", "labels", "mask", "gen_logps", "completion_lengths",
+                                "prompt_lengths")))
+
+    def shared_prefix(self, rows: slice, pad_id: int) -> SharedPrefixBatch:
+        """Rows `rows` packed with each prompt once (data.collate.pack_shared_prefix), for TokenLogps.shared_prefix."""
+        return pack_shared_prefix(self.input_ids[rows], self.prompt_lengths[rows], self.completion_lengths[rows], pad_id)
 
 
 def rollout_batch(rollouts: Rollouts, pad_id: int) -> SequenceBatch:
@@ -58,7 +70,7 @@ def rollout_batch(rollouts: Rollouts, pad_id: int) -> SequenceBatch:
         gen_logps[i, P - 1:P - 1 + c] = rollouts.logps[i, :c].float()
     position_ids = torch.arange(L).expand(N, L).clone()
     return SequenceBatch(input_ids, position_ids, labels, labels != IGNORE_INDEX, gen_logps,
-                         torch.tensor(lengths, dtype=torch.long))
+                         torch.tensor(lengths, dtype=torch.long), torch.tensor([len(p) for p in prompts]))
 
 
 def completion_view(x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
