@@ -8,7 +8,8 @@ step, at most 32 new tokens, temperature 1, no top-k/top-p, loss "grpo" (clip 0.
 checkpointing on either side (TRL's default is on; it is switched off so both do the same work), the same reward
 function (the task's own scorer on the last number). Each side runs in its own subprocess, alternating, and the
 median step time over steps 2..N is reported (the first step pays one-time costs on both sides). Our side also
-reports its per-stage split (generate / reward / update).
+reports its per-stage split (generate / reward / update). A third side, `posttrain_per_sample`, is the ablation
+with shared-prefix scoring off (each of the G samples re-runs its prompt in the training forward, as TRL does).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 B, G, MAX_NEW = 4, 8, 32
 
 
-def run_posttrain(model: str, steps: int, out: Path) -> dict:
+def run_posttrain(model: str, steps: int, out: Path, shared_prefix: bool = True) -> dict:
     from posttrain.recipes.grpo import GRPOConfig, run
     from posttrain.train.logging import read_metrics
 
@@ -39,7 +40,7 @@ def run_posttrain(model: str, steps: int, out: Path) -> dict:
                         rewards=["gym"], reward_options={"gym": {"extract": "last_number"}}, loss="grpo",
                         num_generations=G, prompts_per_step=B, max_new_tokens=MAX_NEW, micro_batch_size=B * G,
                         zero_variance_filter=False, lr=1e-6, max_steps=steps, output_dir=str(out / "pt"),
-                        progress=False, tensorboard=False)
+                        progress=False, tensorboard=False, shared_prefix=shared_prefix)
     run(config)
     rows = [r for r in read_metrics(out / "pt" / "metrics.jsonl") if "time/step" in r]
     split = {k: statistics.median(r.get(k, 0.0) for r in rows[1:]) for k in
@@ -86,7 +87,10 @@ def child(side: str, model: str, steps: int) -> None:
     import resource
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = (run_posttrain if side == "posttrain" else run_trl)(model, steps, Path(tmp))
+        if side == "trl":
+            result = run_trl(model, steps, Path(tmp))
+        else:
+            result = run_posttrain(model, steps, Path(tmp), shared_prefix=side == "posttrain")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -97,6 +101,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo.json"))
+    p.add_argument("--sides", default="posttrain,posttrain_per_sample,trl")
     p.add_argument("--child", nargs=3, metavar=("SIDE", "MODEL", "STEPS"))
     a = p.parse_args()
     if a.child:
@@ -106,7 +111,7 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     runs = []
     for r in range(a.rounds):
-        for side in ("posttrain", "trl"):
+        for side in a.sides.split(","):
             proc = subprocess.run([sys.executable, __file__, "--child", side, a.model, str(a.steps)],
                                   capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -116,12 +121,17 @@ def main() -> None:
             res.update(side=side, round=r, median_step_s=statistics.median(res["step_seconds"][1:]))
             runs.append(res)
             print(json.dumps(res), flush=True)
-    best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in ("posttrain", "trl")}
+    sides = a.sides.split(",")
+    best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
     split = min((x for x in runs if x["side"] == "posttrain"), key=lambda x: x["median_step_s"])["split"]
     summary = {"model": a.model, "prompts": B, "generations": G, "max_new_tokens": MAX_NEW,
                "posttrain_step_s": best["posttrain"], "trl_step_s": best["trl"], "speedup": best["trl"] / best["posttrain"],
                "posttrain_split_s": split,
-               "peak_rss_mb": {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in ("posttrain", "trl")}}
+               "peak_rss_mb": {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in sides}}
+    if "posttrain_per_sample" in best:
+        ablation = min((x for x in runs if x["side"] == "posttrain_per_sample"), key=lambda x: x["median_step_s"])
+        summary["per_sample_step_s"] = best["posttrain_per_sample"]
+        summary["per_sample_split_s"] = ablation["split"]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -1,0 +1,283 @@
+"""GPU paths, checked on a CUDA machine (CI has none, so this is a script, not a test).
+
+    python bench/gpu_check.py [--out bench/results/gpu_check.json] [--device cpu]
+
+`--device cpu` runs the same checks on the CPU (without the memory and throughput figures), so the script itself
+is exercised where no GPU is lent.
+
+Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the figures:
+- fused LM-head log-probs on CUDA in float32 and bfloat16 against a float64 log_softmax (values and gradients), and
+  the peak memory of the fused path against full logits at SmolLM2's vocabulary;
+- the KV-cache sampler's log-probs against a teacher-forced forward on CUDA;
+- shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
+- the SFT, DPO and GRPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
+  transformers;
+- throughput of one SFT and one GRPO step on a SmolLM2-shaped model (random weights: the real ones do not travel to
+  the GPU machine) in bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SMOL = "tiny:hidden=576,layers=30,heads=9,kv_heads=3,intermediate_size=1536,vocab_size=49152"
+RESULTS: dict = {}
+DEV = "cuda"
+
+
+def check(name):
+    def wrap(fn):
+        def run():
+            t = time.perf_counter()
+            try:
+                ok, figures = fn()
+            except Exception as exc:  # noqa: BLE001 - a failed check is reported, the others still run
+                ok, figures = False, {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+            figures["seconds"] = round(time.perf_counter() - t, 2)
+            RESULTS[name] = {"pass": ok, **figures}
+            print(f"{'PASS' if ok else 'FAIL'} {name}: " + json.dumps({k: v for k, v in figures.items() if k != "trace"}),
+                  flush=True)
+            if not ok and "trace" in figures:
+                print(figures["trace"], flush=True)
+        return run
+    return wrap
+
+
+@check("fused_logps")
+def fused_logps():
+    from posttrain.ops.logps import logps_from_hidden
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    figures, ok = {}, True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        hidden = (torch.randn(4, 300, 576, device=DEV, generator=g) / 8).to(dtype).requires_grad_()
+        weight = (torch.randn(49152, 576, device=DEV, generator=g) / 8).to(dtype).requires_grad_()
+        labels = torch.randint(0, 49152, (4, 300), device=DEV, generator=g)
+        labels[:, :100] = -100
+        got = logps_from_hidden(hidden, weight, labels)
+        h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        ref = torch.log_softmax(h64 @ w64.t(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+        err = float((got.double() - ref).abs().max())
+        got.sum().backward()
+        ref.sum().backward()
+        gerr = max(float((hidden.grad.double() - h64.grad).abs().max() / h64.grad.abs().max()),
+                   float((weight.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()))
+        name = str(dtype).split(".")[-1]
+        figures[f"{name}_max_abs_err"], figures[f"{name}_grad_rel_err"] = err, gerr
+        ok &= err < tol and gerr < tol * 10
+    if DEV != "cuda":
+        return ok, figures
+    # memory at B=8, T=1024, V=49152 in bf16: fused vs materialized logits + log_softmax
+    hidden = torch.randn(8, 1024, 576, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(49152, 576, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 49152, (8, 1024), device=DEV)
+    peaks = {}
+    for name in ("fused", "full_logits"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if name == "fused":
+            loss = logps_from_hidden(hidden, weight, labels).sum()
+        else:
+            logits = (hidden @ weight.t()).float()
+            loss = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum()
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        hidden.grad = weight.grad = None
+        del loss
+    figures["peak_extra_mb"] = {k: round(v, 1) for k, v in peaks.items()}
+    return ok and peaks["fused"] < peaks["full_logits"] / 4, figures
+
+
+@check("sampler_logps_cuda")
+def sampler_logps():
+    from posttrain.generation.sampler import HFGenerator, SamplingParams
+    from posttrain.models import tiny_model, tiny_tokenizer
+    from posttrain.models.forward import TokenLogps
+    from posttrain.train.rl import rollout_batch
+
+    model, tok = tiny_model(seed=4).to(DEV), tiny_tokenizer()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hello", "a longer prompt", "x")]
+    rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.7, seed=1), n=4)
+    batch = rollout_batch(rollouts, tok.pad_token_id).to(DEV)
+    out = TokenLogps(model)(batch.input_ids, batch.labels, batch.position_ids, temperature=0.7)
+    err = float((out.logps - batch.gen_logps)[batch.mask].abs().max())
+    return err < 1e-4, {"max_abs_err": err, "tokens": int(batch.mask.sum())}
+
+
+@check("shared_prefix_cuda")
+def shared_prefix():
+    from posttrain.generation.sampler import HFGenerator, SamplingParams
+    from posttrain.models import tiny_model, tiny_tokenizer
+    from posttrain.models.forward import TokenLogps
+    from posttrain.train.rl import rollout_batch
+
+    figures, ok = {}, True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        model, tok = tiny_model(seed=5, dtype=dtype).to(DEV), tiny_tokenizer()
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hi", "a much longer prompt here", "mid")]
+        rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=10, seed=3), n=4)
+        batch = rollout_batch(rollouts, tok.pad_token_id)
+        fn = TokenLogps(model)
+        rows = slice(0, 12)
+        packed = batch.shared_prefix(rows, pad_id=0).to(DEV)
+        batch = batch.to(DEV)
+        ref = fn(batch.input_ids, batch.labels, batch.position_ids).logps
+        got = fn.shared_prefix(packed).logps
+        err = float((got - ref)[batch.mask].abs().max())
+        figures[str(dtype).split(".")[-1]] = err
+        ok &= err < tol
+    return ok, figures
+
+
+def _write(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _sft_rows(n):
+    return [{"messages": [{"role": "user", "content": f"What is {i}+{i + 1}?"},
+                          {"role": "assistant", "content": f"Answer: {2 * i + 1}"}]} for i in range(n)]
+
+
+@check("sft_recipe_cuda_bf16")
+def sft_recipe():
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.recipes.sft import SFTConfig, run
+    from posttrain.train.logging import read_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _write(Path(tmp) / "d.jsonl", _sft_rows(64))
+        config = SFTConfig(train_file=data, model="tiny", output_dir=f"{tmp}/run", device=DEV, dtype="bfloat16",
+                           max_steps=30, lr=3e-3, micro_batch_size=8, packing=False, progress=False, tensorboard=False)
+        run(config)
+        losses = [m["train/loss"] for m in read_metrics(Path(tmp) / "run" / "metrics.jsonl") if "train/loss" in m]
+        reloaded = AutoModelForCausalLM.from_pretrained(f"{tmp}/run/final", dtype=torch.bfloat16).to(DEV)
+        dtype = str(next(reloaded.parameters()).dtype)
+    return losses[-1] < 0.5 * losses[0], {"first_loss": losses[0], "last_loss": losses[-1], "reloaded_dtype": dtype}
+
+
+@check("dpo_recipe_cuda_bf16")
+def dpo_recipe():
+    from posttrain.recipes.dpo import DPOConfig, run
+
+    rows = [{"prompt": f"Name {i}?", "chosen": "Pico", "rejected": f"Bob{i}"} for i in range(16)]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _write(Path(tmp) / "p.jsonl", rows)
+        summary = run(DPOConfig(train_file=data, model="tiny", output_dir=f"{tmp}/run", device=DEV,
+                                dtype="bfloat16", max_steps=10, lr=3e-3, progress=False, tensorboard=False))
+    acc = summary.get("rewards/accuracies")
+    return acc is not None and acc > 0.5, {k: v for k, v in summary.items() if isinstance(v, float)}
+
+
+def _vowels(prompts, completions, **kw):
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+@check("grpo_recipe_cuda_bf16")
+def grpo_recipe():
+    from posttrain.recipes.grpo import GRPOConfig, run
+    from posttrain.rewards import REWARDS
+
+    REWARDS["vowels"] = lambda: _vowels
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _write(Path(tmp) / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(32)])
+        summary = run(GRPOConfig(train_file=data, model="tiny", rewards=["vowels"], output_dir=f"{tmp}/run",
+                                 device=DEV, dtype="bfloat16", num_generations=8, prompts_per_step=4,
+                                 max_new_tokens=16, lr=1e-2, max_steps=20, kl_coef=0.05, progress=False,
+                                 tensorboard=False, seed=0))
+    figures = {k: summary[k] for k in ("reward/mean", "kl", "time/generate", "time/update") if k in summary}
+    return summary["reward/mean"] == summary["reward/mean"], figures
+
+
+@check("smollm2_shape_throughput_bf16")
+def throughput():
+    from posttrain.generation.sampler import HFGenerator, SamplingParams
+    from posttrain.models.forward import TokenLogps
+    from posttrain.models.loading import load_model
+    from posttrain.train.optim import build_optimizer
+    from posttrain.train.rl import rollout_batch
+
+    model, tok = load_model(SMOL, dtype="bfloat16", device=DEV)
+    model.train()
+    opt = build_optimizer(model.parameters(), lr=1e-5)
+    fn = TokenLogps(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (8, 512), generator=g).to(DEV)
+    labels = ids.clone()
+    labels[:, :128] = -100
+
+    def sft_step():
+        (-fn(ids, labels).logps.sum() / 3072).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        sft_step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        sft_step()
+    torch.cuda.synchronize()
+    sft_s = (time.perf_counter() - t) / 5
+    # one GRPO-shaped step: 8 prompts x 8 samples x 128 new tokens, then a shared-prefix update
+    prompts = [torch.randint(0, 259, (100,), generator=g).tolist() for _ in range(8)]
+    gen = HFGenerator(model, tok)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.eval()
+    rollouts = gen.generate(prompts, SamplingParams(max_new_tokens=128, seed=0, stop_token_ids=()), n=8)
+    torch.cuda.synchronize()
+    gen_s = time.perf_counter() - t
+    model.train()
+    batch = rollout_batch(rollouts, 0)
+    t = time.perf_counter()
+    for i in range(0, 64, 16):
+        packed = batch.shared_prefix(slice(i, i + 16), pad_id=0).to(DEV)
+        (-fn.shared_prefix(packed).logps.sum() / 8192).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    upd_s = time.perf_counter() - t
+    return True, {"sft_tokens_per_s_8x512": round(8 * 512 / sft_s), "grpo_generate_s_64x128": round(gen_s, 2),
+                  "grpo_update_s_64": round(upd_s, 2), "generated_tokens": int(rollouts.completion_mask.sum()),
+                  "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    a = p.parse_args()
+    global DEV
+    DEV = a.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this script checks the GPU paths (use --device cpu to run it on the CPU)")
+    RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    print(RESULTS["device"], RESULTS["versions"], flush=True)
+    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe]
+    for fn in checks + ([throughput] if DEV == "cuda" else []):
+        fn()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(RESULTS, indent=2) + "\n")
+    failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("pass") is False]
+    print("failed:", failed or "none")
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
