@@ -100,7 +100,7 @@ def test_padding_free_rows_hold_each_example_once_and_change_nothing():
     rows = padding_free_rows(examples, padded)
     longest = max(len(e["input_ids"]) for e in examples)
     assert sorted(i for r in rows for i in r) == list(range(10))
-    assert all(sum(len(examples[i]["input_ids"]) for i in r) <= longest for r in rows)
+    assert all(sum(len(examples[i]["input_ids"]) for i in r) <= 2 * longest for r in rows)
     assert len(rows) < 10  # some examples share a row
     assert rows == padding_free_rows(examples, list(reversed(padded)))  # the order given does not matter
     model = tiny_model(seed=2)

@@ -47,9 +47,10 @@ class SFTConfig:
     max_length: int = field(512, help="tokens per example (and per packed row); longer examples are truncated")
     packing: bool = field(True, help="pack several short examples per row, attention kept inside each example")
     micro_batch_size: int = field(8, help="rows (packed) or examples (unpacked) per forward/backward")
-    padding_free: bool = field(True, help="without packing: lay each micro-batch's examples into as few rows as "
-                                          "fit its longest one (positions restart per example, no attention across "
-                                          "them) instead of one padded row each; same examples, same loss")
+    padding_free: bool = field(True, help="without packing: lay each micro-batch's examples into as few rows of "
+                                          "at most twice its longest example as hold them (positions restart per "
+                                          "example, no attention across them) instead of one padded row each; "
+                                          "same examples, same loss")
     grad_accum_steps: int = field(1, help="micro-batches per optimizer step and process")
     epochs: float = field(1.0, help="passes over the data (ignored if max_steps > 0)")
     max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
@@ -101,15 +102,17 @@ def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str) -> tupl
     return examples, dropped
 
 
-def padding_free_rows(examples, rows: list[list[int]]) -> list[list[int]]:
-    """A micro-batch's examples re-laid into as few rows as hold its longest example (first-fit decreasing).
+def padding_free_rows(examples, rows: list[list[int]], *, factor: float = 2.0) -> list[list[int]]:
+    """A micro-batch's examples re-laid into as few rows of at most `factor` × its longest example as hold them
+    (first-fit decreasing, deterministic).
 
-    No row gets longer than the padded batch would be, so attention per row costs no more, while the pad tokens a
-    padded batch computes (~30% on variable-length data) mostly disappear.
+    Rows as long as the longest example rarely take two examples (lengths cluster), so they are allowed twice that:
+    on the SFT benchmark's data this computes 21% fewer tokens than padding and a step is ~11% faster (rows of the
+    longest example alone: 6% fewer tokens; rows of 3×: no better than 2×, attention grows with row length).
     """
     flat = sorted(i for row in rows for i in row)
-    longest = max(len(examples[i]["input_ids"]) for i in flat)
-    return [[flat[j] for j in row] for row in pack_examples([examples[i] for i in flat], longest)]
+    capacity = int(factor * max(len(examples[i]["input_ids"]) for i in flat))
+    return [[flat[j] for j in row] for row in pack_examples([examples[i] for i in flat], capacity)]
 
 
 def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
