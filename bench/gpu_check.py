@@ -10,7 +10,7 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
   the peak memory of the fused path against full logits at SmolLM2's vocabulary;
 - the KV-cache sampler's log-probs against a teacher-forced forward on CUDA;
 - shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
-- the SFT, DPO and GRPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
+- the SFT, DPO, GRPO and PPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
   transformers;
 - throughput of one SFT and one GRPO step on a SmolLM2-shaped model (random weights: the real ones do not travel to
   the GPU machine) in bfloat16.
@@ -203,6 +203,21 @@ def grpo_recipe():
     return summary["reward/mean"] == summary["reward/mean"], figures
 
 
+@check("ppo_recipe_bf16")
+def ppo_recipe():
+    from posttrain.recipes.ppo import PPOConfig, run
+    from posttrain.rewards import REWARDS
+
+    REWARDS["vowels"] = lambda: _vowels
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _write(Path(tmp) / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(16)])
+        summary = run(PPOConfig(train_file=data, model="tiny", rewards=["vowels"], output_dir=f"{tmp}/run",
+                                device=DEV, dtype="bfloat16", prompts_per_step=8, num_generations=2,
+                                max_new_tokens=12, lr=1e-3, max_steps=3, progress=False, tensorboard=False))
+    figures = {k: summary[k] for k in ("reward/score_mean", "kl/sequence_mean", "value/loss") if k in summary}
+    return all(v == v for v in figures.values()) and len(figures) == 3, figures
+
+
 @check("smollm2_shape_throughput_bf16")
 def throughput():
     from posttrain.generation.sampler import HFGenerator, SamplingParams
@@ -269,7 +284,7 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(RESULTS["device"], RESULTS["versions"], flush=True)
-    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe]
+    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe, ppo_recipe]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()  # [N, L]
+        return self.head(hidden.float()).squeeze(-1)  # [N, L]; the scalar head stays in float32
 
     def save(self, path: str | Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path))

@@ -161,7 +161,8 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         with timer("reward"):
             row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
             scores, _ = compute_rewards(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
-        batch = rollout_batch(rollouts, tokenizer.pad_token_id)
+        batch = rollout_batch(rollouts, tokenizer.pad_token_id).to(d.device)
+        scores = scores.to(d.device)
         mask = completion_view(batch.mask, batch)  # [N, Tc]
 
         with timer("logps"), torch.no_grad():

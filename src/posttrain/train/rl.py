@@ -77,8 +77,9 @@ def completion_view(x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
     """[N, L] label-layout tensor -> [N, T_c] completion-aligned (right-padded with 0), e.g. for GAE."""
     T = int(batch.completion_lengths.max())
     start = batch.mask.float().argmax(dim=1)  # [N] first completion position
-    idx = (start[:, None] + torch.arange(T)[None, :]).clamp(max=x.shape[1] - 1)  # [N, T_c]
-    valid = torch.arange(T)[None, :] < batch.completion_lengths[:, None]
+    steps = torch.arange(T, device=x.device)
+    idx = (start[:, None] + steps[None, :]).clamp(max=x.shape[1] - 1)  # [N, T_c]
+    valid = steps[None, :] < batch.completion_lengths[:, None]
     return torch.where(valid, x.gather(1, idx), torch.zeros((), dtype=x.dtype))
 
 
