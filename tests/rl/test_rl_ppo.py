@@ -54,3 +54,18 @@ def test_ppo_raises_a_learnable_reward(tmp_path, monkeypatch):
         assert key in rows[-1]
     assert rows[0]["kl/sequence_mean"] == pytest.approx(0.0, abs=1e-6)  # first rollout: policy == reference
     assert (tmp_path / "run" / "checkpoints" / "step-00000020" / "critic.safetensors").exists()
+
+
+def test_ppo_in_bfloat16_keeps_a_float32_value_head(tmp_path, monkeypatch):
+    monkeypatch.setitem(REWARDS, "letters", lambda: letters_reward)
+    critic = ValueModel.from_causal_lm(tiny_model(seed=6, dtype=torch.bfloat16))
+    values = critic(torch.randint(0, 259, (2, 5)))
+    assert values.dtype == torch.float32 and critic.head.weight.dtype == torch.float32
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something #{i}"}) + "\n" for i in range(4)))
+    config = PPOConfig(train_file=str(prompts), model="tiny", rewards=["letters"], output_dir=str(tmp_path / "run"),
+                       prompts_per_step=4, num_generations=2, max_new_tokens=6, dtype="bfloat16", max_steps=2,
+                       lr=1e-3, progress=False, tensorboard=False)
+    run(config)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "value/loss" in r]
+    assert len(rows) == 2 and all(r["value/loss"] == r["value/loss"] for r in rows)  # finite, not NaN
