@@ -190,11 +190,33 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return build_config(cls, values, source=source if not cli else f"{source} + command line")
 
 
+@dataclasses.dataclass(kw_only=True)
+class RunOptions:
+    """Keys every training recipe shares (each recipe's config subclasses this, keyword-only): how the model is
+    placed and adapted, the optimizer's guards, seeding, logging and checkpointing."""
+
+    lora_r: int = field(0, help="LoRA rank on the trained model; 0 = full fine-tuning")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
+    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
+    device: str = field("auto", help="auto, cpu or cuda")
+    warmup_steps: int = field(0, help="linear warmup steps")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
+    seed: int = field(0, help="seed for data / prompt order, sampling and initialization")
+    logging_steps: int = field(1, help="log every N steps")
+    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
+    keep_last: int = field(2, help="checkpoints kept")
+    tensorboard: bool = field(True, help="also log to TensorBoard")
+    progress: bool = field(True, help="show a progress bar")
+
+
 def config_help(cls: type) -> str:
-    """One line per key: name, type, default, help."""
+    """One line per key: name, type, default, help; the recipe's own keys first, then the shared RunOptions."""
     hints = typing.get_type_hints(cls)
+    shared = {f.name for f in dataclasses.fields(RunOptions)}
     lines = []
-    for f in dataclasses.fields(cls):
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import field
+from posttrain.config import RunOptions, field
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
@@ -44,8 +44,8 @@ from posttrain.train.state import (
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
 
 
-@dataclass
-class GRPOConfig:
+@dataclass(kw_only=True)
+class GRPOConfig(RunOptions):
     model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
     train_file: str | None = field(None, help="prompt-only rows (+ columns the rewards use, e.g. answer)")
     task: str | None = field(None, help="or a reasoning-gym task name to generate prompts offline")
@@ -90,27 +90,13 @@ class GRPOConfig:
                                                "sampler (sampler: ScaleRL's literal ρ = π_train/π_gen)")
     lr: float = field(1e-6, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
-    warmup_steps: int = field(0, help="linear warmup steps")
     lr_schedule: str = field("constant", help="constant (ScaleRL) or cosine")
-    max_grad_norm: float = field(1.0, help="gradient clipping; 0 = off")
     max_steps: int = field(50, help="optimizer steps")
-    lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_dropout: float = field(0.0, help="LoRA dropout")
-    lora_target: str = field("all-linear", help="LoRA target modules")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward")
     shared_prefix: bool = field(True, help="training forward runs each prompt once for its G samples (exact; "
                                            "falls back to per-sample rows for heads it cannot fuse)")
-    dtype: str = field("float32", help="float32 or bfloat16")
-    device: str = field("auto", help="auto, cpu or cuda")
-    seed: int = field(0, help="seed for prompt order, sampling and initialization")
-    logging_steps: int = field(1, help="log every N steps")
     eval_steps: int = field(0, help="held-out greedy accuracy every N steps (and at start and end); 0 = start/end")
-    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = field(2, help="checkpoints kept")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
-    tensorboard: bool = field(True, help="also log to TensorBoard")
-    progress: bool = field(True, help="show a progress bar")
 
     def validate(self) -> None:
         if (self.train_file is None) == (self.task is None):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import field
+from posttrain.config import RunOptions, field
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
@@ -41,8 +41,8 @@ from posttrain.train.state import (
 )
 
 
-@dataclass
-class PPOConfig:
+@dataclass(kw_only=True)
+class PPOConfig(RunOptions):
     model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
     reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
     rewards: list[str] = field(default_factory=list, help="or verifier rewards by name (posttrain.rewards.REWARDS)")
@@ -74,22 +74,8 @@ class PPOConfig:
     vf_coef: float = field(0.1, help="weight of the value loss")
     lr: float = field(1e-6, help="policy learning rate")
     critic_lr: float = field(1e-5, help="critic learning rate")
-    warmup_steps: int = field(0, help="linear warmup steps")
-    max_grad_norm: float = field(1.0, help="gradient clipping; 0 = off")
     max_steps: int = field(50, help="rollout batches")
-    lora_r: int = field(0, help="LoRA rank for the policy; 0 = full fine-tuning")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_dropout: float = field(0.0, help="LoRA dropout")
-    lora_target: str = field("all-linear", help="LoRA target modules")
-    dtype: str = field("float32", help="float32 or bfloat16")
-    device: str = field("auto", help="auto, cpu or cuda")
-    seed: int = field(0, help="seed")
-    logging_steps: int = field(1, help="log every N steps")
-    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = field(2, help="checkpoints kept")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
-    tensorboard: bool = field(True, help="also log to TensorBoard")
-    progress: bool = field(True, help="show a progress bar")
 
     def validate(self) -> None:
         if (self.train_file is None) == (self.task is None):

@@ -8,6 +8,7 @@ ONE forward of the reward model -> r_w, r_l -> −log σ(r_w − r_l − m) norm
 clip -> step. Held-out pairs give the pairwise accuracy P(r_w > r_l). final/ is a saved reward model that
 `posttrain.models.reward_model.reward_function` turns into a TRL-style reward for RL and best-of-N.
 Data order is a pure function of (seed, step), so `--resume` continues exactly (as in SFT and DPO).
+With `lora_r > 0` the adapters go on the body; the scalar head always trains fully.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import field
+from posttrain.config import RunOptions, field
 from posttrain.data.formats import load_dataset_file
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss
@@ -40,8 +41,8 @@ from posttrain.train.state import (
 )
 
 
-@dataclass
-class RewardConfig:
+@dataclass(kw_only=True)
+class RewardConfig(RunOptions):
     train_file: str = field(help="preference pairs: prompt/chosen/rejected (+ optional numeric 'margin'), "
                                  ".jsonl/.json/.parquet/.csv or a datasets folder")
     model: str = field("smollm2-135m-instruct", help="body: a causal LM (embedded name, HF folder, tiny[:k=v]) "
@@ -58,23 +59,9 @@ class RewardConfig:
     max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
     lr: float = field(1e-5, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
-    warmup_steps: int = field(0, help="linear warmup steps")
     min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
     lr_schedule: str = field("cosine", help="cosine or constant (after warmup)")
-    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
-    lora_r: int = field(0, help="LoRA rank on the body; 0 = full fine-tuning (the head always trains)")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_dropout: float = field(0.0, help="LoRA dropout")
-    lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
-    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
-    device: str = field("auto", help="auto, cpu or cuda")
-    seed: int = field(0, help="seed for data order and initialization")
-    logging_steps: int = field(1, help="log every N steps")
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
-    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = field(2, help="checkpoints kept")
-    tensorboard: bool = field(True, help="also log to TensorBoard")
-    progress: bool = field(True, help="show a progress bar")
 
     def validate(self) -> None:
         for key in ("max_length", "micro_batch_size", "grad_accum_steps"):

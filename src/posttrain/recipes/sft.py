@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import field
+from posttrain.config import RunOptions, field
 from posttrain.data.collate import pack_examples, packed_batch
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
@@ -37,8 +37,8 @@ from posttrain.train.state import (
 )
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(RunOptions):
     train_file: str = field(help="training data: .jsonl/.json/.parquet/.csv or a datasets folder "
                                  "(formats: messages, prompt/completion, text)")
     model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
@@ -56,25 +56,11 @@ class SFTConfig:
     max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
     lr: float = field(2e-5, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
-    warmup_steps: int = field(0, help="linear warmup steps")
     min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
     lr_schedule: str = field("cosine", help="cosine or constant (after warmup)")
-    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
-    lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_dropout: float = field(0.0, help="LoRA dropout")
-    lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
-    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
-    device: str = field("auto", help="auto, cpu or cuda")
-    seed: int = field(0, help="seed for data order and initialization")
-    logging_steps: int = field(1, help="log every N steps")
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
-    save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = field(2, help="checkpoints kept")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
-    tensorboard: bool = field(True, help="also log to TensorBoard")
-    progress: bool = field(True, help="show a progress bar")
 
     def validate(self) -> None:
         for key in ("max_length", "micro_batch_size", "grad_accum_steps"):
