@@ -210,6 +210,11 @@ class RunOptions:
     tensorboard: bool = field(True, help="also log to TensorBoard")
     progress: bool = field(True, help="show a progress bar")
 
+    def model_options(self) -> dict[str, Any]:
+        """The keywords of `train.state.prepare_model` these options set (dtype and LoRA)."""
+        return {"dtype": self.dtype, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout, "lora_target": self.lora_target}
+
 
 def config_help(cls: type) -> str:
     """One line per key: name, type, default, help; the recipe's own keys first, then the shared RunOptions."""

@@ -225,8 +225,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
-        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, lora_target=config.lora_target,
+        config.model, device=d.device, **config.model_options(),
         gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint)
     ref_model = None
     if config.kl_coef and config.lora_r == 0:

@@ -107,8 +107,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     reward_fns = load_reward_fns(config)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
-        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, lora_target=config.lora_target, checkpoint=checkpoint)
+        config.model, device=d.device, **config.model_options(), checkpoint=checkpoint)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.lora_r == 0 else None
     critic = ValueModel.from_causal_lm(model).to(d.device)
     if checkpoint is not None:

@@ -154,13 +154,11 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
     eval_rows = load_dataset_file(config.eval_file, "reward")[0] if config.eval_file else None
     eval_margins = read_margins(eval_rows, config.eval_file) if eval_rows and config.use_margin else None
     seed_everything(config.seed)
-    lora = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                lora_target=config.lora_target)
     if checkpoint is not None and config.lora_r == 0:
         model, tokenizer = load_reward_model(checkpoint / "model", device=d.device)
         model.train()
     else:
-        model, tokenizer = build_reward_model(config.model, device=d.device, dtype=config.dtype, **lora)
+        model, tokenizer = build_reward_model(config.model, device=d.device, **config.model_options())
         if checkpoint is not None:
             model.load_trainable_state(checkpoint / "model")
     kind = model.kind

@@ -142,8 +142,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     eval_data = load_dataset_file(config.eval_file, "sft") if config.eval_file else None
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
-        config.model, device=d.device, dtype=config.dtype, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, lora_target=config.lora_target,
+        config.model, device=d.device, **config.model_options(),
         gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint,
     )
     train_examples, dropped = tokenize_rows(*train_data, tokenizer, config.max_length, config.train_file)
