@@ -13,14 +13,6 @@ from posttrain.generation.strategies import DecodeOptions
 from posttrain.models import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ParityTask:
     """A task the tiny random model can 'solve' half the time: the answer is the first generated character, and it
     is correct when its code point is even."""
@@ -40,12 +32,7 @@ class ParityTask:
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_model(seed=2)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+    model = tiny_model(seed=2, init_std=0.25)
     return model.eval(), tiny_tokenizer(), ParityTask()
 
 

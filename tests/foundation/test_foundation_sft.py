@@ -21,6 +21,7 @@ from posttrain.models.forward import TokenLogps
 from posttrain.data.order import micro_batches, step_units
 from posttrain.recipes.sft import batch_tensors, padding_free_rows
 from posttrain.data.tokenize import encode_sft
+from posttrain.train.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,8 +179,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(l)["step"] for l in (victim_dir / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in l]
+    steps = [r["step"] for r in read_metrics(victim_dir / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 13))  # the resumed log reads as one run
 
 
@@ -197,8 +197,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
-    loss_one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
-    loss_two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
+    loss_one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "train/loss" in r]
+    loss_two = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "train/loss" in r]
     assert [r["train/loss"] for r in loss_two] == pytest.approx([r["train/loss"] for r in loss_one], abs=1e-5)
 
 

@@ -11,32 +11,13 @@ from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import IGNORE_INDEX
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: one thread avoids OpenMP threads spinning against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 PROMPTS = ["hello", "a much longer prompt here", "x"]  # different lengths: exercises left padding
 
 
-def sharp_tiny(seed: int = 0):
-    """The tiny Llama with larger random weights, so its outputs are diverse (the default init is near-uniform)."""
-    model = tiny_model(seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = sharp_tiny(), tiny_tokenizer()
+    model, tok = tiny_model(init_std=0.25).eval(), tiny_tokenizer()
     return model, tok, HFGenerator(model, tok), encode_prompts(tok, PROMPTS)
 
 

@@ -10,22 +10,9 @@ from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.ttc.best_of_n import majority_of_n
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_model(seed=3)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+    model = tiny_model(seed=3, init_std=0.25)
     tok = tiny_tokenizer()
     return model.eval(), tok, encode_prompts(tok, ["one", "two two", "three three three"])
 

@@ -20,6 +20,7 @@ from posttrain.recipes.dpo import (
     sequence_batch, sequence_logps, sync_reference,
 )
 from posttrain.train.checkpoint import load_state
+from posttrain.train.logging import read_metrics
 
 LOG2 = math.log(2)
 
@@ -65,7 +66,7 @@ def _config(tmp_path, name, **kw):
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 def _train_losses(run_dir):

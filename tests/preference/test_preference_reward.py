@@ -18,6 +18,7 @@ from posttrain.models.reward_model import (
     RewardModel, build_reward_model, encode_reward_example, encoder_path, reward_batch, reward_function,
 )
 from posttrain.recipes.reward import RewardConfig, encode_reward_pairs, pair_rewards, run
+from posttrain.train.logging import read_metrics
 
 LOG2 = math.log(2)
 
@@ -101,7 +102,7 @@ def _config(tmp_path, name, **kw):
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 def test_causal_lm_reward_model_starts_at_log2_and_learns(tmp_path):

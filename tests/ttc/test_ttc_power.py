@@ -17,15 +17,6 @@ from posttrain.ttc.power import PowerParams, PowerSampler, low_temperature_param
 ALPHA, T, EOS, PROMPT = 2.0, 3, 2, [0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny tensor ops: one thread avoids OpenMP overhead on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy():
     """Vocabulary {0, 1, EOS=2}, completions of at most 3 tokens: 15 completions, all enumerable."""
@@ -131,20 +122,10 @@ def test_zero_mcmc_steps_is_low_temperature_sampling(toy):
     assert all(s.proposed == 0 for s in out.samples[0])
 
 
-def sharp_tiny():
-    model = tiny_model(seed=0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def llama_runs():
     """The same chains on the tiny Llama: batched KV reuse, one chain at a time with KV reuse, and re-encoding."""
-    model = sharp_tiny()
+    model = tiny_model(init_std=0.25).eval()
     prompts = [[5, 17, 99, 3], [42], [7, 7, 250, 11, 64, 2, 9]]  # different lengths, one of a single token
     params = PowerParams(alpha=4.0, max_new_tokens=20, block_size=8, mcmc_steps=3, seed=7)
     # token 0 as the stop token: one chain ends early, so steps with m past its end are skipped

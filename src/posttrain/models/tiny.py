@@ -49,8 +49,13 @@ def tiny_model(
     seed: int = 0,
     tie_word_embeddings: bool = True,
     dtype: torch.dtype = torch.float32,
+    init_std: float | None = None,
 ) -> LlamaForCausalLM:
-    """A small Llama (the embedded SmolLM2's architecture) with deterministic random weights."""
+    """A small Llama (the embedded SmolLM2's architecture) with deterministic random weights.
+
+    init_std: redraw every matrix N(0, init_std²) from `seed`, so the outputs are diverse (the default init is near
+    uniform over the vocabulary); tests of sampling and voting use 0.25.
+    """
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -68,4 +73,10 @@ def tiny_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    if init_std is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=gen) * init_std)
     return model.to(dtype)
