@@ -217,11 +217,11 @@ class RunOptions:
 
 
 def config_help(cls: type) -> str:
-    """One line per key: name, type, default, help; the recipe's own keys first, then the shared RunOptions."""
+    """One line per key: name, type, default, help; the recipe's own keys first, then those of its base classes."""
     hints = typing.get_type_hints(cls)
-    shared = {f.name for f in dataclasses.fields(RunOptions)}
+    own = set(cls.__dict__.get("__annotations__", {}))
     lines = []
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )

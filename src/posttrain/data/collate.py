@@ -11,6 +11,7 @@ explicit attention mask (see SharedPrefixBatch).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +104,8 @@ class SharedPrefixBatch:
         return mask.masked_fill_(~self.attention, torch.finfo(dtype).min)
 
     def to(self, device: torch.device | str) -> "SharedPrefixBatch":
-        return SharedPrefixBatch(*(getattr(self, f).to(device) for f in
-                                   ("input_ids", "position_ids", "attention", "src", "labels", "dst")), self.shape)
+        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "shape"}
+        return SharedPrefixBatch(**tensors, shape=self.shape)
 
 
 def pack_shared_prefix(

@@ -35,7 +35,7 @@ from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.rl import (
-    PromptPool, SequenceBatch, StageTimer, build_rewards, compute_rewards, load_prompt_rows, rollout_batch,
+    PromptPool, PromptSource, SequenceBatch, StageTimer, build_rewards, compute_rewards, rollout_batch,
 )
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
@@ -45,23 +45,14 @@ RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(RunOptions):
+class GRPOConfig(RunOptions, PromptSource):
     model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
-    train_file: str | None = field(None, help="prompt-only rows (+ columns the rewards use, e.g. answer)")
-    task: str | None = field(None, help="or a reasoning-gym task name to generate prompts offline")
-    task_size: int = field(512, help="training prompts generated from `task`")
-    task_seed: int = field(0, help="generator seed for `task` (held-out prompts use task_seed + 1000)")
-    task_kwargs: dict = field(default_factory=dict, help="generator settings for `task`, e.g. {min_terms: 2}")
-    task_instruction: str = field("\nGive the result alone on the last line as `Answer: <number>`.",
-                                  help="appended to each generated question")
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
     output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
     rewards: list[str] = field(default_factory=lambda: ["gym"], help="reward names (posttrain.rewards.REWARDS); "
                                "the first one is the verifier used for pass rates and eval accuracy")
     reward_weights: list[float] = field(default_factory=list, help="weights per reward (default all 1)")
-    reward_options: dict = field(default_factory=dict, help="per-reward options, e.g. {gym: {extract: last_number}}")
-    reward_timeout_s: float = field(60.0, help="a reward call slower than this is abandoned and counted")
     loss: str = field("grpo", help=f"one of {RL_LOSSES}")
     advantage: str | None = field(None, help="override the preset's advantage estimator: grpo, dr_grpo, batch, rloo")
     epsilon_low: float | None = field(None, help="clip ε (lower); default: the preset's")
@@ -99,8 +90,7 @@ class GRPOConfig(RunOptions):
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
 
     def validate(self) -> None:
-        if (self.train_file is None) == (self.task is None):
-            raise ConfigError("set exactly one of 'train_file' (prompt rows) or 'task' (a reasoning-gym task).")
+        self.validate_prompt_source()
         if self.loss not in RL_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {RL_LOSSES}, got {self.loss!r}.")
         if self.advantage is not None and self.advantage not in ADVANTAGE_ESTIMATORS:
@@ -218,9 +208,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
     # validated before any model is loaded
-    rows, held_out = load_prompt_rows(config.train_file, config.eval_file, task=config.task, task_size=config.task_size,
-                                      task_seed=config.task_seed, task_kwargs=config.task_kwargs,
-                                      instruction=config.task_instruction, eval_size=config.eval_size)
+    rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
     reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)

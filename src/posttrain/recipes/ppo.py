@@ -34,7 +34,7 @@ from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.rl import (
-    PromptPool, StageTimer, build_rewards, completion_view, compute_rewards, load_prompt_rows, rollout_batch,
+    PromptPool, PromptSource, StageTimer, build_rewards, completion_view, compute_rewards, rollout_batch,
 )
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
@@ -42,21 +42,10 @@ from posttrain.train.state import (
 
 
 @dataclass(kw_only=True)
-class PPOConfig(RunOptions):
+class PPOConfig(RunOptions, PromptSource):
     model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
     reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
     rewards: list[str] = field(default_factory=list, help="or verifier rewards by name (posttrain.rewards.REWARDS)")
-    reward_options: dict = field(default_factory=dict, help="per-reward options")
-    reward_timeout_s: float = field(60.0, help="a reward call slower than this is abandoned and counted")
-    train_file: str | None = field(None, help="prompt rows (+ columns the rewards use)")
-    task: str | None = field(None, help="or a reasoning-gym task to generate prompts")
-    task_size: int = field(512, help="prompts generated from `task`")
-    task_seed: int = field(0, help="generator seed for `task`")
-    task_kwargs: dict = field(default_factory=dict, help="generator settings for `task`")
-    task_instruction: str = field("\nGive the result alone on the last line as `Answer: <number>`.",
-                                  help="appended to each generated question")
-    eval_file: str | None = field(None, help="unused by PPO's loop; kept for symmetry with grpo")
-    eval_size: int = field(0, help="held-out prompts (unused)")
     output_dir: str = field("runs/ppo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
     prompts_per_step: int = field(8, help="B: prompts per rollout batch")
     num_generations: int = field(1, help="completions per prompt")
@@ -78,8 +67,7 @@ class PPOConfig(RunOptions):
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
 
     def validate(self) -> None:
-        if (self.train_file is None) == (self.task is None):
-            raise ConfigError("set exactly one of 'train_file' (prompt rows) or 'task' (a reasoning-gym task).")
+        self.validate_prompt_source()
         if (self.reward_model is None) == (not self.rewards):
             raise ConfigError("set exactly one of 'reward_model' (a `posttrain reward` folder) or 'rewards' (names).")
         for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
@@ -101,9 +89,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         raise PosttrainError("posttrain ppo runs in one process for now; launch it without torchrun / accelerate.")
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
-    rows, _ = load_prompt_rows(config.train_file, None, task=config.task, task_size=config.task_size,
-                               task_seed=config.task_seed, task_kwargs=config.task_kwargs,
-                               instruction=config.task_instruction, eval_size=0)
+    rows, _ = config.prompt_rows()
     reward_fns = load_reward_fns(config)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(

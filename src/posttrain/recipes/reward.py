@@ -33,7 +33,7 @@ from posttrain.models.reward_model import (
 )
 from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, no_sync, wrap_ddp
+from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
@@ -138,11 +138,7 @@ def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_l
 
 
 def run(config: RewardConfig, resume: str | None = None) -> dict[str, Any]:
-    d = init_distributed(config.device)
-    try:
-        return _run(config, resume, d)
-    finally:
-        cleanup(d)
+    return run_distributed(_run, config, resume)
 
 
 def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:

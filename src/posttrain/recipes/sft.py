@@ -29,7 +29,7 @@ from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import shift_labels
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, no_sync, wrap_ddp
+from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
@@ -127,11 +127,7 @@ def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size
 
 
 def run(config: SFTConfig, resume: str | None = None) -> dict[str, Any]:
-    d = init_distributed(config.device)
-    try:
-        return _run(config, resume, d)
-    finally:
-        cleanup(d)
+    return run_distributed(_run, config, resume)
 
 
 def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,13 @@ def barrier(d: Dist) -> None:
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_distributed(body: Callable[[Any, Any, Dist], R], config: Any, resume: Any) -> R:
+    """body(config, resume, d) inside the process group that `config.device` and the launcher ask for; the group is
+    left again whether the body returns or raises."""
+    d = init_distributed(config.device)
+    try:
+        return body(config, resume, d)
+    finally:
+        cleanup(d)

@@ -8,6 +8,7 @@ label is a completion token. The sampler's per-token log-probs [N, T_c] are scat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from posttrain.config import field as key
 from posttrain.data.collate import SharedPrefixBatch, pack_shared_prefix
+from posttrain.errors import ConfigError
 from posttrain.generation.sampler import Rollouts
 from posttrain.ops.logps import IGNORE_INDEX
 
@@ -34,17 +37,13 @@ class SequenceBatch:
 
     def select(self, rows: torch.Tensor | list[int]) -> "SequenceBatch":
         idx = torch.as_tensor(rows, dtype=torch.long)
-        return SequenceBatch(*(getattr(self, f)[idx] for f in
-                               ("input_ids", "position_ids", "labels", "mask", "gen_logps", "completion_lengths",
-                                "prompt_lengths")))
+        return SequenceBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "SequenceBatch":
-        return SequenceBatch(*(getattr(self, f).to(device) for f in
-                               ("input_ids", "position_ids", "labels", "mask", "gen_logps", "completion_lengths",
-                                "prompt_lengths")))
+        return SequenceBatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     def shared_prefix(self, rows: slice, pad_id: int) -> SharedPrefixBatch:
         """Rows `rows` packed with each prompt once (data.collate.pack_shared_prefix), for TokenLogps.shared_prefix."""
@@ -151,6 +150,31 @@ def compute_rewards(
         total = total + torch.where(present, as_tensor * w, 0.0)
         seen |= present
     return torch.where(seen, total, 0.0).float(), parts
+
+
+@dataclass(kw_only=True)
+class PromptSource:
+    """Config keys of the online RL recipes (GRPO, PPO): where prompts come from and how reward calls run."""
+
+    train_file: str | None = key(None, help="prompt-only rows (+ columns the rewards use, e.g. answer)")
+    task: str | None = key(None, help="or a reasoning-gym task name to generate prompts offline")
+    task_size: int = key(512, help="training prompts generated from `task`")
+    task_seed: int = key(0, help="generator seed for `task` (held-out prompts use task_seed + 1000)")
+    task_kwargs: dict = key(default_factory=dict, help="generator settings for `task`, e.g. {min_terms: 2}")
+    task_instruction: str = key("\nGive the result alone on the last line as `Answer: <number>`.",
+                                help="appended to each generated question")
+    reward_options: dict = key(default_factory=dict, help="per-reward options, e.g. {gym: {extract: last_number}}")
+    reward_timeout_s: float = key(60.0, help="a reward call slower than this is abandoned and counted")
+
+    def validate_prompt_source(self) -> None:
+        if (self.train_file is None) == (self.task is None):
+            raise ConfigError("set exactly one of 'train_file' (prompt rows) or 'task' (a reasoning-gym task).")
+
+    def prompt_rows(self, eval_file: str | None = None, eval_size: int = 0):
+        """(train rows, held-out rows), validated before any model is loaded (load_prompt_rows)."""
+        return load_prompt_rows(self.train_file, eval_file, task=self.task, task_size=self.task_size,
+                                task_seed=self.task_seed, task_kwargs=self.task_kwargs,
+                                instruction=self.task_instruction, eval_size=eval_size)
 
 
 def load_prompt_rows(
