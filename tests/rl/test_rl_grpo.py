@@ -127,3 +127,16 @@ def test_config_errors():
         load_config(GRPOConfig, None, ["task=chain_sum", "loss=reinforce"])
     with pytest.raises(ConfigError, match="multiple of 'num_generations'"):
         load_config(GRPOConfig, None, ["task=chain_sum", "loss=scalerl", "micro_batch_size=12"])
+
+
+def test_reference_logps_use_the_sampling_temperature(tmp_path, letters):
+    """At step 0 the policy is the reference: with temperature 0.7 the logged KL is exactly 0 and the k3 term adds no
+    gradient (its derivative 1 − π_ref/π_θ vanishes), so the step equals the kl_coef = 0 step."""
+    with_kl = _config(tmp_path, temperature=0.7, kl_coef=0.1, max_steps=1, output_dir=str(tmp_path / "kl"))
+    without = _config(tmp_path, temperature=0.7, kl_coef=0.0, max_steps=1, output_dir=str(tmp_path / "nokl"))
+    run(with_kl)
+    run(without)
+    a = [r for r in read_metrics(tmp_path / "kl" / "metrics.jsonl") if "kl" in r]
+    b = [r for r in read_metrics(tmp_path / "nokl" / "metrics.jsonl") if "grad_norm" in r]
+    assert a[0]["kl"] == 0.0
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-6)

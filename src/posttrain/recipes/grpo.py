@@ -326,8 +326,8 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
         if config.kl_coef:
             ctx = model.disable_adapter() if ref_fn is None else nullcontext()
             fn = ref_fn or logps_fn
-            with ctx:
-                ref_logps = torch.cat([score(fn, i).logps for i in range(len(slices))])
+            with ctx:  # at the sampling temperature, like the policy's log-probs: KL is 0 while policy == reference
+                ref_logps = torch.cat([score(fn, i, temperature=temperature).logps for i in range(len(slices))])
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
