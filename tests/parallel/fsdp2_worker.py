@@ -1,0 +1,92 @@
+"""Run under `torchrun --nproc_per_node=2`: the 2-process side of tests/parallel/test_parallel_fsdp2.py.
+
+    torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> <what> [hf_checkpoint]
+
+what: `jobs` runs every comparison job with parallelism=fsdp2 and checks the bad inputs that need 2 ranks; `memory`
+writes per-rank parameter + gradient + optimizer bytes under fsdp2 and ddp; `sft5` runs the 5-step SFT job alone
+(the victim of the SIGKILL test, and its resumption with `resume`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+from jobs import job, register_rewards, run_job  # noqa: E402
+
+
+def state_bytes(parallelism: str) -> int:
+    """This rank's bytes of parameters, gradients and AdamW state after one step of a tiny model."""
+    from posttrain.models import tiny_model
+    from posttrain.models.forward import TokenLogps
+    from posttrain.train.distributed import init_distributed
+    from posttrain.train.optim import build_optimizer
+    from posttrain.train.parallel import parallelize
+
+    d = init_distributed("cpu", group=True, parallelism=parallelism)
+    model = tiny_model(seed=0, num_layers=4, hidden_size=64)
+    fn = parallelize(TokenLogps(model), d)
+    optimizer = build_optimizer(model.parameters(), lr=1e-3)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(d.rank))
+    fn(ids, ids).logps.sum().backward()
+    optimizer.step()
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    total = sum(local(p) for p in params) + sum(local(p.grad) for p in params if p.grad is not None)
+    total += sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
+
+
+def main() -> None:
+    data_root, out_root, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    register_rewards()
+    rank = int(os.environ["RANK"])
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # one group for every run of this launch (the recipes leave it open)
+
+    if what == "memory":
+        sizes = {p: state_bytes(p) for p in ("ddp", "fsdp2")}
+        (out_root / f"memory-rank{rank}.json").write_text(json.dumps(sizes))
+        return
+    data = {k: str(data_root / v) for k, v in {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rl": "prompts.jsonl"}.items()}
+    if what in ("sft5", "resume"):
+        recipe, keys = job("sft5", data, out_root, world_size=2, parallelism="fsdp2")
+        run_job(recipe, keys, resume="latest" if what == "resume" else None)
+        return
+    for name in ("sft", "dpo", "grpo", "dapo", "cispo", "ppo", "sft5", "grpo5"):
+        recipe, keys = job(name, data, out_root, world_size=2, parallelism="fsdp2")
+        run_job(recipe, keys)
+    # bad input that needs 2 ranks: exit 2 and nothing written
+    from posttrain.cli import main as cli
+
+    bad = out_root / "bad-split"
+    rc = cli(["grpo", f"train_file={data['rl']}", "model=tiny", "rewards=letters", "prompts_per_step=3",
+              "parallelism=fsdp2", f"output_dir={bad}", "progress=false"])
+    newest = sys.argv[4]  # an hf-layout checkpoint (written by a 1-process run)
+    rc2 = cli(["sft", f"train_file={data['sft']}", "model=tiny", "parallelism=fsdp2", "max_steps=2",
+               f"output_dir={out_root / 'bad-layout'}", "progress=false", "--resume", newest])
+    if rank == 0:
+        (out_root / "bad.json").write_text(json.dumps({"split": rc, "split_written": bad.exists(), "layout": rc2,
+                                                       "layout_written": (out_root / "bad-layout").exists()}))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
