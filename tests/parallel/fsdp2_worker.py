@@ -1,10 +1,11 @@
 """Run under `torchrun --nproc_per_node=2`: the 2-process side of tests/parallel/test_parallel_fsdp2.py.
 
-    torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> <what> [hf_checkpoint]
+    torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> jobs <hf_ckpt> <one2two_dir>
+    torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> victim|resume
 
-what: `jobs` runs every comparison job with parallelism=fsdp2 and checks the bad inputs that need 2 ranks; `memory`
-writes per-rank parameter + gradient + optimizer bytes under fsdp2 and ddp; `sft5` runs the 5-step SFT job alone
-(the victim of the SIGKILL test, and its resumption with `resume`).
+`jobs` runs every comparison job with parallelism=fsdp2, resumes a 1-process fsdp2 run on 2 ranks, writes per-rank
+parameter + gradient + optimizer bytes under fsdp2 and ddp, and checks the bad inputs that need 2 ranks. `victim`
+runs the 5-step SFT job and SIGKILLs the launch while step 4's checkpoint is being written; `resume` continues it.
 """
 
 from __future__ import annotations
@@ -56,18 +57,33 @@ def main() -> None:
 
     dist.init_process_group("gloo")  # one group for every run of this launch (the recipes leave it open)
 
-    if what == "memory":
-        sizes = {p: state_bytes(p) for p in ("ddp", "fsdp2")}
-        (out_root / f"memory-rank{rank}.json").write_text(json.dumps(sizes))
-        return
     data = {k: str(data_root / v) for k, v in {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rl": "prompts.jsonl"}.items()}
-    if what in ("sft5", "resume"):
+    if what in ("victim", "resume"):
+        if what == "victim":  # SIGKILL the whole launch while step 4's shards are being written
+            import signal
+
+            import torch.distributed.checkpoint as dcp
+
+            save = dcp.save
+
+            def save_then_die(state, checkpoint_id, **kw):
+                save(state, checkpoint_id=checkpoint_id, **kw)
+                if "step-00000004" in str(checkpoint_id):  # both ranks get here (dcp.save is collective)
+                    os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)  # torchrun's group (the test gave it one)
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+            dcp.save = save_then_die
         recipe, keys = job("sft5", data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys, resume="latest" if what == "resume" else None)
         return
     for name in ("sft", "dpo", "grpo", "dapo", "cispo", "ppo", "sft5", "grpo5"):
         recipe, keys = job(name, data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys)
+    # 1 -> 2: continue a 1-process fsdp2 run from its step-3 checkpoint on 2 ranks
+    recipe, keys = job("sft5", data, out_root, world_size=2, parallelism="fsdp2", output_dir=sys.argv[5])
+    run_job(recipe, keys, resume="latest")
+    sizes = {p: state_bytes(p) for p in ("ddp", "fsdp2")}
+    (out_root / f"memory-rank{rank}.json").write_text(json.dumps(sizes))
     # bad input that needs 2 ranks: exit 2 and nothing written
     from posttrain.cli import main as cli
 

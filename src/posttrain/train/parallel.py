@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Iterator, Literal, get_args
 
 import torch
@@ -117,6 +118,8 @@ def parallelize(module: nn.Module, d: Dist) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        # TokenLogps returns views of its log-prob buffer; nothing here modifies them in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mesh = init_device_mesh(d.device.type, (d.world_size,))
         kwargs: dict[str, Any] = {"mesh": mesh}
         if d.device.type == "cuda" and d.mixed_precision:
