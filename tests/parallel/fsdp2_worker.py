@@ -79,6 +79,9 @@ def main() -> None:
     for name in ("sft", "dpo", "grpo", "dapo", "cispo", "ppo", "sft5", "grpo5"):
         recipe, keys = job(name, data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys)
+    for name in ("grpo", "ppo"):  # the default parallelism (torch DDP) on the RL recipes
+        recipe, keys = job(name, data, out_root, world_size=2, output_dir=str(out_root / f"{name}_ddp"))
+        run_job(recipe, keys)
     # 1 -> 2: continue a 1-process fsdp2 run from its step-3 checkpoint on 2 ranks
     recipe, keys = job("sft5", data, out_root, world_size=2, parallelism="fsdp2", output_dir=sys.argv[5])
     run_job(recipe, keys, resume="latest")

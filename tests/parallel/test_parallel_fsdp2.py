@@ -102,6 +102,12 @@ def test_one_fsdp2_step_on_two_ranks_equals_one_process(runs, name):
     assert _rel_diff(one, init) > 1e-3  # the step moved them far more than the two runs differ
 
 
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_one_ddp_step_on_two_ranks_equals_one_process(runs, name):
+    """The RL recipes under torchrun with the default parallelism (torch DDP) give the one-process step too."""
+    assert _rel_diff(_weights(runs / "one" / name), _weights(runs / "two" / f"{name}_ddp")) <= 1e-5
+
+
 def _curve(run_dir: Path) -> list[dict]:
     skip = ("time/", "tokens_per_s", "pairs_per_s", "loop_seconds")
     return [{k: v for k, v in r.items() if not any(s in k for s in skip)}

@@ -127,6 +127,9 @@ def parallelize(module: nn.Module, d: Dist) -> nn.Module:
         kwargs["offload_policy"] = CPUOffloadPolicy() if d.cpu_offload and d.device.type == "cuda" else OffloadPolicy()
         for layer in decoder_layers(module):
             fully_shard(layer, **kwargs)
+        for name in getattr(module, "fp32_modules", ()):  # e.g. PPO's value head: computes in float32 under bf16
+            fully_shard(getattr(module, name), **{**kwargs, "mp_policy": MixedPrecisionPolicy(
+                param_dtype=torch.float32, reduce_dtype=torch.float32)})
         fully_shard(module, **kwargs)
         module._get_fsdp_state()._lazy_init()  # fix the root now: generation runs the layers without the root
         return module
