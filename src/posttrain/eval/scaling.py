@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-import warnings
 from typing import Sequence
 
 import numpy as np
