@@ -57,7 +57,8 @@ def main() -> None:
 
     dist.init_process_group("gloo")  # one group for every run of this launch (the recipes leave it open)
 
-    data = {k: str(data_root / v) for k, v in {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rl": "prompts.jsonl"}.items()}
+    data = {k: str(p) for k, p in ((p.stem, p) for p in data_root.glob("*.jsonl"))}
+    data["rl"] = str(data_root / "prompts.jsonl")
     if what in ("victim", "resume"):
         if what == "victim":  # SIGKILL the whole launch while step 4's shards are being written
             import signal
@@ -76,7 +77,7 @@ def main() -> None:
         recipe, keys = job("sft5", data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys, resume="latest" if what == "resume" else None)
         return
-    for name in ("sft", "dpo", "grpo", "dapo", "cispo", "ppo", "sft5", "grpo5"):
+    for name in ("sft", "dpo", "reward", "grpo", "dapo", "cispo", "ppo", "sft5", "grpo5"):
         recipe, keys = job(name, data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys)
     for name in ("grpo", "ppo"):  # the default parallelism (torch DDP) on the RL recipes

@@ -45,6 +45,7 @@ def write_data(root: Path) -> dict[str, str]:
                     "chosen": [{"role": "assistant", "content": f"It is {a + b}."}],
                     "rejected": [{"role": "assistant", "content": f"I{pad} think {a + b + 1}."}]})
     return {"sft": _write(root / "sft.jsonl", sft), "dpo": _write(root / "dpo.jsonl", dpo),
+            "sft_eval": _write(root / "sft_eval.jsonl", sft[:5]), "dpo_eval": _write(root / "dpo_eval.jsonl", dpo[:5]),
             "rl": _write(root / "prompts.jsonl", [{"prompt": f"Say something #{i}"} for i in range(16)])}
 
 
@@ -55,11 +56,14 @@ def job(name: str, data: dict[str, str], out: Path, *, world_size: int, **extra)
     """(recipe, config keys) of job `name` for `world_size` ranks, writing to out/name."""
     per_rank = 4 // world_size
     jobs = {
-        "sft": ("sft", dict(train_file=data["sft"], max_length=96, lr=3e-3, max_steps=1, micro_batch_size=per_rank,
-                            packing=False)),
+        "sft": ("sft", dict(train_file=data["sft"], eval_file=data["sft_eval"], max_length=96, lr=3e-3, max_steps=1,
+                            micro_batch_size=per_rank, packing=False)),
         "sft5": ("sft", dict(train_file=data["sft"], max_length=96, lr=3e-3, max_steps=5, micro_batch_size=per_rank,
                              packing=False, save_steps=1, keep_last=5)),
-        "dpo": ("dpo", dict(train_file=data["dpo"], max_length=96, lr=3e-3, max_steps=1, micro_batch_size=per_rank)),
+        "dpo": ("dpo", dict(train_file=data["dpo"], eval_file=data["dpo_eval"], max_length=96, lr=3e-3, max_steps=1,
+                            micro_batch_size=per_rank)),
+        "reward": ("reward", dict(train_file=data["dpo"], eval_file=data["dpo_eval"], max_length=96, lr=3e-3,
+                                  max_steps=2, micro_batch_size=per_rank)),  # step 1 moves only the zero-init head
         "grpo": ("grpo", dict(train_file=data["rl"], rewards=["letters"], loss="grpo", num_generations=4,
                               prompts_per_step=4, max_new_tokens=6, micro_batch_size=4, lr=1e-2, max_steps=1,
                               eval_size=0, kl_coef=0.1, temperature=0.7)),
@@ -83,9 +87,10 @@ def job(name: str, data: dict[str, str], out: Path, *, world_size: int, **extra)
 def run_job(recipe: str, keys: dict, resume: str | None = None):
     """Run a recipe in this process (under torchrun when launched so) from a keys mapping."""
     from posttrain.config import build_config
-    from posttrain.recipes import dpo, grpo, ppo, sft
+    from posttrain.recipes import dpo, grpo, ppo, reward, sft
 
-    module = {"sft": sft, "dpo": dpo, "grpo": grpo, "ppo": ppo}[recipe]
-    config_cls = {"sft": sft.SFTConfig, "dpo": dpo.DPOConfig, "grpo": grpo.GRPOConfig, "ppo": ppo.PPOConfig}[recipe]
+    module = {"sft": sft, "dpo": dpo, "grpo": grpo, "ppo": ppo, "reward": reward}[recipe]
+    config_cls = {"sft": sft.SFTConfig, "dpo": dpo.DPOConfig, "grpo": grpo.GRPOConfig, "ppo": ppo.PPOConfig,
+                  "reward": reward.RewardConfig}[recipe]
     config = build_config(config_cls, keys)
     return module.run(config, resume=resume) if resume else module.run(config)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from jobs import job, register_rewards, run_job, write_data  # noqa: E402
 
-ONE_STEP = ["sft", "dpo", "grpo", "dapo", "cispo", "ppo"]
+ONE_STEP = ["sft", "dpo", "reward", "grpo", "dapo", "cispo", "ppo"]
 FIVE_STEPS = ["sft5", "grpo5"]
 
 
@@ -50,7 +50,14 @@ def _torchrun(*args: str, timeout: int = 400) -> subprocess.Popen:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
+    """final/'s weights (and a reward model's scalar head)."""
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    head = run_dir / "final" / "reward_head.safetensors"
+    if head.exists():
+        # the Bradley-Terry loss depends on r_w − r_l only: the head's bias gets a ~1e-9 rounding-noise gradient that
+        # Adam turns into ±lr steps of either sign, so it is left out of the comparison
+        weights["head.weight"] = load_file(str(head))["weight"]
+    return weights
 
 
 def _rel_diff(a: dict, b: dict) -> float:
@@ -98,8 +105,14 @@ def test_one_fsdp2_step_on_two_ranks_equals_one_process(runs, name):
 
     one, two = _weights(runs / "one" / name), _weights(runs / "two" / name)
     assert _rel_diff(one, two) <= 1e-5
-    init = {k: v for k, v in tiny_model().state_dict().items() if k in one}  # the weights before the step
-    assert _rel_diff(one, init) > 1e-3  # the step moved them far more than the two runs differ
+    start = tiny_model().state_dict()  # the weights before the step (a reward model's body drops the "model.")
+    init = {k: start[k] if k in start else start[f"model.{k}"] for k in one if k in start or f"model.{k}" in start}
+    assert len(init) > 5 and _rel_diff(init, {k: one[k] for k in init}) > 1e-3  # the step moved them far more
+    # held-out metrics (5 rows: the ranks get unequal numbers of eval micro-batches) agree too
+    evals = [[r for r in read_metrics(runs / side / name / "metrics.jsonl") if "eval/loss" in r] for side in ("one", "two")]
+    assert len(evals[0]) == len(evals[1])
+    for a, b in zip(*evals):
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["grpo", "ppo"])
@@ -177,7 +190,8 @@ def test_sigkill_then_resume_is_bit_identical_and_two_to_one_resume(runs, tmp_pa
     a, b = _weights(runs / "two" / "sft5"), _weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # 2 -> 1: the same checkpoint continued by one process with the whole batch (parallelism ddp, no torchrun)
-    data = {k: str(runs / "data" / f) for k, f in {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rl": "prompts.jsonl"}.items()}
+    data = {p.stem: str(p) for p in (runs / "data").glob("*.jsonl")}
+    data["rl"] = str(runs / "data" / "prompts.jsonl")
     recipe, keys = job("sft5", data, tmp_path, world_size=1, output_dir=str(two_to_one))
     run_job(recipe, keys, resume="latest")
     assert _rel_diff(a, _weights(two_to_one)) <= 1e-5
