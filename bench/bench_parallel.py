@@ -6,9 +6,12 @@
 Each side is one `torchrun --nproc_per_node=K` launch of this file in `--worker` mode running the recipe with the same
 global batch (SFT: 8 examples per step; GRPO: 4 prompts × G = 4 per step, 16 new tokens): 1 process (parallelism
 ddp, which is a no-op there), 2 processes with DDP, 2 processes with FSDP2. Reported per side: the median step time
-over steps 2..N (the first pays one-time costs), throughput relative to 1 process, and each rank's peak RSS
-(ru_maxrss; it includes ~0.4 GB of Python + torch that every process pays). The model is a random SmolLM-shaped
-network large enough that parameters + AdamW state (16 bytes/parameter) show in RSS.
+over steps 2..N (the first pays one-time costs), throughput relative to 1 process, and per rank: the bytes of
+parameters + gradients + AdamW state it holds after a step (local shards under FSDP2), its peak RSS up to the end of
+the training loop, and its peak RSS over the whole run (which adds the final export: every rank gathers the full
+state dict and rank 0 rebuilds a whole model). RSS includes ~0.7 GB of Python + torch + transformers per process,
+and every rank builds the whole model before sharding it (no meta-device init), so RSS shows FSDP2's saving only
+partly; the state bytes show it exactly. The model is a random SmolLM-shaped network (~25M parameters).
 
 A CPU is not where data parallelism pays: 2 processes share the same cores (here 2 cores shared with other work),
 so the ratio measures overhead (gloo collectives, duplicated Python work), not speed-up. The memory column is the
@@ -40,7 +43,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from jobs import register_rewards, run_job, write_data
+    from jobs import register_rewards, run_job
     from posttrain.train.logging import read_metrics
 
     register_rewards()
@@ -67,10 +70,43 @@ def worker(args) -> None:
         return log(self, step, metrics)
 
     tlog.MetricsLogger.log = timed
+    state = {"bytes": 0}
+
+    def local_bytes(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    def after_step(optimizer, *_):  # this rank's parameters + gradients + optimizer state, after each step
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        total = sum(local_bytes(p) for p in params) + sum(local_bytes(p.grad) for p in params if p.grad is not None)
+        total += sum(local_bytes(v) for st in optimizer.state.values() for v in st.values()
+                     if torch.is_tensor(v) and v.dim() > 0)
+        state["bytes"] = max(state["bytes"], total)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(after_step)
+    from posttrain.recipes import grpo, sft
+
+    rss_at_end: dict[str, float] = {}
+
+    def memory_then(save):  # the first checkpoint is the final one (save_steps=0): the training loop is over
+        def wrapped(*a, **kw):
+            if not rss_at_end:
+                status = Path("/proc/self/status").read_text().splitlines()
+                for line in status:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        rss_at_end[line.split(":")[0]] = int(line.split()[1]) / 1024
+            return save(*a, **kw)
+        return wrapped
+
+    for module in (sft, grpo):
+        module.save_step = memory_then(module.save_step)
     run_job(args.recipe, keys)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    result = {"rank": rank, "wall_s": wall, "peak_rss_mib": peak}
+    result = {"rank": rank, "wall_s": wall, "peak_rss_mib": peak, "state_mib": state["bytes"] / 2**20,
+              "training_peak_rss_mib": rss_at_end.get("VmHWM"), "rss_after_training_mib": rss_at_end.get("VmRSS")}
     if rank == 0:
         rows = [r for r in read_metrics(out / "metrics.jsonl")]
         steps = [r["step"] for r in rows if r["step"] >= 1 and ("train/loss" in r or "reward/mean" in r)]
@@ -120,16 +156,24 @@ def main() -> None:
                 raise SystemExit(f"{name} failed")
             ranks = [json.loads(Path(f"{res}.rank{r}.json").read_text()) for r in range(nproc)]
             step = statistics.median(ranks[0]["step_times_s"][1:])
-            results["sides"][name] = {"median_step_s": step, "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
-                                      "wall_s": ranks[0]["wall_s"]}
-            print(f"{name:32s} step {step:7.3f} s   peak RSS per rank {[round(r['peak_rss_mib']) for r in ranks]} MiB",
-                  flush=True)
+            results["sides"][name] = {
+                "median_step_s": step, "wall_s": ranks[0]["wall_s"],
+                "state_mib": [r["state_mib"] for r in ranks],
+                "training_peak_rss_mib": [r["training_peak_rss_mib"] for r in ranks],
+                "peak_rss_mib": [r["peak_rss_mib"] for r in ranks]}
+            print(f"{name:26s} step {step:6.2f} s  params+grads+optim/rank "
+                  f"{[round(r['state_mib']) for r in ranks]} MiB  peak RSS in training "
+                  f"{[round(r['training_peak_rss_mib']) for r in ranks]} MiB  whole run "
+                  f"{[round(r['peak_rss_mib']) for r in ranks]} MiB", flush=True)
         one = results["sides"][f"{recipe} / 1 process"]["median_step_s"]
         for label, _, _ in SIDES[1:]:
             side = results["sides"][f"{recipe} / {label}"]
             side["throughput_vs_1_process"] = one / side["median_step_s"]
         ddp = results["sides"][f"{recipe} / 2 processes DDP"]
         fsdp = results["sides"][f"{recipe} / 2 processes FSDP2"]
+        results[f"{recipe}_fsdp2_vs_ddp_state_bytes"] = max(fsdp["state_mib"]) / max(ddp["state_mib"])
+        results[f"{recipe}_fsdp2_vs_ddp_training_peak_rss"] = (max(fsdp["training_peak_rss_mib"])
+                                                               / max(ddp["training_peak_rss_mib"]))
         results[f"{recipe}_fsdp2_vs_ddp_peak_rss"] = max(fsdp["peak_rss_mib"]) / max(ddp["peak_rss_mib"])
         results[f"{recipe}_fsdp2_vs_ddp_throughput"] = ddp["median_step_s"] / fsdp["median_step_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

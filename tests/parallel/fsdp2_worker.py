@@ -77,7 +77,7 @@ def main() -> None:
         recipe, keys = job("sft5", data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys, resume="latest" if what == "resume" else None)
         return
-    for name in ("sft", "dpo", "reward", "grpo", "dapo", "cispo", "ppo", "sft5", "grpo5"):
+    for name in ("sft", "sft_lora", "dpo", "reward", "grpo", "dapo", "cispo", "scalerl", "ppo", "sft5", "grpo5"):
         recipe, keys = job(name, data, out_root, world_size=2, parallelism="fsdp2")
         run_job(recipe, keys)
     for name in ("grpo", "ppo"):  # the default parallelism (torch DDP) on the RL recipes

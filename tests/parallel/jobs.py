@@ -20,10 +20,16 @@ def letters_reward(prompts, completions, **kwargs):
     return [sum(ch in LETTERS for ch in c) / max(len(c), 1) for c in completions]
 
 
+def has_e_reward(prompts, completions, **kwargs):
+    """1 when the completion contains an "e": a binary verifier whose groups often tie (filter, pool, resampling)."""
+    return [float("e" in c) for c in completions]
+
+
 def register_rewards() -> None:
     from posttrain.rewards import REWARDS
 
     REWARDS["letters"] = lambda: letters_reward
+    REWARDS["has_e"] = lambda: has_e_reward
 
 
 def _write(path: Path, rows) -> str:
@@ -60,6 +66,8 @@ def job(name: str, data: dict[str, str], out: Path, *, world_size: int, **extra)
                             micro_batch_size=per_rank, packing=False)),
         "sft5": ("sft", dict(train_file=data["sft"], max_length=96, lr=3e-3, max_steps=5, micro_batch_size=per_rank,
                              packing=False, save_steps=1, keep_last=5)),
+        "sft_lora": ("sft", dict(train_file=data["sft"], max_length=96, lr=3e-2, max_steps=2, micro_batch_size=per_rank,
+                                 packing=False, lora_r=4, gradient_checkpointing=True)),
         "dpo": ("dpo", dict(train_file=data["dpo"], eval_file=data["dpo_eval"], max_length=96, lr=3e-3, max_steps=1,
                             micro_batch_size=per_rank)),
         "reward": ("reward", dict(train_file=data["dpo"], eval_file=data["dpo_eval"], max_length=96, lr=3e-3,
@@ -73,6 +81,9 @@ def job(name: str, data: dict[str, str], out: Path, *, world_size: int, **extra)
         "cispo": ("grpo", dict(train_file=data["rl"], rewards=["letters"], loss="cispo", num_generations=4,
                                prompts_per_step=4, max_new_tokens=6, micro_batch_size=4, lr=1e-2, max_steps=1,
                                eval_size=0, updates_per_batch=2)),
+        "scalerl": ("grpo", dict(train_file=data["rl"], rewards=["has_e"], loss="scalerl", num_generations=4,
+                                 prompts_per_step=4, max_new_tokens=6, micro_batch_size=4, lr=1e-2, max_steps=3,
+                                 eval_size=0, dynamic_sampling=True, max_sampling_rounds=3, pass_rate_cap=0.9)),
         "grpo5": ("grpo", dict(train_file=data["rl"], rewards=["letters"], loss="grpo", num_generations=4,
                                prompts_per_step=4, max_new_tokens=6, micro_batch_size=4, lr=1e-2, max_steps=5,
                                eval_size=0, kl_coef=0.05, temperature=0.7)),
