@@ -43,7 +43,8 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from jobs import register_rewards, run_job
+    from parallel_jobs import register_rewards, run_job
+
     from posttrain.train.logging import read_metrics
 
     register_rewards()
@@ -136,7 +137,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    from jobs import write_data
+    from parallel_jobs import write_data
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-parallel-"))
     write_data(tmp / "data")

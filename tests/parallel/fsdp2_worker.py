@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+from parallel_jobs import job, register_rewards, run_job  # this script's folder is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
-
-from jobs import job, register_rewards, run_job  # noqa: E402
 
 
 def state_bytes(parallelism: str) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,13 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parallel_jobs import job, register_rewards, run_job, write_data  # on sys.path: conftest.py
 from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-
-from jobs import job, register_rewards, run_job, write_data  # noqa: E402
 
 ONE_STEP = ["sft", "dpo", "reward", "grpo", "dapo", "cispo", "ppo"]
 FIVE_STEPS = ["sft5", "grpo5", "sft_lora", "scalerl"]  # (the last two: LoRA + activation checkpointing, 2 steps;

@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Iterator, Literal, get_args
+from collections.abc import Iterator
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -116,7 +117,12 @@ def parallelize(module: nn.Module, d: Dist) -> nn.Module:
     under fsdp2 and left whole under ddp."""
     if d.parallelism == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         # TokenLogps returns views of its log-prob buffer; nothing here modifies them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -131,7 +137,8 @@ def parallelize(module: nn.Module, d: Dist) -> nn.Module:
             fully_shard(getattr(module, name), **{**kwargs, "mp_policy": MixedPrecisionPolicy(
                 param_dtype=torch.float32, reduce_dtype=torch.float32)})
         fully_shard(module, **kwargs)
-        module._get_fsdp_state()._lazy_init()  # fix the root now: generation runs the layers without the root
+        module._get_fsdp_state()._lazy_init()  # type: ignore[operator]  # fix the root now: generation runs the layers
+        # without the root, and the first module to run forward would otherwise become the root
         return module
     if d.parallelism == "ddp" and d.enabled and any(p.requires_grad for p in module.parameters()):
         from torch.nn.parallel import DistributedDataParallel
@@ -161,7 +168,7 @@ def no_sync(module: nn.Module, skip: bool) -> Iterator[None]:
         finally:
             module.set_requires_gradient_sync(True)  # type: ignore[operator]
     elif hasattr(module, "no_sync"):
-        with module.no_sync():
+        with module.no_sync():  # type: ignore[operator]
             yield
     else:
         yield

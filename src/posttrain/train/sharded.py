@@ -17,19 +17,30 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from posttrain.errors import PosttrainError
 from posttrain.train.checkpoint import (
-    STATE_FILE, atomic_dir, checkpoint_dir, list_checkpoints, load_state, rng_state, set_rng_state,
+    STATE_FILE,
+    atomic_dir,
+    checkpoint_dir,
+    list_checkpoints,
+    load_state,
+    rng_state,
+    set_rng_state,
 )
 from posttrain.train.distributed import Dist, barrier
 from posttrain.train.parallel import all_gather_objects, full_state_dict
-from posttrain.train.state import restore_training_state, save_final, save_training_checkpoint
+from posttrain.train.state import (
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+)
 
 LAYOUT_FILE = "layout.json"
 
@@ -105,9 +116,8 @@ def load_sharded_checkpoint(
         raise PosttrainError(f"--resume {checkpoint}: it holds {layout.get('modules')}, this run trains "
                              f"{sorted(modules)}.")
     model_sd, optim_sd = get_state_dict(holder, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
-    set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(checkpoint / "dcp"))  # in place
+    set_state_dict(holder, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     trainer = load_state(checkpoint)
     scheduler.load_state_dict(trainer["scheduler"])
     own = checkpoint / f"rng-rank{d.rank}.pt"
