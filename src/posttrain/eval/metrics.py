@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
+
+from posttrain.ttc.vote import group_answers
 
 
 def pass_at_k(num_samples: Sequence[int] | np.ndarray | int, num_correct: Sequence[int] | np.ndarray,
@@ -45,11 +47,15 @@ def pass_at_k(num_samples: Sequence[int] | np.ndarray | int, num_correct: Sequen
     return out
 
 
-def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int) -> float:
+def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int,
+                  equivalent: Callable[[Hashable, Hashable], bool] | None = None) -> float:
     """Expected majority-vote accuracy over a uniformly random k-subset of one problem's n samples (exact).
 
     answers: [G] extracted answers (None = no answer: it takes a slot in the subset but never gets a vote);
     correct: [G] whether each sample's answer is right (equal answers must agree); 1 ≤ k ≤ G.
+    equivalent: the task verifier's equivalence; answers are grouped into classes first (ttc.vote.group_answers:
+    "0.5", "1/2", "\\frac{1}{2}" vote together), and a class is as correct as its first occurrence (the grader and
+    the equivalence may disagree on a member; equal strings must still agree).
 
     Method: a subset is described by how many samples it takes from each answer class (multivariate
     hypergeometric, weight Π_j C(m_j, s_j) / C(n, k)). For each correct class a and each count s ≥ 1 it takes from
@@ -62,12 +68,15 @@ def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k
         raise ValueError(f"got {n} answers but {len(correct)} correctness flags")
     if not 1 <= k <= n:
         raise ValueError(f"maj@{k} needs 1 <= k <= number of samples ({n})")
-    class_correct: dict = {}
+    seen: dict = {}
     for i, (answer, ok) in enumerate(zip(answers, correct)):
-        if answer is None:
-            continue
-        if class_correct.setdefault(answer, bool(ok)) != bool(ok):
+        if answer is not None and seen.setdefault(answer, bool(ok)) != bool(ok):
             raise ValueError(f"sample {i}: answer {answer!r} is marked both correct and incorrect")
+    answers = group_answers(answers, equivalent)
+    class_correct: dict = {}
+    for answer, ok in zip(answers, correct):
+        if answer is not None:
+            class_correct.setdefault(answer, bool(ok))
     counts = Counter(a for a in answers if a is not None)
     num_none = n - sum(counts.values())
     total = math.comb(n, k)

@@ -94,8 +94,8 @@ def _select(strategy: str, problems, texts, generate: GenerateFn, task: Task, n:
 
     by_text = {t: p for t, p in zip(texts, problems)}
     if strategy in ("majority", "weighted_majority"):
-        return TTC["majority" if strategy == "majority" else "weighted_majority"](texts, generate, n=n,
-                                                                                  extract=task.extract)
+        return TTC["majority" if strategy == "majority" else "weighted_majority"](
+            texts, generate, n=n, extract=task.extract, equivalent=getattr(task, "equivalent", None))
     if strategy == "best_of_n_verifier":
         def score(prompts, completions):
             return task.score([by_text[p] for p in prompts], completions)
@@ -155,7 +155,8 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
         num_correct = [int(round(sum(row))) for row in correct]
         metrics[f"pass@{k}"] = float(pass_at_k(n, num_correct, k).mean())
         if task.votable:
-            metrics[f"maj@{k}"] = sum(majority_at_k(a, [c == 1.0 for c in row], k)
+            same = getattr(task, "equivalent", None)
+            metrics[f"maj@{k}"] = sum(majority_at_k(a, [c == 1.0 for c in row], k, same)
                                       for a, row in zip(answers, correct)) / B
     metrics.update({f"{key}": value for key, value in decoded.stats.items()})
     out: dict[str, Any] = {"metrics": metrics}

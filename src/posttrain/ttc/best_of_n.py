@@ -6,6 +6,8 @@ The strategies take callables, never a model:
     score(prompts, completions) -> [B*G] floats, called once on the flattened batch (prompt repeated G times),
         like a reward function; higher is better.
     extract(text) -> answer or None, the answer the votes compare; default: the stripped text.
+    equivalent(a, b) -> bool, the task verifier's equivalence of two answers; votes count equivalence classes
+        (ttc/vote.py `group_answers`); default: ==.
 
 Every strategy returns one `TTCResult` per prompt with the chosen answer and everything it was chosen from.
 Ties go to the earliest candidate (best_of_n) or to the answer that appears first (votes, see ttc/vote.py).
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
-from posttrain.ttc.vote import VoteResult, majority_vote, weighted_vote
+from posttrain.ttc.vote import Equivalence, VoteResult, group_answers, majority_vote, weighted_vote
 
 
 @dataclass(frozen=True)
@@ -124,12 +126,14 @@ def best_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn, *, n
 
 
 def _vote_results(batch: list[list[Candidate]], extract: ExtractFn,
-                  rule: Callable[[tuple, list[Candidate]], VoteResult]) -> list[TTCResult]:
+                  rule: Callable[[tuple, list[Candidate]], VoteResult],
+                  equivalent: Equivalence | None = None) -> list[TTCResult]:
     results = []
     for row in batch:
         answers = tuple(extract(c.text) for c in row)
-        vote = rule(answers, row)
-        index = answers.index(vote.answer) if vote.answer is not None else None
+        classes = group_answers(answers, equivalent)
+        vote = rule(tuple(classes), row)
+        index = classes.index(vote.answer) if vote.answer is not None else None
         results.append(TTCResult(answer=vote.answer, text=row[index].text if index is not None else None,
                                  index=index, candidates=tuple(row), answers=answers, scores=None,
                                  votes=vote.votes, generated_tokens=_cost(row)))
@@ -137,14 +141,16 @@ def _vote_results(batch: list[list[Candidate]], extract: ExtractFn,
 
 
 def majority_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn | None = None, *, n: int,
-                  extract: ExtractFn | None = None) -> list[TTCResult]:
-    """Self-consistency: the most frequent extracted answer among n samples. `score` is not used."""
+                  extract: ExtractFn | None = None, equivalent: Equivalence | None = None) -> list[TTCResult]:
+    """Self-consistency: the most frequent extracted answer (class under `equivalent`) among n samples. `score` is
+    not used."""
     batch = _generate(prompts, generate, n)
-    return _vote_results(batch, extract or _default_extract, lambda answers, row: majority_vote(answers))
+    return _vote_results(batch, extract or _default_extract, lambda answers, row: majority_vote(answers), equivalent)
 
 
 def weighted_majority_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn | None = None, *, n: int,
-                           extract: ExtractFn | None = None) -> list[TTCResult]:
+                           extract: ExtractFn | None = None,
+                           equivalent: Equivalence | None = None) -> list[TTCResult]:
     """Self-consistency with votes weighted by exp(mean token log-prob); candidates must carry token_logps."""
     batch = _generate(prompts, generate, n)
     for b, row in enumerate(batch):
@@ -152,7 +158,7 @@ def weighted_majority_of_n(prompts: Sequence[str], generate: GenerateFn, score: 
             if c.token_logps is None:
                 raise ValueError(f"weighted vote needs token_logps; prompt {b}, candidate {g} has none")
     return _vote_results(batch, extract or _default_extract,
-                         lambda answers, row: weighted_vote(answers, [c.token_logps for c in row]))
+                         lambda answers, row: weighted_vote(answers, [c.token_logps for c in row]), equivalent)
 
 
 STRATEGIES: dict[str, Callable[..., list[TTCResult]]] = {
