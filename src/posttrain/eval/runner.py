@@ -61,6 +61,9 @@ class EvalConfig:
     num_shots: int = field(0, help="few-shot exemplars for reasoning-gym tasks (0 = zero-shot)")
     chat: bool = field(True, help="HumanEval: ask a chat model for the whole function (false: raw stub)")
     reward_model: str = field("", help="folder of a reward model saved by `posttrain reward` (best_of_n_reward)")
+    perplexity_file: str = field("", help="a text/chat/prompt-completion file: report the model's perplexity on it "
+                                          "(with the token count) instead of evaluating the task")
+    perplexity_max_length: int = field(1024, help="rows of perplexity_file are cut to this many tokens")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
     device: str = field("cpu", help="cpu or cuda")
@@ -187,9 +190,32 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
+    from posttrain.eval.perplexity import file_perplexity
+    from posttrain.models import load_model
+    from posttrain.train.checkpoint import atomic_write_text
+
+    if not Path(config.perplexity_file).exists():
+        raise ConfigError(f"key 'perplexity_file': file '{config.perplexity_file}' does not exist")
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    metrics = file_perplexity(model, tokenizer, config.perplexity_file, max_length=config.perplexity_max_length,
+                              batch_size=config.batch_size)
+    result = {"config": asdict(config), "metrics": metrics}
+    print(f"{config.perplexity_file} · model {config.model}: perplexity {metrics['perplexity']:.3f} "
+          f"(nll {metrics['nll']:.4f} nats/token over {metrics['num_tokens']} tokens, {metrics['num_rows']} rows)")
+    path = Path(config.output_dir) / f"eval_perplexity_{Path(config.perplexity_file).stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return result
+
+
 def run(config: EvalConfig) -> dict[str, Any]:
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
+
+    if config.perplexity_file:
+        return _run_perplexity(config)
 
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
