@@ -153,9 +153,10 @@ class Runner:
         raise ValueError(f"unknown strategy kind {kind!r}")
 
 
-def load_records(path: Path) -> dict[str, dict[str, dict]]:
+def load_records(folder: Path) -> dict[str, dict[str, dict]]:
+    """strategy -> problem id -> record, from every records*.jsonl in `folder` (parallel runs write their own)."""
     out: dict[str, dict[str, dict]] = {}
-    if path.exists():
+    for path in sorted(folder.glob("records*.jsonl")):
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
@@ -184,7 +185,7 @@ def derived_rows(cfg, pool: dict[str, dict], equivalent) -> dict[str, dict[str, 
 
 
 def report(cfg: dict, out: Path, dest: Path) -> str:
-    records = load_records(out / "records.jsonl")
+    records = load_records(out)
     task = make_task(cfg["task"], cfg["task_kwargs"], extract=cfg["extract"], template=cfg["template"],
                      answer_format=cfg["answer_format"])
     table: dict[str, dict[str, dict]] = {}
@@ -229,6 +230,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "ttc_compute"))
     ap.add_argument("--only", default=None, help="comma list of strategy names (default: all)")
     ap.add_argument("--num-problems", type=int, default=None)
+    ap.add_argument("--reverse", action="store_true", help="chunks from the last one back (a second process)")
+    ap.add_argument("--records", default="records.jsonl", help="file (in --out) this run appends to; run "
+                                                                  "several processes with different files")
     ap.add_argument("--report", action="store_true", help="only rebuild the report from the records")
     ap.add_argument("--report-dir", default=None, help="where results.json goes (default: next to this script "
                                                        "for the default --out, else --out)")
@@ -244,11 +248,12 @@ def main() -> None:
         runner = Runner(cfg, a.device, out)
         problems = runner.task.problems(cfg["num_problems"], cfg["seed"])
         names = a.only.split(",") if a.only else list(cfg["strategies"])
-        path = out / "records.jsonl"
-        for lo in range(0, len(problems), cfg["chunk"]):
+        path = out / a.records
+        starts = list(range(0, len(problems), cfg["chunk"]))
+        for lo in (reversed(starts) if a.reverse else starts):
             chunk = problems[lo:lo + cfg["chunk"]]
             for name in names:
-                done = load_records(path).get(name, {})
+                done = load_records(out).get(name, {})
                 if all(p.id in done for p in chunk):
                     continue
                 recs = runner.run(cfg["strategies"][name], chunk, seed=cfg["seed"] * 1000 + lo)
