@@ -169,7 +169,7 @@ def derived_rows(cfg, pool: dict[str, dict], equivalent) -> dict[str, dict[str, 
     rows: dict[str, dict[str, dict]] = {"temperature1": {}}
     for pid, r in pool.items():
         n = len(r["corrects"])
-        cost = lambda k: r["prompt_tokens"] - 1 + sum(r["gen_tokens"][:k])  # noqa: E731 (prefix shared)
+        cost = lambda k, r=r: r["prompt_tokens"] - 1 + sum(r["gen_tokens"][:k])  # noqa: E731 (prefix shared)
         one = r["prompt_tokens"] - 1 + sum(r["gen_tokens"]) / n  # one sample: the prompt and its tokens
         rows["temperature1"][pid] = {"correct": sum(r["corrects"]) / n, "forward_tokens": one,
                                      "wall_s": r["wall_s"] / n}
@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "ttc_compute"))
     ap.add_argument("--only", default=None, help="comma list of strategy names (default: all)")
     ap.add_argument("--num-problems", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=None, help="problems per batch (e.g. 50 on a GPU)")
     ap.add_argument("--reverse", action="store_true", help="chunks from the last one back (a second process)")
     ap.add_argument("--records", default="records.jsonl", help="file (in --out) this run appends to; run "
                                                                   "several processes with different files")
@@ -264,6 +265,8 @@ def main() -> None:
     cfg = yaml.safe_load(Path(a.config).read_text())
     if a.num_problems:
         cfg["num_problems"] = a.num_problems
+    if a.chunk:
+        cfg["chunk"] = a.chunk
     torch.set_num_threads(cfg["threads"] if a.device == "cpu" else torch.get_num_threads())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,8 +287,9 @@ def main() -> None:
                 with path.open("a") as f:
                     for r in recs:
                         f.write(json.dumps({"strategy": name, **r}) + "\n")
+                acc = [float(r["correct"]) if "correct" in r else sum(r["corrects"]) / len(r["corrects"]) for r in recs]
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: problems {lo}-{lo + len(chunk) - 1} "
-                      f"acc {sum(float(r.get('correct', 0)) for r in recs) / len(recs):.2f}", flush=True)
+                      f"acc {sum(acc) / len(acc):.2f}", flush=True)
     print(report(cfg, out, dest))
 
 

@@ -152,7 +152,8 @@ class Perplexity:
     num_tokens: int
 
 
-def perplexity(token_logps: Sequence[float] | np.ndarray, mask: Sequence[float] | np.ndarray | None = None) -> Perplexity:
+def perplexity(token_logps: Sequence[float] | np.ndarray,
+               mask: Sequence[float] | np.ndarray | None = None) -> Perplexity:
     """Perplexity of target tokens: exp(−Σ mask·log p / Σ mask).
 
     token_logps: [...] log p of each token under the model (any shape; e.g. [B, T] with padding); mask: the same

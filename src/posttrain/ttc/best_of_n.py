@@ -88,7 +88,8 @@ def _as_candidate(item: Any, where: str) -> Candidate:
     if isinstance(item, dict) and "text" in item:
         num, fwd = item.get("num_tokens"), item.get("forward_tokens")
         return Candidate(text=item["text"], token_logps=item.get("token_logps"),
-                         num_tokens=None if num is None else int(num), forward_tokens=None if fwd is None else float(fwd))
+                         num_tokens=None if num is None else int(num),
+                         forward_tokens=None if fwd is None else float(fwd))
     raise TypeError(f"{where}: expected a Candidate, a dict with 'text', or a str; got {type(item).__name__}")
 
 
@@ -109,12 +110,12 @@ def _generate(prompts: Sequence[str], generate: GenerateFn, n: int) -> list[list
 
 def _cost(candidates: Sequence[Candidate]) -> int | None:
     counts = [c.generated_tokens for c in candidates]
-    return None if any(c is None for c in counts) else sum(counts)
+    return sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None
 
 
 def _forward(candidates: Sequence[Candidate]) -> float | None:
     counts = [c.forward_tokens for c in candidates]
-    return None if any(c is None for c in counts) else float(sum(counts))
+    return float(sum(c for c in counts if c is not None)) if all(c is not None for c in counts) else None
 
 
 def _timed(results: list[TTCResult], start: float) -> list[TTCResult]:

@@ -5,8 +5,8 @@ Notation (paper -> code):
     x_{1:t}           -> a particle: the prompt's completion after t reasoning steps (a step ends at a step
                          delimiter token, e.g. a newline, after `step_tokens` tokens, or at the stop token)
     p_M(x_t | x_<t)   -> the language model at `temperature` (the transition / proposal)
-    r̂(x_{1:t})        -> `score(prompts, partial completions)`: a reward model (posttrain's `reward_function`), a
-                         verifier, or any callable; its value enters as a log-potential log g_t = r̂ / `reward_temperature`
+    r̂(x_{1:t})        -> `score(prompts, partial completions)`: a reward model (posttrain's `reward_function`),
+                         a verifier, or any callable; it enters as the log-potential log g_t = r̂ / `reward_temperature`
     N                 -> `num_particles`
 
 State-space view: the particles target π(x) ∝ p_M(x) · Π_t g_t(x_{1:t}), with the potential g_t either
@@ -167,9 +167,8 @@ class ParticleFilter:
                     u = torch.rand(B * N, generator=gen, dtype=torch.float64)  # one per row, every token
                     probs = torch.softmax(logits.double() / params.temperature, dim=-1)
                     cdf = probs.cumsum(-1)
-                    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-                    tok = tok.clamp(max=probs.shape[-1] - 1).tolist()
-                    logits = batch.feed(tok, in_step)
+                    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+                    logits = batch.feed(drawn.clamp(max=probs.shape[-1] - 1).tolist(), in_step)
                     for i in range(B * N):
                         if not in_step[i]:
                             continue

@@ -144,7 +144,8 @@ class ScalablePowerSampler:
             logq = torch.log_softmax(alpha * logits.double(), dim=-1) if params.rollout == "low_temperature" else logp
             u = torch.rand(len(first), generator=gen, dtype=torch.float64)
             cdf = logq.exp().cumsum(-1)
-            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=logq.shape[-1] - 1)
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            tok = tok.clamp(max=logq.shape[-1] - 1)
             lp = logp.gather(-1, tok[:, None]).squeeze(-1)
             lq = logq.gather(-1, tok[:, None]).squeeze(-1)
             act = torch.tensor(active)
@@ -209,5 +210,5 @@ class ScalablePowerSampler:
         group = lambda xs: [xs[b * n:(b + 1) * n] for b in range(len(prompt_ids))]  # noqa: E731
         return ScalablePowerOutput(token_ids=group(ids), target_logps=group(logps), texts=group(texts),
                                    finish_reasons=group(finish), forward_tokens=batch.forward_tokens + rollout_tokens,
-                                   computed_tokens=batch.computed_tokens + rollout_computed, rollout_tokens=rollout_tokens,
-                                   wall_s=time.perf_counter() - start)
+                                   computed_tokens=batch.computed_tokens + rollout_computed,
+                                   rollout_tokens=rollout_tokens, wall_s=time.perf_counter() - start)
