@@ -46,3 +46,25 @@ def test_selection_results_carry_the_generators_forward_tokens(setup):
     for results in (majority_of_n(texts, generate, n=3), best_of_n(texts, generate, lambda p, c: [0.0] * len(c), n=3)):
         assert sum(r.forward_tokens for r in results) == pytest.approx(generate.last.forward_tokens)
         assert all(r.wall_s > 0 for r in results)
+
+
+def test_particles_with_a_saved_reward_model(setup, tmp_path):
+    """Particle filtering scored by a reward model saved the way `posttrain reward` saves it: every particle is
+    scored once per step it takes, and the chosen particle is one of the final ones."""
+    import torch
+
+    from posttrain.models.reward_model import build_reward_model
+
+    model, tok, task = setup
+    rm, rm_tok = build_reward_model("tiny")
+    with torch.no_grad():
+        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    problems = task.problems(2, 0)
+    out = evaluate(model, tok, task, problems, "particles", options=DecodeOptions(max_new_tokens=6, seed=1),
+                   num_samples=3, reward_model=str(tmp_path / "rm"), keep_samples=True, step_tokens=2)
+    m = out["metrics"]
+    assert 2 * 3 <= m["scored_texts"] <= 2 * 3 * 6  # each particle: one score per step, 1 to 6 steps
+    assert all(r["selected"] in range(3) for r in out["problems"])
+    assert m["strategy"].startswith("particles")
