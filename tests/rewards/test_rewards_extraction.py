@@ -33,6 +33,11 @@ from posttrain.rewards.text import final_answer_line, last_number
     ("on 2/3/2024", "2024"),  # a date is not a fraction
     ("\u0664\u0662", "42"),  # Arabic-Indic digits
     ("v2 is 7", "7"),
+    ("00012", "12"),  # leading zeros
+    ("007.50", "7.50"),
+    ("1e5", "100000"),  # scientific notation
+    ("2.5e-3", "0.0025"),
+    ("1,0000", "0"),  # not a thousands group: "1" and "0000"
     ("none", None),
     ("", None),
 ])

@@ -13,7 +13,8 @@ _ANSWER_TAG = re.compile(r"<answer>(?P<answer>.*?)</answer>", re.DOTALL)
 # digits with comma thousands groups (exactly three digits each: "1,234" but not "1,2,3"), an optional decimal
 # part, or a bare decimal part (".5"); or a fraction a/b. Unicode minus signs are mapped to "-" first.
 _NUMBER = re.compile(r"(?<![\w)\]}.])(?:(?<![\w)\]}])-)?"
-                     r"(?:(?<!/)\d+/\d+(?![\d/])|\d{1,3}(?:,\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+                     r"(?:(?<!/)\d+/\d+(?![\d/])|\d{1,3}(?:,\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+                     r"(?:[eE][+-]?\d+(?![\w.]))?")
 _FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
 _MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
 
@@ -69,7 +70,8 @@ def last_number(text: str) -> str | None:
 
     Thousands separators are removed ("1,234" -> "1234", but "1,2,3" is three numbers -> "3"), "4.0" becomes "4",
     ".5" becomes "0.5", a Unicode minus (U+2212) is a minus, a hyphen between two numbers is not a sign ("3-5" ->
-    "5"), fractions stay fractions ("1/2", "\\frac{1}{2}" -> "1/2"), non-ASCII digits become ASCII.
+    "5"), fractions stay fractions ("1/2", "\\frac{1}{2}" -> "1/2"), non-ASCII digits become ASCII, leading zeros
+    go ("007" -> "7") and scientific notation is written out ("1e5" -> "100000").
     """
     text = _FRAC.sub(lambda m: f" {m.group(1)}/{m.group(2)} ", _ascii_digits(text).translate(_MINUS))
     matches = _NUMBER.findall(text)
@@ -79,10 +81,15 @@ def last_number(text: str) -> str | None:
     if "/" in number:
         return number
     sign, digits = ("-", number[1:]) if number.startswith("-") else ("", number)
+    if "e" in digits.lower():  # scientific notation: written out
+        value = float(digits)
+        digits = str(int(value)) if value.is_integer() and abs(value) < 1e18 else repr(value)
     if digits.startswith("."):
         digits = "0" + digits
     if "." in digits and float(digits).is_integer():
         digits = digits.split(".")[0]
+    whole, dot, frac = digits.partition(".")
+    digits = (whole.lstrip("0") or "0") + dot + frac
     if sign and float(digits) == 0:
         sign = ""
     return sign + digits
