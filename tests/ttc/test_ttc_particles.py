@@ -92,6 +92,16 @@ def test_constant_reward_is_plain_sampling_and_steps_end_at_delimiters(toy):
     assert out.computed_tokens >= out.forward_tokens and out.wall_s > 0
 
 
+def test_max_reward_selects_the_highest_final_score(toy):
+    lm, _ = toy
+    out = ParticleFilter(lm, eos_token_ids=[EOS]).generate(
+        [PROMPT] * 20, score, ParticleParams(num_particles=6, max_new_tokens=T, step_tokens=1, select="max_reward",
+                                             seed=5))
+    for res in out.results:
+        assert res.rewards == [reward(tuple(ids)) for ids in res.token_ids]
+        assert res.chosen == max(range(6), key=lambda i: (res.rewards[i], -i))
+
+
 def test_validation():
     with pytest.raises(ValueError, match="potential"):
         ParticleParams(potential="sum")

@@ -140,7 +140,8 @@ def _particles(model, tokenizer, problems, texts, task: Task, n: int, options: D
     newline = tuple(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
     params = ParticleParams(num_particles=n, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             step_tokens=step_tokens, step_stop_ids=newline,
-                            potential="product" if reward_model else "last", seed=options.seed)
+                            potential="product" if reward_model else "last", select="max_reward",
+                            seed=options.seed)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = ParticleFilter(model, tokenizer).generate(ids, score, params, prompts=list(texts))
     decoded = Decoded([[t or "" for t in r.texts] for r in out.results], [r.token_ids for r in out.results],

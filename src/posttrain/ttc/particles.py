@@ -19,8 +19,9 @@ A particle that has ended (stop token or length limit) takes no further potentia
 particle by one step, weight it by g_t, and resample the N particles of a prompt multinomially in proportion to
 their weights (`resample="every_step"`, as the paper) or only when the effective sample size drops below N/2
 (`resample="ess"`). After the last step the prompt's answer is the particle with the largest weight
-(`select="max_weight"`), a draw from the weights (`"sample"`), or a weighted vote over extracted answers, done by
-the caller from `weights`.
+(`select="max_weight"`), the one whose own last score r̂ is highest (`"max_reward"`: with "product" potentials a
+particle that ended in an earlier step carries fewer factors, so its weight is not comparable with the others'),
+a draw from the weights (`"sample"`), or a weighted vote over extracted answers, done by the caller from `weights`.
 
 Exactness: this is a standard sequential Monte Carlo sampler, so Ẑ = Π_t mean_i(weight_i,t) is an unbiased
 estimate of Z = Σ_x p_M(x) Π_t g_t(x), and the weighted particles converge to π as N grows. tests/ttc check both on
@@ -61,7 +62,7 @@ class ParticleParams:
     reward_temperature: float = 1.0
     potential: Literal["product", "last"] = "product"
     resample: Literal["every_step", "ess"] = "every_step"
-    select: Literal["max_weight", "sample"] = "max_weight"
+    select: Literal["max_weight", "max_reward", "sample"] = "max_weight"
     stop_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
 
@@ -71,7 +72,7 @@ class ParticleParams:
         if not self.temperature > 0 or not self.reward_temperature > 0:
             raise ValueError("temperature and reward_temperature must be > 0")
         for key, allowed in (("potential", ("product", "last")), ("resample", ("every_step", "ess")),
-                             ("select", ("max_weight", "sample"))):
+                             ("select", ("max_weight", "max_reward", "sample"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         object.__setattr__(self, "step_stop_ids", tuple(int(t) for t in self.step_stop_ids))
@@ -81,13 +82,15 @@ class ParticleParams:
 
 @dataclass(frozen=True)
 class ParticleResult:
-    """One prompt's final particles. token_ids / texts: [N]; weights: [N] normalized final weights; chosen: the
+    """One prompt's final particles. token_ids / texts: [N]; weights: [N] normalized final weights; rewards: [N]
+    each particle's last score r̂; chosen: the
     selected particle's index; log_z: log Ẑ, the log of the unbiased estimate of Z; steps: reasoning steps taken;
     resamples: how many steps resampled."""
 
     token_ids: list[list[int]]
     texts: list[str | None]
     weights: list[float]
+    rewards: list[float]
     chosen: int
     log_z: float
     steps: int
@@ -220,11 +223,14 @@ class ParticleFilter:
             w = torch.softmax(lw, dim=0)
             if params.select == "max_weight":
                 chosen = int(torch.argmax(w))
+            elif params.select == "max_reward":
+                chosen = int(torch.argmax(last_r[b * N:(b + 1) * N]))
             else:
                 chosen = _multinomial(w, 1, gen)[0]
             ids = [batch.tokens[b * N + j] for j in range(N)]
             results.append(ParticleResult(token_ids=ids, texts=[self._view(t) if self.tokenizer else None for t in ids],
-                                          weights=w.tolist(), chosen=chosen, log_z=log_z[b], steps=steps,
+                                          weights=w.tolist(), rewards=last_r[b * N:(b + 1) * N].tolist(),
+                                          chosen=chosen, log_z=log_z[b], steps=steps,
                                           resamples=resamples))
         return ParticleOutput(results=results, forward_tokens=batch.forward_tokens,
                               computed_tokens=batch.computed_tokens, scored_texts=scored,
