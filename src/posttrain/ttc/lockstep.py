@@ -14,10 +14,23 @@ per active row per step); `computed_tokens` adds the padding and waiting positio
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import DynamicCache
+
+from posttrain.generation.sampler import eos_ids_of
+
+
+def stop_and_pad(model: nn.Module, tokenizer=None, eos_token_ids: Sequence[int] | None = None,
+                 pad_token_id: int | None = None) -> tuple[tuple[int, ...], int]:
+    """(stop ids, pad id) of a sampler: the given EOS ids, else the tokenizer's / model config's; the given pad,
+    else the tokenizer's, else the first EOS, else 0."""
+    eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model, tokenizer)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return eos, int(pad_token_id if pad_token_id is not None else (eos or (0,))[0])
 
 
 class LockstepBatch:

@@ -42,8 +42,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from posttrain.generation.sampler import draw_seed, eos_ids_of
-from posttrain.ttc.lockstep import LockstepBatch
+from posttrain.generation.sampler import draw_seed
+from posttrain.ttc.lockstep import LockstepBatch, stop_and_pad
 
 ScoreFn = Callable[[list, list], Sequence[float]]
 
@@ -127,10 +127,7 @@ class ParticleFilter:
     def __init__(self, model: nn.Module, tokenizer=None, *, eos_token_ids: Sequence[int] | None = None,
                  pad_token_id: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model, tokenizer)
-        if pad_token_id is None:
-            pad_token_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        self.pad_token_id = int(pad_token_id if pad_token_id is not None else (self.eos_token_ids or (0,))[0])
+        self.eos_token_ids, self.pad_token_id = stop_and_pad(model, tokenizer, eos_token_ids, pad_token_id)
 
     def _view(self, ids: list[int]):
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else list(ids)

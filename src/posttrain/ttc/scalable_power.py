@@ -33,8 +33,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from posttrain.generation.sampler import FINISH_EOS, FINISH_LENGTH, draw_seed, eos_ids_of
-from posttrain.ttc.lockstep import LockstepBatch
+from posttrain.generation.sampler import FINISH_EOS, FINISH_LENGTH, draw_seed
+from posttrain.ttc.lockstep import LockstepBatch, stop_and_pad
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,7 @@ class ScalablePowerSampler:
     def __init__(self, model: nn.Module, tokenizer=None, *, eos_token_ids: Sequence[int] | None = None,
                  pad_token_id: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model, tokenizer)
-        if pad_token_id is None:
-            pad_token_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        self.pad_token_id = int(pad_token_id if pad_token_id is not None else (self.eos_token_ids or (0,))[0])
+        self.eos_token_ids, self.pad_token_id = stop_and_pad(model, tokenizer, eos_token_ids, pad_token_id)
 
     def _rollout_weights(self, batch: LockstepBatch, rows: list[int], cands: torch.Tensor, params, stop: set[int],
                          gen: torch.Generator, lengths: list[int]) -> tuple[torch.Tensor, int, int]:
