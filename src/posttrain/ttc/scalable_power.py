@@ -131,8 +131,9 @@ class ScalablePowerSampler:
         budget = [min(params.horizon, params.max_new_tokens - lengths[r] - 1)
                   for r in rows for _ in range(K * M)]
         acc = torch.zeros(R * K * M, dtype=torch.float64)
-        fed = [True] * len(first)
-        logits = branch.feed(first, fed)
+        if not any(alive):  # every candidate ends the sequence: no future to look at
+            return log_w, 0, 0
+        logits = branch.feed(first, alive)  # a stop candidate (or one at the length limit) is not fed
         for step in range(params.horizon):
             active = [a and step < b for a, b in zip(alive, budget)]
             if not any(active):
