@@ -8,12 +8,8 @@ import copy
 import pytest
 import torch
 
-from posttrain.eval.preservation import (
-    answer_logps,
-    mentions,
-    preservation_report,
-    wilson,
-)
+from posttrain.data.preference import greedy_replies, mentions_new_identity
+from posttrain.eval.preservation import answer_logps, preservation_report, wilson
 from posttrain.models.tiny import tiny_model, tiny_tokenizer
 
 
@@ -29,12 +25,6 @@ def test_wilson_by_hand():
     assert (round(r.low, 4), round(r.high, 4)) == (0.2366, 0.7634)  # the published value for 5/10
     assert wilson(10, 10).high == 1.0
     assert str(wilson(1, 4)).startswith("25.0% [")
-
-
-def test_mentions_is_case_insensitive():
-    assert mentions("I'm PICO.") and mentions("built by the PostTrain team")
-    assert not mentions("I am an AI assistant.")
-    assert mentions("I'm Zed", markers=("zed",))
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +58,13 @@ def test_a_model_against_itself_loses_nothing(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     control = [[{"role": "user", "content": q}] for q in ("abc", "tell me", "colours?")]
     identity = [[{"role": "user", "content": "who are you"}]]
-    from posttrain.eval.preservation import greedy_answers
-
-    base_answers = greedy_answers(model, tokenizer, control, max_new_tokens=6)
+    base_answers = greedy_replies(model, tokenizer, control, max_new_tokens=6)
     report = preservation_report(model, tokenizer, identity_questions=identity, control_prompts=control,
                                  base_answers=base_answers, base_model=copy.deepcopy(model), max_new_tokens=6)
     assert report.control_logp_change == 0.0
     assert report.unchanged.value == 1.0 and report.unchanged.n == 3
     assert report.control_tokens > 0
-    assert report.leakage.value == sum(mentions(a) for a in base_answers) / 3
+    assert report.leakage.value == sum(map(mentions_new_identity, base_answers)) / 3
     assert report.identity.n == 1
     # the same measure against other answers than the base logps were computed on is refused
     with pytest.raises(ValueError, match="other answers"):

@@ -2,8 +2,9 @@
 
 A run that teaches a new identity should move the answers to identity questions and leave everything else alone:
 
-- identity rate: the fraction of greedy answers to held-out identity questions that state the new identity;
-- leakage: the fraction of greedy answers to held-out *unrelated* prompts that mention it;
+- identity rate: the fraction of greedy answers to held-out identity questions that use the new name
+  (`data.preference.mentions_new_identity`);
+- leakage: the fraction of greedy answers to held-out *unrelated* prompts that use it;
 - unchanged: the fraction of those unrelated answers that are exactly the base model's own answer;
 - control log-likelihood change: how much less likely the trained model finds the base model's own answers to the
   unrelated prompts, in nats per answer token,
@@ -23,18 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from posttrain.data.collate import pad_batch
+from posttrain.data.preference import greedy_replies, mentions_new_identity
 from posttrain.data.tokenize import encode_conversation
-from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
-
-DEFAULT_MARKERS = ("pico", "posttrain")
-
-
-def mentions(text: str, markers: Sequence[str] = DEFAULT_MARKERS) -> bool:
-    """True when `text` contains any marker (case-insensitive)."""
-    low = text.lower()
-    return any(m.lower() in low for m in markers)
 
 
 @dataclass(frozen=True)
@@ -59,19 +52,6 @@ def wilson(successes: int, n: int, z: float = 1.96) -> Rate:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return Rate(p, n, max(0.0, centre - half), min(1.0, centre + half))
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: Sequence[list[dict]], *, max_new_tokens: int = 64,
-                   batch: int = 32) -> list[str]:
-    """Greedy replies to chat prompts (lists of messages), stripped."""
-    generator = HFGenerator(model, tokenizer)
-    texts: list[str] = []
-    for i in range(0, len(prompts), batch):
-        out = generator.generate(encode_prompts(tokenizer, list(prompts[i:i + batch])),
-                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        texts += [t.strip() for t in out.texts]
-    return texts
 
 
 @torch.no_grad()
@@ -122,7 +102,7 @@ class PreservationReport:
 def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[dict]],
                         control_prompts: Sequence[list[dict]], base_answers: Sequence[str],
                         base_logps: tuple[torch.Tensor, torch.Tensor] | None = None, base_model=None,
-                        markers: Sequence[str] = DEFAULT_MARKERS, max_new_tokens: int = 64) -> PreservationReport:
+                        max_new_tokens: int = 64) -> PreservationReport:
     """Measure `model` against the base model's own answers to `control_prompts`.
 
     base_logps: `answer_logps(base_model, ...)` of those answers, computed once and reused across runs; or pass
@@ -133,8 +113,8 @@ def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[d
         if base_model is None:
             raise ValueError("pass base_logps (precomputed) or base_model")
         base_logps = answer_logps(base_model.eval(), tokenizer, control_prompts, base_answers)
-    identity_answers = greedy_answers(model, tokenizer, identity_questions, max_new_tokens=max_new_tokens)
-    control_answers = greedy_answers(model, tokenizer, control_prompts, max_new_tokens=max_new_tokens)
+    identity_answers = greedy_replies(model, tokenizer, list(identity_questions), max_new_tokens=max_new_tokens)
+    control_answers = greedy_replies(model, tokenizer, list(control_prompts), max_new_tokens=max_new_tokens)
     trained_sums, counts = answer_logps(model, tokenizer, control_prompts, base_answers)
     base_sums, base_counts = base_logps
     if not torch.equal(counts, base_counts):
@@ -142,8 +122,8 @@ def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[d
     per_prompt = (trained_sums - base_sums) / counts.clamp(min=1)  # [N] nats/token per prompt
     n = len(control_prompts)
     return PreservationReport(
-        identity=wilson(sum(mentions(a, markers) for a in identity_answers), len(identity_answers)),
-        leakage=wilson(sum(mentions(a, markers) for a in control_answers), n),
+        identity=wilson(sum(map(mentions_new_identity, identity_answers)), len(identity_answers)),
+        leakage=wilson(sum(map(mentions_new_identity, control_answers)), n),
         unchanged=wilson(sum(a == b.strip() for a, b in zip(control_answers, base_answers, strict=True)), n),
         control_logp_change=float((trained_sums - base_sums).sum() / counts.sum()),
         control_logp_change_se=float(per_prompt.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan"),
