@@ -6,25 +6,44 @@ raises, it retries each completion on its own (so one bad completion does not ze
 completions, logs a warning, and counts them in `counters` ({"reward_errors": n, "reward_timeouts": m}: numbers of
 completions whose reward was substituted). A recipe logs `pop_counters()` once per step.
 
-A timed-out call runs in a daemon thread that is abandoned, not killed (Python cannot kill a thread): a reward that
-hangs forever leaks one idle thread. Rewards that run untrusted code use the sandbox, which kills its processes.
+A timed-out call stops all its work before the guard returns (within `stop_grace_s`): the call's cancel token
+(cancel.py) is set, so the sandboxes it started are killed and no new ones start (run_many returns the rest at
+once), and the thread is interrupted with an exception raised into it at its next Python instruction. Only a call
+blocked inside C code that never returns (no timeout, no Python frame) can outlive that; it is logged as leaked.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.rewards.cancel import CancelToken, cancel_scope
 from posttrain.rewards.combine import RewardFunc, reward_name
 
 log = logging.getLogger(__name__)
 
 
 class RewardTimeout(Exception):
-    pass
+    """A reward call overran its time limit."""
+
+
+class RewardCancelled(BaseException):
+    """Raised inside an abandoned reward call's thread to stop it (a BaseException: `except Exception` in reward
+    code does not swallow it)."""
+
+
+STOP_GRACE_S = 5.0  # how long a timed-out call gets to wind down (kill its sandboxes, unwind) before it is leaked
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise RewardCancelled in `thread` at its next Python instruction."""
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(RewardCancelled))
 
 
 @dataclass(frozen=True)
@@ -38,18 +57,32 @@ def _call_with_timeout(func: RewardFunc, timeout_s: float | None, kwargs: dict[s
     if timeout_s is None:
         return func(**kwargs)
     box: dict[str, Any] = {}
+    token = CancelToken()
+    finished = threading.Event()
 
     def target() -> None:
         try:
-            box["value"] = func(**kwargs)
+            with cancel_scope(token):
+                box["value"] = func(**kwargs)
         except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread below
             box["error"] = e
+        finally:
+            finished.set()
 
     thread = threading.Thread(target=target, name=f"reward-{reward_name(func)}", daemon=True)
     thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
+    if not finished.wait(timeout_s):
+        token.cancel()  # sandboxes started by the call die, queued ones never start
+        for _ in range(int(STOP_GRACE_S / 0.05)):
+            if finished.is_set():
+                break
+            _interrupt(thread)  # again each time: reward code may catch it once
+            time.sleep(0.05)
+        if not finished.is_set():
+            log.warning("reward %s: the timed-out call did not stop within %g s; its thread is left behind",
+                        reward_name(func), STOP_GRACE_S)
         raise RewardTimeout(f"no result after {timeout_s:g} s")
+    thread.join()
     if "error" in box:
         raise box["error"]
     return box["value"]
