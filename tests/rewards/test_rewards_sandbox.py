@@ -405,6 +405,12 @@ print("uid", os.getuid(), flush=True)
 while True:
     pass
 """, "", config)
+    stdlib = Path(os.__file__).resolve().parent
+    if any(os.stat(p).st_mode & 0o005 != 0o005 for p in [stdlib, *stdlib.parents]):
+        # Python lives where other users cannot read it (e.g. a 0700 home): correct code could not import the
+        # standard library, so the degraded mode refuses clearly instead of scoring every candidate 0.
+        assert result.status == "error" and "cannot read the Python standard library" in result.error
+        return
     assert result.status == "timeout"
     assert "unprivileged_uid" in result.isolation and "pid_namespace" not in result.isolation
     assert "blocked PermissionError" in result.stdout_tail and "uid 0" not in result.stdout_tail

@@ -305,9 +305,9 @@ def _child(cfg, report_fd, job_fd, ns_mode, ns_error):
 def _require_readable_stdlib(uid):
     """Without a private root the fresh uid sees the host's files: refuse clearly if it cannot read the standard
     library (a Python installed under a 0700 home), where even `import math` would fail and correct code score 0."""
-    stdlib = os.path.dirname(os.__file__)
-    for path in (stdlib, os.path.join(stdlib, "lib-dynload")):
-        if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+    stdlib = os.path.dirname(os.__file__)  # where this interpreter loaded `os` from: it exists
+    for path in (stdlib, os.path.join(stdlib, "encodings")):
+        if not os.access(path, os.R_OK | os.X_OK):
             raise PermissionError(
                 f"degraded mode (no namespaces): the sandbox's uid {uid} cannot read the Python standard library at "
                 f"{path} (a folder above it is not readable by other users, e.g. a 0700 home), so correct code "
@@ -450,6 +450,7 @@ def _judge(cfg, report_fd, job_fd):
         try:
             os.close(report_fd)  # before any candidate code: the verdict descriptor never exists in its process
             os.close(job_fd)
+            _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # only the judge needs shielding; /proc/self works as usual
             os.close(call_w)
             os.close(reply_r)
             if cfg["python_guards"]:
@@ -467,12 +468,12 @@ def _judge(cfg, report_fd, job_fd):
         os._exit(1)
     if cfg["python_guards"]:
         _python_guards()
-    passed = _run_tests(tests, pid, call_w, reply_r, report_fd)
+    passed = _run_tests(tests, pid, call_w, reply_r, report_fd, cfg["limits"]["cpu_s"])
     _flush_stdio()
     os.close(call_w)  # the candidate's process flushes its output and exits
     try:
         os.waitpid(pid, 0)
-    except ChildProcessError:  # already reaped after it died during a call
+    except ChildProcessError:  # already reaped after it died
         pass
     if passed:
         _report(report_fd, verdict="passed")
@@ -533,7 +534,7 @@ _PASSED_ON = {name for name, value in vars(builtins).items()
               and name not in ("StopIteration", "StopAsyncIteration")}
 
 
-def _run_tests(job, pid, call_w, reply_r, report_fd):
+def _run_tests(job, pid, call_w, reply_r, report_fd, cpu_s):
     """Run the trusted source, then the tests, with the candidate's functions replaced by proxies; True if the
     tests finished. The candidate's objects never reach this process: only plain values decoded here do."""
     import linecache
@@ -541,11 +542,12 @@ def _run_tests(job, pid, call_w, reply_r, report_fd):
     readline = _line_reader(reply_r)
 
     def candidate_gone(during):
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):  # e.g. RLIMIT_CPU's SIGKILL: the parent reports it as a timeout
-            os.write(2, f"the candidate's process was killed by signal {os.WTERMSIG(status)} {during}\n".encode())
-            _report(report_fd, candidate_signal=os.WTERMSIG(status))
-            os._exit(128 + os.WTERMSIG(status))
+        _, status, usage = os.wait4(pid, 0)
+        if os.WIFSIGNALED(status):
+            signal_number = os.WTERMSIG(status)
+            if usage.ru_utime + usage.ru_stime >= 0.9 * cpu_s:  # RLIMIT_CPU's kill: the parent reports a timeout
+                _report(report_fd, candidate_signal=signal_number)
+            raise RuntimeError(f"the candidate's process was killed by signal {signal_number} {during}")
         raise RuntimeError(f"the candidate's process ended (exit status {os.WEXITSTATUS(status)}) {during}")
 
     def proxy(name):

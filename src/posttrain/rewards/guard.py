@@ -40,6 +40,17 @@ class RewardCancelled(BaseException):
 STOP_GRACE_S = 5.0  # how long a timed-out call gets to wind down (kill its sandboxes, unwind) before it is leaked
 
 
+def _stop(thread: threading.Thread, finished: threading.Event, name: str) -> None:
+    """Keep interrupting an abandoned call's thread (reward code may catch the exception) until it ends."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    while not finished.wait(0.05):
+        if time.monotonic() > deadline:
+            log.warning("reward %s: the timed-out call did not stop within %g s (blocked outside Python?); its "
+                        "thread is left behind", name, STOP_GRACE_S)
+            return
+        _interrupt(thread)
+
+
 def _interrupt(thread: threading.Thread) -> None:
     """Raise RewardCancelled in `thread` at its next Python instruction."""
     if thread.ident is not None:
@@ -72,15 +83,11 @@ def _call_with_timeout(func: RewardFunc, timeout_s: float | None, kwargs: dict[s
     thread = threading.Thread(target=target, name=f"reward-{reward_name(func)}", daemon=True)
     thread.start()
     if not finished.wait(timeout_s):
-        token.cancel()  # sandboxes started by the call die, queued ones never start
-        for _ in range(int(STOP_GRACE_S / 0.05)):
-            if finished.is_set():
-                break
-            _interrupt(thread)  # again each time: reward code may catch it once
-            time.sleep(0.05)
-        if not finished.is_set():
-            log.warning("reward %s: the timed-out call did not stop within %g s; its thread is left behind",
-                        reward_name(func), STOP_GRACE_S)
+        token.cancel()  # sandboxes started by the call die within one poll, queued ones never start
+        _interrupt(thread)
+        if not finished.wait(0.1):  # the rest of the winding down happens beside the next step
+            threading.Thread(target=_stop, args=(thread, finished, reward_name(func)), daemon=True,
+                             name=f"reward-stop-{reward_name(func)}").start()
         raise RewardTimeout(f"no result after {timeout_s:g} s")
     thread.join()
     if "error" in box:
