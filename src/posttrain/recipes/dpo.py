@@ -43,10 +43,12 @@ from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.data.order import micro_batches, step_units
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
+from posttrain.train.guards import NonFiniteGuard, grad_norm
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.run_dir import open_run
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
 )
@@ -104,6 +106,8 @@ class DPOConfig(RunOptions):
             raise ConfigError(f"key 'ref_sync_alpha' must be in (0, 1], got {self.ref_sync_alpha}.")
         if self.lr <= 0:
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -339,10 +343,11 @@ def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
 
 def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
     # All data is read and validated before a model is loaded or anything is written.
     train_data = load_dataset_file(config.train_file, "dpo")
     eval_data = load_dataset_file(config.eval_file, "dpo") if config.eval_file else None
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
@@ -431,6 +436,13 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     train_ref = ref_logps_for("train")
     summary: dict[str, Any] = {"ref/kind": kind, "ref/cache_seconds": t_cache}
     t_last, pairs_since, tokens_since = time.perf_counter(), 0.0, 0.0
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+
+    def save(done: int) -> None:
+        if d.is_main:
+            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                     scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
+        barrier(d)
 
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_pairs), config.seed)
@@ -454,10 +466,10 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
             seen_tokens += batch.num_tokens
             for key, value in _metric_sums(out).items():
                 sums[key] = sums.get(key, 0.0) + value
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
-        optimizer.step()
-        scheduler.step()
+        norm = grad_norm(model.parameters(), config.max_grad_norm)
+        if guard.ok(loss_sum, norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
@@ -474,7 +486,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         if done % config.logging_steps == 0 or done == total_steps:
             now = time.perf_counter()
             metrics = {"train/loss": loss, **{f"train/{k}": all_reduce_sum(sums[k], d) / global_batch for k in _METRICS},
-                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(norm), **guard.metrics(),
                        "train/pairs_per_s": pairs_since / max(now - t_last, 1e-9),
                        "train/tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                        "train/epoch": done * global_batch / len(train_pairs), "ref/syncs": syncs}
@@ -484,20 +496,19 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         progress.update(loss=loss, acc=summary.get("train/rewards/accuracies", 0.0))
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
-        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
-            if d.is_main:
-                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                         scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
-            barrier(d)
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != total_steps):
+            save(done)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
 
     if eval_pairs:
         eval_metrics = eval_now()
         logger.log(total_steps, eval_metrics)
         summary.update(eval_metrics)
+    save(total_steps)
     if d.is_main:
-        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
         save_final(model, tokenizer, out_dir / "final")
     barrier(d)
     logger.close()

@@ -30,10 +30,13 @@ from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import init_distributed
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.train.checkpoint import atomic_write_text
+from posttrain.train.distributed import run_distributed
+from posttrain.train.guards import NonFiniteGuard, grad_norm
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.run_dir import open_run
 from posttrain.train.rl import (
     PromptPool, PromptSource, SequenceBatch, StageTimer, build_rewards, compute_rewards, rollout_batch,
 )
@@ -100,6 +103,11 @@ class GRPOConfig(RunOptions, PromptSource):
         for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (GRPO samples its groups; 0 would make every sample "
+                              f"of a group the same greedy answer), got {self.temperature}.")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"keys 'top_p' must be in (0, 1] and 'top_k' >= 0, got {self.top_p} and {self.top_k}.")
         if self.is_level not in ("none", "token", "sequence"):
             raise ConfigError(f"key 'is_level' must be none, token or sequence, got {self.is_level!r}.")
         if self.ratio_against not in ("trainer", "sampler"):
@@ -201,15 +209,21 @@ def _merge(parts: list[SequenceBatch]) -> SequenceBatch:
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
-    d = init_distributed(config.device)
+    return run_distributed(_run, config, resume)
+
+
+def _run(config: GRPOConfig, resume: str | None, d) -> dict[str, Any]:
     if d.enabled:
         raise PosttrainError("posttrain grpo runs in one process for now (generation is not yet split across "
                              "ranks); launch it without torchrun / accelerate.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
     reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+    check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
@@ -239,6 +253,11 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     G = config.num_generations
     timer = StageTimer()
     summary: dict[str, Any] = {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+
+    def save(done: int) -> None:
+        save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                 scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
 
     def evaluate(step: int) -> None:
         if not held_out:
@@ -268,11 +287,12 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if sampled["kept"]:
             metrics.update(_update(sampled["kept"], model, logps_fn, ref_fn, optimizer, scheduler, config, estimator,
-                                   preset, opts, G, timer))
+                                   preset, opts, G, timer, guard))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
         metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics.update(guard.metrics())
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
@@ -280,13 +300,14 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
         progress.update(reward=metrics["reward/mean"], pass_rate=metrics["pass_rate"])
         if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
             evaluate(done)
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
-            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                     scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
+            save(done)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     evaluate(config.max_steps)
-    save_training_checkpoint(out_dir, config.max_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
+    save(config.max_steps)
     save_final(model, tokenizer, out_dir / "final")
     logger.close()
     summary["final_dir"] = str(out_dir / "final")
@@ -294,7 +315,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
 
 
 def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOConfig, estimator, preset, opts, G,
-            timer) -> dict[str, float]:
+            timer, guard: NonFiniteGuard) -> dict[str, float]:
     """Advantages, old/ref log-probs, and μ passes of micro-batched updates over the kept groups."""
     batch = _merge([k["batch"] for k in kept])
     rewards = torch.cat([k["rewards"] for k in kept])  # [B', G]
@@ -331,7 +352,9 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
+    applied = False
     for _ in range(config.updates_per_batch):
+        pass_loss = 0.0
         for i, s in enumerate(slices):
             with timer("update"):
                 out = score(logps_fn, i, temperature=temperature, with_entropy=True)
@@ -346,6 +369,7 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
                 result = preset(out.logps, old, advantages[s], mask, counts=counts, is_weights=is_w,
                                 ref_logps=ref_logps[s] if ref_logps is not None else None, **opts)
                 result.loss.backward()
+            pass_loss += float(result.loss.detach())
             n = float(mask.sum())
             weight_sum += n
             for k, v in {**result.metrics(), **stats.metrics(),
@@ -355,13 +379,15 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
                 else:
                     totals[k] = totals.get(k, 0.0) + v * n
         with timer("update"):
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                         if config.max_grad_norm > 0 else torch.tensor(float("nan")))
-            optimizer.step()
+            norm = grad_norm(model.parameters(), config.max_grad_norm)
+            if guard.ok(pass_loss, norm):  # a NaN/inf pass is skipped, not applied
+                optimizer.step()
+                applied = True
             optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if applied:
+        scheduler.step()
     metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in totals.items()}
-    metrics["grad_norm"] = float(grad_norm)
+    metrics["grad_norm"] = float(norm)
     metrics["advantage/abs_mean"] = float(advantages.abs().mean())
     metrics["update/sequences"] = float(N)
     return metrics

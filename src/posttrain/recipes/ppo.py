@@ -29,10 +29,13 @@ from posttrain.models.value import ValueModel
 from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import init_distributed
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.train.checkpoint import atomic_write_text
+from posttrain.train.distributed import run_distributed
+from posttrain.train.guards import NonFiniteGuard, grad_norm
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.run_dir import open_run
 from posttrain.train.rl import (
     PromptPool, PromptSource, StageTimer, build_rewards, completion_view, compute_rewards, rollout_batch,
 )
@@ -73,6 +76,8 @@ class PPOConfig(RunOptions, PromptSource):
         for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (PPO samples its rollouts), got {self.temperature}.")
 
 
 def load_reward_fns(config: PPOConfig) -> list:
@@ -84,13 +89,18 @@ def load_reward_fns(config: PPOConfig) -> list:
 
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
-    d = init_distributed(config.device)
+    return run_distributed(_run, config, resume)
+
+
+def _run(config: PPOConfig, resume: str | None, d) -> dict[str, Any]:
     if d.enabled:
         raise PosttrainError("posttrain ppo runs in one process for now; launch it without torchrun / accelerate.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
     rows, _ = config.prompt_rows()
     reward_fns = load_reward_fns(config)
+    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(), checkpoint=checkpoint)
@@ -121,6 +131,12 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc="ppo")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+
+    def save(done: int) -> None:
+        save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                 scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
+                                 modules={"critic": critic})
 
     for step in range(start_step, config.max_steps):
         indices = pool.take(config.prompts_per_step)
@@ -167,17 +183,18 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                                      epsilon_low=config.epsilon, epsilon_high=config.epsilon)
                     vf = clipped_value_loss(completion_view(values, sub), old_values_c[idx], est.returns[idx], m,
                                             clip_range=config.value_clip)
-                    (pg.loss + config.vf_coef * vf.loss).backward()
-                    grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                                 if config.max_grad_norm > 0 else torch.tensor(float("nan")))
-                    optimizer.step()
-                    scheduler.step()
+                    loss = pg.loss + config.vf_coef * vf.loss
+                    loss.backward()
+                    norm = grad_norm(params, config.max_grad_norm)
+                    if guard.ok(loss, norm):  # a NaN/inf minibatch step is skipped, not applied
+                        optimizer.step()
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 updates += 1
                 for k, v in {**{f"policy/{k}": v for k, v in pg.metrics().items()},
                              "value/loss": vf.loss.item(), "value/clip_frac": float(vf.clip_frac),
                              "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
-                             "grad_norm": float(grad_norm)}.items():
+                             "grad_norm": float(norm)}.items():
                     totals[k] = totals.get(k, 0.0) + v
         kl_seq = (torch.where(mask, old_logps_c - ref_logps_c, 0.0)).sum(1)  # [N] sequence KL (k1)
         metrics = {k: v / updates for k, v in totals.items()}
@@ -186,21 +203,20 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
             "reward/non_score_mean": float(torch.where(mask, token_rewards, 0.0).sum(1).mean() - scores.mean()),
             "kl/sequence_mean": float(kl_seq.mean()), "value/explained_variance": float(vf.explained_variance),
             "completion/mean_length": float(batch.completion_lengths.float().mean()),
-            "train/lr": scheduler.get_last_lr()[0], **timer.pop(),
+            "train/lr": scheduler.get_last_lr()[0], **timer.pop(), **guard.metrics(),
         })
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
         summary.update(metrics)
         progress.update(score=metrics["reward/score_mean"], kl=metrics["kl/sequence_mean"])
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
-            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                     scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
-                                     modules={"critic": critic})
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
+            save(done)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
-    save_training_checkpoint(out_dir, config.max_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
-                             modules={"critic": critic})
+    save(config.max_steps)
     save_final(model, tokenizer, out_dir / "final")
     logger.close()
     summary["final_dir"] = str(out_dir / "final")

@@ -165,3 +165,32 @@ class GuardedReward:
         with self._lock:
             counters, self.counters = self.counters, {"reward_errors": 0, "reward_timeouts": 0}
         return counters
+
+
+def required_columns(func: Any) -> list[str]:
+    """The dataset columns a TRL-style reward cannot run without: its keyword parameters without defaults (besides
+    prompts and completions). Looks through GuardedReward and callable objects."""
+    import inspect
+
+    target = func.func if isinstance(func, GuardedReward) else func
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in ("prompts",
+            "completions") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_reward_columns(reward_fns: list, rows: list[dict[str, Any]], source: str) -> None:
+    """Raise DataError naming the row and the column when a row lacks a column one of the rewards needs (so a run
+    stops before its model loads, instead of a silent zero-reward step and a KeyError later)."""
+    from posttrain.errors import DataError
+
+    for func in reward_fns:
+        needed = required_columns(func)
+        for index, row in enumerate(rows):
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise DataError(f"{source}, row {index + 1}: no column {', '.join(repr(c) for c in missing)}, which "
+                                f"reward {reward_name(func)!r} needs (it reads {', '.join(needed)}).")
+

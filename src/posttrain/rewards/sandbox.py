@@ -44,9 +44,9 @@ are not seen, callables cannot be passed), which is how HumanEval's tests use th
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
-import contextvars
 import math
 import os
 import selectors
