@@ -44,15 +44,17 @@ class DiskFullError(PosttrainError):
 
 
 def _is_disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a failed write failed for lack of space. torch.save reports ENOSPC as an iostream or zip-position
+    RuntimeError, so a failure while the file system is (nearly) full counts too; call this before the partial
+    output is removed."""
     for error in (e, e.__cause__, e.__context__):
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-    text = str(e).lower()
-    if "no space left" in text:
+    if "no space left" in str(e).lower():
         return True
-    if "write" in text and "fail" in text:  # torch.save reports ENOSPC as "file write failed"
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(where).free < (1 << 20)
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(where)
+        return usage.free < max(1 << 20, usage.total // 200)
     return False
 
 
@@ -77,8 +79,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
     except BaseException as e:
+        full = isinstance(e, Exception) and not isinstance(e, PosttrainError) and _is_disk_full(e, final.parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and not isinstance(e, PosttrainError) and _is_disk_full(e, final.parent):
+        if full:
             raise DiskFullError(f"no space left on device while writing '{final}'; it was not written and the "
                                 "earlier checkpoints are kept. Free some space and resume with --resume.") from e
         raise
@@ -258,8 +261,8 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str) -> Path:
             return path
         log.warning("checkpoint %s is damaged (%s); removing it and falling back to an older one", path, problem)
         remove_tree_atomic(path)
-    raise PosttrainError(f"--resume: no intact checkpoint under '{Path(output_dir) / 'checkpoints'}' to resume "
-                         "from. Start the run without --resume (add overwrite=true to replace what is there).")
+    raise PosttrainError(f"--resume: no intact checkpoint under '{Path(output_dir) / 'checkpoints'}'; nothing to "
+                         "resume. Start the run without --resume (add overwrite=true to replace what is there).")
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
