@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -21,30 +22,55 @@ STEPS = 10
 KILLS = 12
 
 
-def _start(args: list[str], log: Path, pause_in_checkpoint: bool) -> int:
-    """Fork a child that runs `posttrain sft args` and exits with its status."""
-    pid = os.fork()
-    if pid == 0:  # the child: no pytest machinery, just the run
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            if pause_in_checkpoint:
-                os.environ["POSTTRAIN_FAULT_PAUSE"] = "checkpoint:30"
-            else:
+def _start(args: list[str], log: Path, pause_in_checkpoint: bool, world_size: int = 1) -> list[int]:
+    """Fork `world_size` children that run `posttrain sft args` together (torchrun's environment, gloo) and exit
+    with its status; returns their pids."""
+    env = {"POSTTRAIN_FAULT_PAUSE": "checkpoint:30"} if pause_in_checkpoint else {}
+    if world_size > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                   LOCAL_WORLD_SIZE=str(world_size))
+    pids = []
+    for rank in range(world_size):
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery, just the run
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
                 os.environ.pop("POSTTRAIN_FAULT_PAUSE", None)
-            from posttrain.cli import main
+                os.environ.update(env)
+                if world_size > 1:
+                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+                from posttrain.cli import main
 
-            code = main(args)
-        except BaseException:  # noqa: BLE001
-            code = 99
-        os._exit(code)
-    return pid
+                code = main(args)
+            except BaseException:  # noqa: BLE001
+                code = 99
+            os._exit(code)
+        pids.append(pid)
+    return pids
 
 
-def _wait(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+def _wait(pids: list[int]) -> int:
+    """0 if every process succeeded, -SIGKILL if any was killed, else the first failure's status."""
+    codes = []
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+    if -signal.SIGKILL in codes:
+        return -signal.SIGKILL
+    return next((c for c in codes if c != 0), 0)
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _writing(out: Path) -> bool:
@@ -57,45 +83,48 @@ def _temporaries(folder: Path) -> list[Path]:
             any(m in p.name for m in (".tmp-", ".old-", ".deleting"))]
 
 
-def test_random_sigkills_then_resume_are_bit_identical_and_leave_no_temporaries(rb, tmp_path):
+def _campaigns(rb, tmp_path: Path, world_size: int, kills_wanted: int, seed: int) -> tuple[int, int]:
+    """Kill-and-resume campaigns until `kills_wanted` kills landed; every campaign must end bit-identical to an
+    uninterrupted run with no temporary folder left. Returns (kills, kills inside a checkpoint write)."""
     data = rb.sft_data(tmp_path)
     common = ["sft", f"train_file={data}", *rb.sft_common, f"max_steps={STEPS}", "save_steps=1",
-              "grad_accum_steps=2", "logging_steps=1"]
+              "grad_accum_steps=2" if world_size == 1 else "grad_accum_steps=1", "logging_steps=1"]
+    log = tmp_path / "runs.log"
+    # one run in this process first: every module a run needs is then imported before the forks, which start in ms
+    assert rb.sft(data, tmp_path / "warm", "max_steps=1") == 0
     ref = tmp_path / "ref"
     t0 = time.monotonic()
-    assert _wait(_start([*common, f"output_dir={ref}", "keep_last=0"], tmp_path / "ref.log", False)) == 0
+    assert _wait(_start([*common, f"output_dir={ref}", "keep_last=0"], log, False, world_size)) == 0, \
+        log.read_text()[-3000:]
     duration = time.monotonic() - t0
     reference = {p.name: p for p in list_checkpoints(ref)}
     assert len(reference) == STEPS
 
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     kills = in_write = campaigns = 0
-    while kills < KILLS:  # a campaign: one output folder, killed at random points until its run completes
+    while kills < kills_wanted:  # a campaign: one output folder, killed at random points until its run completes
         campaigns += 1
         assert campaigns <= 6, "runs kept finishing before the kills landed"
         out = tmp_path / f"victim{campaigns}"
         while not (out / "final").exists():
             resume = ["--resume"] if list_checkpoints(out) else []
-            inside = kills < KILLS and rng.random() < 0.5
-            pid = _start([*common, f"output_dir={out}", "keep_last=2", *resume], tmp_path / "victim.log", inside)
+            inside = kills < kills_wanted and rng.random() < 0.5
+            pids = _start([*common, f"output_dir={out}", "keep_last=2", *resume], log, inside, world_size)
             if inside:  # the hook holds the next checkpoint write open: its temporary folder is half-written
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + 120
                 while not _writing(out):
-                    assert time.monotonic() < deadline, (tmp_path / "victim.log").read_text()[-3000:]
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(0.002)
-                os.kill(pid, signal.SIGKILL)
-            elif kills < KILLS:
+                _kill(pids)
+            elif kills < kills_wanted:
                 time.sleep(rng.uniform(0.0, duration / 2))
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            code = _wait(pid)
+                _kill(pids)
+            code = _wait(pids)
             if code == -signal.SIGKILL:
                 kills += 1
                 in_write += inside
             else:
-                assert code == 0, (tmp_path / "victim.log").read_text()[-3000:]
+                assert code == 0, log.read_text()[-3000:]
             # whatever the kill left, every checkpoint under a valid name equals the reference's of that step
             for path in list_checkpoints(out):
                 assert rb.same_weights(path, reference[path.name]), path
@@ -103,4 +132,17 @@ def test_random_sigkills_then_resume_are_bit_identical_and_leave_no_temporaries(
         assert _temporaries(out) == []
         steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
         assert steps == list(range(1, STEPS + 1))  # the resumed log reads as one run
+    print(f"world_size={world_size}: {kills} kills ({in_write} inside a checkpoint write) over {campaigns} "
+          f"campaign(s)")
+    return kills, in_write
+
+
+def test_random_sigkills_then_resume_are_bit_identical_and_leave_no_temporaries(rb, tmp_path):
+    kills, in_write = _campaigns(rb, tmp_path, world_size=1, kills_wanted=KILLS, seed=1234)
+    assert kills >= 10 and in_write >= 3, (kills, in_write)
+
+
+def test_random_sigkills_of_a_two_process_run(rb, tmp_path):
+    """The same for a 2-process data-parallel (DDP, gloo) run: both processes die together, as a job does."""
+    kills, in_write = _campaigns(rb, tmp_path, world_size=2, kills_wanted=KILLS, seed=99)
     assert kills >= 10 and in_write >= 3, (kills, in_write)
