@@ -566,7 +566,7 @@ def run_dpo_demo_stage(
     config = DPOConfig(train_file=str(train_file), eval_file=str(heldout_file), model=model_path_or_name,
                        output_dir=str(out_dir), loss="sigmoid", beta=beta, sft_weight=sft_weight, lora_r=lora_r, lr=lr,
                        max_steps=max_steps, micro_batch_size=micro_batch_size, max_length=160,
-                       tensorboard=False, progress=progress, keep_last=1)
+                       tensorboard=False, progress=progress, keep_last=1, overwrite=True)
     config.validate()
     summary = run(config)
     model, tokenizer = load_model(summary["final_dir"])
