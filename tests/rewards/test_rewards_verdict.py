@@ -264,7 +264,7 @@ def test_a_timed_out_python_reward_thread_is_stopped():
             try:
                 while True:
                     pass
-            except Exception:  # a reward that swallows ordinary exceptions still stops
+            except Exception:  # noqa: BLE001, S110 -- a reward that swallows ordinary exceptions still stops
                 pass
 
     reward = GuardedReward(spin, timeout_s=0.3, per_item_retry=False)

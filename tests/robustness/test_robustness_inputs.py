@@ -42,7 +42,7 @@ def test_the_cli_reports_bad_utf8_with_exit_2_and_writes_nothing(tmp_path, capsy
 
 @pytest.mark.parametrize("recipe", ["grpo", "ppo"])
 def test_rl_data_missing_a_reward_column_fails_before_the_model_loads(tmp_path, capsys, monkeypatch, recipe):
-    import posttrain.train.state as state
+    from posttrain.train import state
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")

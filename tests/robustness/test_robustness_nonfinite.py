@@ -11,7 +11,12 @@ import torch
 
 from posttrain.errors import PosttrainError
 from posttrain.train.checkpoint import list_checkpoints, load_state
-from posttrain.train.guards import NonFiniteError, NonFiniteGuard, check_finite_weights, grad_norm
+from posttrain.train.guards import (
+    NonFiniteError,
+    NonFiniteGuard,
+    check_finite_weights,
+    grad_norm,
+)
 from posttrain.train.logging import read_metrics
 from posttrain.train.optim import build_optimizer, build_scheduler
 
