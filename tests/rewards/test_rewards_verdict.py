@@ -307,3 +307,15 @@ def test_degraded_mode_runs_correct_code_or_refuses_clearly():
     else:  # e.g. Python under a 0700 home: refused as a sandbox error (reward None), never scored 0
         assert scores == [None] and result.status == "error"
         assert "cannot read the Python standard library" in result.error
+
+
+def test_the_reward_grpo_builds_scores_forgeries_zero(isolated):
+    """The same guarantee through the path GRPO and PPO use: build_rewards -> GuardedReward(CodeReward)."""
+    from posttrain.rewards import build_rewards
+
+    (reward,) = build_rewards(["code"], {"code": {"config": SandboxConfig(timeout_s=10.0)}}, timeout_s=60.0)
+    completions = [_program(FRAME_WALK, WRONG), _program(ALWAYS_EQUAL, "    return Anything()\n"),
+                   _program(INT_SUBCLASS, "    return Int(0)\n"), _program("", RIGHT)]
+    n = len(completions)
+    assert reward(prompts=[STUB] * n, completions=completions, test=[TEST] * n, entry_point=["add"] * n) == \
+        [0.0, 0.0, 0.0, 1.0]

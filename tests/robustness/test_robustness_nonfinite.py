@@ -206,3 +206,30 @@ def test_grpo_skips_nan_steps_and_stops(tmp_path, monkeypatch, capsys):
 
 def test_nonfinite_error_is_a_posttrain_error():
     assert issubclass(NonFiniteError, PosttrainError)  # the CLI prints it and exits 2
+
+
+def test_diffusion_training_skips_nan_steps_and_stops(tmp_path, monkeypatch, capsys):
+    import posttrain.diffusion.recipe as recipe
+    from posttrain.cli import main
+
+    original, calls = recipe.denoising_loss, {"n": 0}
+
+    def nan_after_two(*args, **kwargs):
+        calls["n"] += 1
+        out = original(*args, **kwargs)
+        if calls["n"] > 2:
+            out = type(out)(**{k: v * float("nan") if torch.is_tensor(v) and v.is_floating_point() else v
+                               for k, v in out.__dict__.items()})
+        return out
+
+    monkeypatch.setattr(recipe, "denoising_loss", nan_after_two)
+    out = tmp_path / "diff"
+    code = main(["diffusion", "train", "max_steps=20", "save_every=1", "keep_last=0", "log_every=1", "hidden_dim=16",
+                 "num_layers=1", "batch_size=8", "num_data_samples=200", "warmup_steps=0", "num_eval_samples=10",
+                 "num_inference_steps=5", "max_nonfinite_steps=3", f"output_dir={out}"])
+    assert code == 2 and "3 optimizer steps in a row at step 5" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(out)] == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+    assert not (out / "model").exists()
+    three, two = (load_state(list_checkpoints(out)[i]) for i in (2, 1))  # step 3 was skipped: state unchanged
+    assert all(torch.equal(three["optimizer"]["state"][i][k], two["optimizer"]["state"][i][k])
+               for i in two["optimizer"]["state"] for k in two["optimizer"]["state"][i])
