@@ -6,10 +6,11 @@ raises, it retries each completion on its own (so one bad completion does not ze
 completions, logs a warning, and counts them in `counters` ({"reward_errors": n, "reward_timeouts": m}: numbers of
 completions whose reward was substituted). A recipe logs `pop_counters()` once per step.
 
-A timed-out call stops all its work before the guard returns (within `stop_grace_s`): the call's cancel token
-(cancel.py) is set, so the sandboxes it started are killed and no new ones start (run_many returns the rest at
-once), and the thread is interrupted with an exception raised into it at its next Python instruction. Only a call
-blocked inside C code that never returns (no timeout, no Python frame) can outlive that; it is logged as leaked.
+A timed-out call stops all its work: its cancel token (sandbox.cancel_scope) is set, so the sandboxes it started
+are killed within one poll (50 ms) and no new ones start (run_many returns the rest at once), and its thread is
+interrupted by an exception raised into it at its next Python instruction, again every 50 ms for up to
+STOP_GRACE_S (reward code may catch one), while the guard itself returns after at most 0.1 s more. Only a call
+blocked inside C code that never returns can outlive that; it is logged as left behind.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.rewards.cancel import CancelToken, cancel_scope
 from posttrain.rewards.combine import RewardFunc, reward_name
+from posttrain.rewards.sandbox import CancelToken, cancel_scope
 
 log = logging.getLogger(__name__)
 

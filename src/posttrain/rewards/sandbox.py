@@ -44,6 +44,7 @@ are not seen, callables cannot be passed), which is how HumanEval's tests use th
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -57,12 +58,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-from posttrain.rewards.cancel import CancelToken, current_token
 
 _CHILD = str(Path(__file__).with_name("_sandbox_child.py"))
 _FULL_ISOLATION = ("pid_namespace", "network_namespace", "private_root_fs", "no_new_privs")
@@ -72,6 +71,45 @@ _STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "error")
 _UID_BASE = 1_600_000_000
 _uid_lock = threading.Lock()
 _uid_counter = 0
+
+
+# --- cancellation: a reward call abandoned by its guard (guard.py) stops the sandboxes it started ------------------
+# The guard runs each reward call in a thread inside `cancel_scope(token)`; run_sandboxed reads `current_token()`
+# and, once it is cancelled, kills its processes within one poll interval and starts no new ones. run_many's pool
+# threads inherit the token through contextvars.copy_context(). (Here rather than in a module of its own so that
+# this file keeps importing nothing but the standard library.)
+
+class CancelToken:
+    """Set once; read from any thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask every piece of work started under this token to stop."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+_current: contextvars.ContextVar[CancelToken | None] = contextvars.ContextVar("posttrain_cancel", default=None)
+
+
+def current_token() -> CancelToken | None:
+    """The token of the reward call running in this context, if any."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def cancel_scope(token: CancelToken) -> Iterator[CancelToken]:
+    """Run the body with `token` as the current token (in this thread's context)."""
+    reset = _current.set(token)
+    try:
+        yield token
+    finally:
+        _current.reset(reset)
 
 
 @dataclass(frozen=True)
@@ -360,7 +398,7 @@ def run_many(
     max_workers: int | None = None,
 ) -> list[SandboxResult]:
     """Run (candidate, tests) or (candidate, tests, trusted, entry_points) jobs in parallel, at most `max_workers`
-    at a time (default: 2 per CPU, at most 8). Under a cancelled token (cancel.py) the rest return at once."""
+    at a time (default: 2 per CPU, at most 8). Under a cancelled token (cancel_scope) the rest return at once."""
     if not jobs:
         return []
 
