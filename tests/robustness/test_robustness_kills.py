@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -20,49 +19,6 @@ from posttrain.train.logging import read_metrics
 
 STEPS = 10
 KILLS = 12
-
-
-def _start(args: list[str], log: Path, pause_in_checkpoint: bool, world_size: int = 1) -> list[int]:
-    """Fork `world_size` children that run `posttrain sft args` together (torchrun's environment, gloo) and exit
-    with its status; returns their pids."""
-    env = {"POSTTRAIN_FAULT_PAUSE": "checkpoint:30"} if pause_in_checkpoint else {}
-    if world_size > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-                   LOCAL_WORLD_SIZE=str(world_size))
-    pids = []
-    for rank in range(world_size):
-        pid = os.fork()
-        if pid == 0:  # the child: no pytest machinery, just the run
-            try:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                os.environ.pop("POSTTRAIN_FAULT_PAUSE", None)
-                os.environ.update(env)
-                if world_size > 1:
-                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-                from posttrain.cli import main
-
-                code = main(args)
-            except BaseException:  # noqa: BLE001
-                code = 99
-            os._exit(code)
-        pids.append(pid)
-    return pids
-
-
-def _wait(pids: list[int]) -> int:
-    """0 if every process succeeded, -SIGKILL if any was killed, else the first failure's status."""
-    codes = []
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        codes.append(os.waitstatus_to_exitcode(status))
-    if -signal.SIGKILL in codes:
-        return -signal.SIGKILL
-    return next((c for c in codes if c != 0), 0)
 
 
 def _kill(pids: list[int]) -> None:
@@ -94,7 +50,7 @@ def _campaigns(rb, tmp_path: Path, world_size: int, kills_wanted: int, seed: int
     assert rb.sft(data, tmp_path / "warm", "max_steps=1") == 0
     ref = tmp_path / "ref"
     t0 = time.monotonic()
-    assert _wait(_start([*common, f"output_dir={ref}", "keep_last=0"], log, False, world_size)) == 0, \
+    assert rb.wait_runs(rb.start_runs([*common, f"output_dir={ref}", "keep_last=0"], log, False, world_size)) == 0, \
         log.read_text()[-3000:]
     duration = time.monotonic() - t0
     reference = {p.name: p for p in list_checkpoints(ref)}
@@ -109,7 +65,7 @@ def _campaigns(rb, tmp_path: Path, world_size: int, kills_wanted: int, seed: int
         while not (out / "final").exists():
             resume = ["--resume"] if list_checkpoints(out) else []
             inside = kills < kills_wanted and rng.random() < 0.5
-            pids = _start([*common, f"output_dir={out}", "keep_last=2", *resume], log, inside, world_size)
+            pids = rb.start_runs([*common, f"output_dir={out}", "keep_last=2", *resume], log, inside, world_size)
             if inside:  # the hook holds the next checkpoint write open: its temporary folder is half-written
                 deadline = time.monotonic() + 120
                 while not _writing(out):
@@ -119,7 +75,7 @@ def _campaigns(rb, tmp_path: Path, world_size: int, kills_wanted: int, seed: int
             elif kills < kills_wanted:
                 time.sleep(rng.uniform(0.0, duration / 2))
                 _kill(pids)
-            code = _wait(pids)
+            code = rb.wait_runs(pids)
             if code == -signal.SIGKILL:
                 kills += 1
                 in_write += inside

@@ -209,8 +209,8 @@ def test_nonfinite_error_is_a_posttrain_error():
 
 
 def test_diffusion_training_skips_nan_steps_and_stops(tmp_path, monkeypatch, capsys):
-    import posttrain.diffusion.recipe as recipe
     from posttrain.cli import main
+    from posttrain.diffusion import recipe
 
     original, calls = recipe.denoising_loss, {"n": 0}
 
@@ -233,3 +233,25 @@ def test_diffusion_training_skips_nan_steps_and_stops(tmp_path, monkeypatch, cap
     three, two = (load_state(list_checkpoints(out)[i]) for i in (2, 1))  # step 3 was skipped: state unchanged
     assert all(torch.equal(three["optimizer"]["state"][i][k], two["optimizer"]["state"][i][k])
                for i in two["optimizer"]["state"] for k in two["optimizer"]["state"][i])
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(rb, tmp_path):
+    """2 processes (DDP, gloo): only rank 1's loss is NaN at step 2; both ranks must skip it, or their weights part."""
+    data = rb.sft_data(tmp_path)
+    assert rb.sft(data, tmp_path / "warm", "max_steps=1") == 0  # imports paid before the forks
+
+    def nan_on_rank_1(rank: int) -> None:
+        if rank == 1:  # (a forked child: its patch dies with it)
+            from posttrain.recipes import sft as sft_recipe
+
+            _nan_at(pytest.MonkeyPatch(), sft_recipe, "sft_loss", {2})
+
+    args = ["sft", f"train_file={data}", *rb.sft_common, "max_steps=3", "save_steps=1", "keep_last=0",
+            "grad_accum_steps=1"]
+    pids = rb.start_runs([*args, f"output_dir={tmp_path / 'two'}"], tmp_path / "log", False, 2, nan_on_rank_1)
+    assert rb.wait_runs(pids) == 0, (tmp_path / "log").read_text()[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["train/nonfinite_skipped"] for r in rows] == [0.0, 1.0, 0.0]  # rank 0 logs rank 1's skip
+    steps = list_checkpoints(tmp_path / "two")
+    assert rb.same_weights(steps[0], steps[1])  # nothing applied at step 2
+    assert not rb.same_weights(steps[1], steps[2])
