@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,8 @@ def start_runs(args: list[str], log: Path, pause_in_checkpoint: bool, world_size
                 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 -- lives as long as the child
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest capture stays behind)
                 os.environ.pop("POSTTRAIN_FAULT_PAUSE", None)
                 os.environ.update(env)
                 if world_size > 1:
@@ -74,6 +77,8 @@ def start_runs(args: list[str], log: Path, pause_in_checkpoint: bool, world_size
                 code = main(args)
             except BaseException:  # noqa: BLE001
                 code = 99
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
         pids.append(pid)
     return pids

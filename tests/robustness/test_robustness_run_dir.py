@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from posttrain.train.checkpoint import list_checkpoints
 from posttrain.train.logging import MetricsLogger, read_metrics
 from posttrain.train.run_dir import open_run
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _steps(run: Path) -> list[str]:
     return [p.name for p in list_checkpoints(run)]
@@ -30,22 +27,26 @@ def _steps(run: Path) -> list[str]:
 def test_a_second_live_run_into_the_same_folder_is_refused(rb, tmp_path, capsys):
     data = rb.sft_data(tmp_path)
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time
-from posttrain.train.run_dir import open_run
-run = open_run({str(out)!r}, resume=None)
-print("locked", flush=True)
-time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    ready_r, ready_w = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # another live run holding the folder
+        try:
+            open_run(out, resume=None)
+            os.write(ready_w, b"locked")
+            time.sleep(60)
+        finally:
+            os._exit(0)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert os.read(ready_r, 16) == b"locked"
         assert rb.sft(data, out, "max_steps=2") == 2
         err = capsys.readouterr().err
-        assert f"in use by another run (pid {holder.pid})" in err
+        assert f"in use by another run (pid {holder})" in err
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the second run was written
     finally:
-        holder.kill()
-        holder.wait()
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+        os.close(ready_r)
+        os.close(ready_w)
     assert rb.sft(data, out, "max_steps=2") == 0  # the kernel released the dead holder's lock
 
 
@@ -172,19 +173,17 @@ def test_metrics_logger_drops_a_truncated_last_line_on_resume(tmp_path, caplog):
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(rb, tmp_path):
     data = rb.sft_data(tmp_path)
     steps = ["max_steps=40", "save_steps=0", "logging_steps=1"]
-    assert rb.sft(data, tmp_path / "ref", *steps) == 0
+    assert rb.sft(data, tmp_path / "ref", *steps) == 0  # also: the fork below starts with everything imported
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "sft", f"train_file={data}", *rb.sft_common,
-                             *steps, f"output_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    log = tmp_path / "run.log"
+    (pid,) = rb.start_runs(["sft", f"train_file={data}", *rb.sft_common, *steps, f"output_dir={out}"], log, False)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or len(read_metrics(out / "metrics.jsonl")) < 3:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+        assert time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGINT)
+    assert rb.wait_runs([pid]) == 130, log.read_text()[-2000:]
+    assert "interrupted; stopped after step" in log.read_text()
     saved = _steps(out)
     assert len(saved) == 1 and not (out / "final").exists()
     step = int(saved[0].split("-")[1])
