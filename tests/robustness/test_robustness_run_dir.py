@@ -205,3 +205,15 @@ def test_open_run_refuses_and_cleans_consistently(tmp_path):
     with pytest.raises(Exception, match="no intact checkpoint"):
         open_run(tmp_path / "y", resume="latest")
     assert json.dumps(sorted(p.name for p in (tmp_path / "y").iterdir())) == json.dumps([".lock", "checkpoints"])
+
+
+def test_a_truncated_model_is_caught_even_without_a_manifest(rb, tmp_path):
+    out = tmp_path / "run"
+    assert rb.sft(rb.sft_data(tmp_path), out, "max_steps=1", "save_steps=1") == 0
+    folder = list_checkpoints(out)[-1]
+    assert ckpt.checkpoint_problem(folder) is None
+    (folder / ckpt.MANIFEST_FILE).unlink()  # as an older checkpoint, with no list of sizes
+    model = folder / "model" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-100])
+    assert ckpt.checkpoint_problem(folder) == "model/model.safetensors is truncated (its tensors end past the end " \
+                                              "of the file)"

@@ -234,12 +234,34 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path.relative_to(checkpoint)} {problem}"
     try:
         state = load_state(checkpoint)
     except Exception as e:  # noqa: BLE001 -- any failure to load means the checkpoint is unusable
         return f"{STATE_FILE} does not load ({type(e).__name__}: {e})"
     if not isinstance(state, dict) or "step" not in state:
         return f"{STATE_FILE} holds no step"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes it indexes: a truncated
+    file is shorter than the header says (checked without reading the tensors)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 + header_len:
+                return "is truncated (shorter than its header)"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as e:
+        return f"is unreadable ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + header_len + max(ends, default=0) > size:
+        return "is truncated (its tensors end past the end of the file)"
     return None
 
 
