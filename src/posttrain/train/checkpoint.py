@@ -152,12 +152,18 @@ def save_checkpoint(
         save_model(tmp)
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
         _fault_point("checkpoint")
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}) + "\n")
+        write_manifest(tmp, step)
     if keep_last and keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             remove_tree_atomic(old)
     return final
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """`checkpoint.json`: the step and the size of every file in the folder (written last, inside the temporary
+    folder; any layout that writes a checkpoint folder calls it, e.g. train.sharded)."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}) + "\n")
 
 
 def _fault_point(name: str) -> None:

@@ -30,12 +30,6 @@ def _finite(value: Any) -> bool:
     return math.isfinite(float(value))
 
 
-def grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The global gradient norm, clipping to `max_norm` when it is > 0 (0 = measure only: the norm is still needed
-    to spot a non-finite gradient; scaling by 1 leaves the gradients bit-identical)."""
-    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm if max_norm > 0 else float("inf"))
-
-
 class NonFiniteGuard:
     """Counts skipped steps; see the module docstring. `d` is the recipe's train.distributed.Dist (None: one
     process)."""
