@@ -26,6 +26,7 @@ from torch import nn
 from posttrain.errors import PosttrainError
 from posttrain.train.checkpoint import (
     STATE_FILE,
+    _fault_point,
     atomic_dir,
     checkpoint_dir,
     list_checkpoints,
@@ -86,6 +87,7 @@ def save_sharded_checkpoint(
         tmp = stack.enter_context(atomic_dir(final)) if d.is_main else None
         tmp = Path(all_gather_objects(str(tmp) if tmp else None, d)[0])
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        _fault_point("checkpoint")
         torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
         if d.is_main:
             torch.save({"scheduler": scheduler.state_dict(), "extra": extra or {}, "step": step, "rng": rng_state()},
