@@ -11,14 +11,10 @@ import torch
 
 from posttrain.errors import PosttrainError
 from posttrain.train.checkpoint import list_checkpoints, load_state
-from posttrain.train.guards import (
-    NonFiniteError,
-    NonFiniteGuard,
-    check_finite_weights,
-    grad_norm,
-)
+from posttrain.train.guards import NonFiniteError, NonFiniteGuard, check_finite_weights
 from posttrain.train.logging import read_metrics
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.parallel import clip_grad_norm as grad_norm
 
 
 def _state(optimizer) -> dict:
