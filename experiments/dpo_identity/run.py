@@ -120,7 +120,7 @@ def main() -> None:
         start = overrides.pop("start_from", None)  # another method's final model: π_0 = π_ref = that model
         model_name = str(out_root / start / "final") if start else cfg["model"]
         config = DPOConfig(train_file=str(train_file), eval_file=str(heldout_file), model=model_name,
-                           output_dir=str(out_root / name), progress=False, tensorboard=False,
+                           output_dir=str(out_root / name), progress=False, tensorboard=False, overwrite=True,
                            **{**cfg["common"], **overrides})
         config.validate()
         summary = run(config)

@@ -40,7 +40,8 @@ def main() -> None:
     out = Path(a.out)
     results = {"common": spec["common"], "runs": {}}
     for name, variant in spec["variants"].items():
-        values = {**spec["common"], **variant, "output_dir": str(Path(spec["run_root"]) / name), "progress": False}
+        values = {**spec["common"], **variant, "output_dir": str(Path(spec["run_root"]) / name), "progress": False,
+                  "overwrite": True}
         if a.steps:
             values["max_steps"] = a.steps
         config = build_config(GRPOConfig, values, source=f"{a.config}:{name}")

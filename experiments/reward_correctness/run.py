@@ -53,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         config = RewardConfig(train_file=str(ROOT / cfg["train_file"]), eval_file=str(ROOT / cfg["heldout_file"]),
                               output_dir=str(ROOT / cfg["output_root"] / name), progress=False, tensorboard=False,
-                              **keys)
+                              overwrite=True, **keys)
         config.validate()
         summary = run(config)
         seconds = time.perf_counter() - t0

@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except PosttrainError as e:
         print(f"posttrain {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"posttrain {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a recipe stopped by Ctrl-C says where its checkpoint is
+        print(f"posttrain {name}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

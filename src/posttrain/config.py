@@ -199,8 +199,10 @@ class RunOptions:
     lora_alpha: int = field(32, help="LoRA alpha")
     lora_dropout: float = field(0.0, help="LoRA dropout")
     lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
-    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
-    device: str = field("auto", help="auto, cpu or cuda")
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="float32, bfloat16 or float16 (the half types are for GPUs)")
+    device: Literal["auto", "cpu", "cuda"] = field(
+        "auto", help="auto, cpu or cuda (cuda when none is available is an error)")
     parallelism: Literal["none", "ddp", "fsdp2"] = field(
         "ddp", help="data parallelism under torchrun: ddp (whole model per rank; a no-op in one process), fsdp2 "
                     "(parameters, gradients and optimizer state sharded; needs torchrun) or none")
@@ -211,9 +213,41 @@ class RunOptions:
     seed: int = field(0, help="seed for data / prompt order, sampling and initialization")
     logging_steps: int = field(1, help="log every N steps")
     save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = field(2, help="checkpoints kept")
+    keep_last: int = field(2, help="checkpoints kept (the newest ones); 0 = keep all")
     tensorboard: bool = field(True, help="also log to TensorBoard")
     progress: bool = field(True, help="show a progress bar")
+    max_nonfinite_steps: int = field(5, help="stop with an error after this many optimizer steps in a row whose loss "
+                                             "or gradient norm is NaN/inf (each such step is skipped, not applied)")
+    overwrite: bool = field(False, help="start over in an output_dir that holds another run's checkpoints or final "
+                                        "model, deleting them (without it such a folder is refused; --resume "
+                                        "continues it)")
+
+    def __post_init__(self) -> None:
+        self.validate_run_options()
+
+    def validate_run_options(self) -> None:
+        """Refuse values that cannot mean anything (negative counts, a zero logging interval)."""
+        for key in ("lora_r", "warmup_steps", "save_steps", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)}.")
+        for key in ("logging_steps", "max_nonfinite_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.max_grad_norm >= 0:  # also refuses NaN
+            raise ConfigError(f"key 'max_grad_norm' must be >= 0 (0 = no clipping), got {self.max_grad_norm}.")
+        if self.lora_r > 0 and self.lora_alpha <= 0:
+            raise ConfigError(f"key 'lora_alpha' must be > 0, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"key 'dtype' must be one of float32, bfloat16, float16, got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"key 'device' must be one of auto, cpu, cuda, got {self.device!r}.")
+        model = getattr(self, "model", None)
+        if isinstance(model, str) and model.startswith("tiny"):
+            from posttrain.models.loading import check_model_name
+
+            check_model_name(model)
 
     def model_options(self) -> dict[str, Any]:
         """The keywords of `train.state.prepare_model` these options set (dtype and LoRA)."""

@@ -174,7 +174,7 @@ def stage_sft(ctx: DemoContext) -> Section:
     run_dir = ctx.out / "sft"
     summary = run_sft(SFTConfig(train_file=str(data), model=ctx.model_path, output_dir=str(run_dir), max_length=256,
                                 packing=True, micro_batch_size=4, epochs=c.sft_epochs, lr=c.sft_lr, warmup_steps=2,
-                                seed=c.seed, logging_steps=1, tensorboard=False))
+                                seed=c.seed, logging_steps=1, tensorboard=False, overwrite=True))
     ctx.model_path = summary["final_dir"]
     model, tokenizer = load_model(ctx.model_path)
     after = score_problems(model, tokenizer, held_out, c.max_new_tokens)
@@ -219,7 +219,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
                         num_generations=c.grpo_generations, prompts_per_step=c.grpo_prompts,
                         max_new_tokens=c.max_new_tokens, micro_batch_size=c.grpo_prompts * c.grpo_generations,
                         lr=c.grpo_lr, lora_r=16, lora_alpha=32, max_steps=c.grpo_steps, seed=c.seed,
-                        output_dir=str(run_dir), tensorboard=False)
+                        output_dir=str(run_dir), tensorboard=False, overwrite=True)  # a rerun redoes the stage
     # Held-out problems: the same ones the SFT stage scored (the recipe's own held-out set uses another seed).
     summary = run_grpo(config)
     ctx.model_path = summary["final_dir"]

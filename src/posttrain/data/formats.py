@@ -46,6 +46,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected .jsonl, .json, .parquet, .csv or a "
                         f"folder saved with datasets' save_to_disk.")
+    if suffix in (".jsonl", ".json", ".csv"):
+        _check_utf8(path)
     rows = readers[suffix](path)
     if not rows:
         raise DataError(f"{path}: the file has no rows.")
@@ -53,6 +55,18 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected an object with named columns.")
     return rows
+
+
+def _check_utf8(path: Path) -> None:
+    """DataError naming the line and byte where a text data file stops being valid UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: row/line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}, "
+                        f"file offset {e.start}); save the file as UTF-8.") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

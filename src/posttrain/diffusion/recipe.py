@@ -37,16 +37,17 @@ from posttrain.diffusion.plots import plot_loss, plot_samples
 from posttrain.diffusion.sampling import initial_noise, sample_loop
 from posttrain.diffusion.schedules import NoiseSchedule, add_noise, inference_timesteps, make_schedule, training_target
 from posttrain.diffusion.ve import VEScheduler, ve_sigma, ve_training_example
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError
 from posttrain.train.checkpoint import (
     atomic_dir,
     atomic_write_text,
     load_state,
-    resolve_resume,
     save_checkpoint,
     set_rng_state,
 )
+from posttrain.train.guards import NonFiniteGuard, check_finite_weights
 from posttrain.train.logging import MetricsLogger, read_metrics
+from posttrain.train.run_dir import close_runs, open_run
 
 VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 VE_PREDICTIONS = ("sample", "prev_sample")
@@ -87,7 +88,10 @@ class DiffusionTrainConfig:
     ema_decay: float = field(0.999, help="EMA decay of the weights used for sampling (0 = sample with raw weights)")
     log_every: int = field(50, help="log averaged metrics every N steps")
     save_every: int = field(1000, help="write an atomic checkpoint every N steps (and at the end)")
-    keep_last: int = field(2, help="checkpoints kept on disk")
+    keep_last: int = field(2, help="checkpoints kept on disk (the newest ones); 0 = keep all")
+    max_nonfinite_steps: int = field(5, help="stop with an error after this many steps in a row whose loss or "
+                                             "gradient norm is NaN/inf (each such step is skipped, not applied)")
+    overwrite: bool = field(False, help="start over in an output_dir that holds another run, deleting it")
     seed: int = field(0, help="seed of initialization, batches, timesteps and noise")
     num_threads: int = field(0, help="torch CPU threads (0 = leave torch's default)")
     sampler: Literal["ddpm", "ddim"] = field("ddim", help="sampler for the end-of-training sample grid and metrics")
@@ -101,9 +105,11 @@ class DiffusionTrainConfig:
             raise ConfigError(f"key 'prediction_type': '{self.prediction_type}' is not available for process "
                               f"'{self.process}'; choose one of {list(allowed)}.")
         for key in ("num_train_timesteps", "hidden_dim", "num_layers", "batch_size", "max_steps", "log_every",
-                    "save_every", "num_inference_steps", "num_eval_samples"):
+                    "save_every", "num_inference_steps", "num_eval_samples", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if self.keep_last < 0:
+            raise ConfigError(f"key 'keep_last' must be >= 0, got {self.keep_last}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"key 'ema_decay' must be in [0, 1), got {self.ema_decay}.")
         _check_sampling(self.process, self.prediction_type, self.sampler, self.num_inference_steps,
@@ -252,12 +258,18 @@ def _lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
 
 def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, float]:
     """Train, checkpoint, and write the final model, loss plot, sample grid and eval.json. Returns the eval metrics."""
+    try:
+        return _train(config, resume)
+    finally:
+        close_runs()  # the output folder's lock and the Ctrl-C handler (train.run_dir)
+
+
+def _train(config: DiffusionTrainConfig, resume: str | None) -> dict[str, float]:
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     out = Path(config.output_dir)
-    checkpoint = resolve_resume(out, resume)
-    if resume is not None and checkpoint is None:
-        raise PosttrainError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; nothing to resume.")
+    run_dir = open_run(out, resume=resume, overwrite=config.overwrite)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
 
     data = load_data(config.dataset, num_samples=config.num_data_samples, seed=config.data_seed)
     torch.manual_seed(config.seed)
@@ -292,6 +304,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     if checkpoint is not None:
         window = state["log_window"]
     tic, steps_since_tic = time.perf_counter(), 0
+    guard = NonFiniteGuard(config.max_nonfinite_steps)
     for step in range(start_step + 1, config.max_steps + 1):
         # 1. a batch of x_0, timesteps t ~ U{0..T−1} and noise
         x0 = data.train[torch.randint(0, data.train.shape[0], (B,), generator=generator)]  # [B, data_dim]
@@ -313,10 +326,11 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
         optimizer.zero_grad(set_to_none=True)
         out_loss.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        optimizer.step()
-        lr_scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        if guard.ok(out_loss.loss, grad_norm, step=step):  # a NaN/inf step is skipped, not applied
+            optimizer.step()
+            lr_scheduler.step()
+            if ema is not None:
+                ema.update(model)
 
         low = t < T // 2
         window["loss"] += float(out_loss.loss.detach())
@@ -333,11 +347,13 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
                 "loss_t_low": window["loss_t_low"] / max(1, window["n_low"]),
                 "loss_t_high": window["loss_t_high"] / max(1, window["n_high"]),
                 "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
-                "steps_per_s": steps_since_tic / elapsed,
+                "steps_per_s": steps_since_tic / elapsed, "nonfinite_total": float(guard.skipped),
             })
             window = dict.fromkeys(window, 0)
             tic, steps_since_tic = time.perf_counter(), 0
-        if step % config.save_every == 0 or step == config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or step % config.save_every == 0 or step == config.max_steps:
+            check_finite_weights([model], f"the checkpoint of step {step}")
             save_checkpoint(
                 out, step, keep_last=config.keep_last,
                 save_model=lambda folder: _save_model(folder, model, ema, config),
@@ -345,7 +361,10 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
                        "generator": generator.get_state(), "log_window": dict(window),
                        "ema": None if ema is None else {k: v for k, v in ema.state_dict().items() if k != "shadow"}},
             )
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {step}; resume with --resume")
 
+    check_finite_weights([model], str(out / "model"))
     with atomic_dir(out / "model") as folder:
         _save_model(folder, model, ema, config)
     plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from posttrain.errors import ModelNotFoundError
+from posttrain.errors import ConfigError, ModelNotFoundError
 from posttrain.train.checkpoint import atomic_dir
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
@@ -83,14 +83,36 @@ def resolve(name_or_path: str | os.PathLike) -> Path | str:
     )
 
 
+_TINY_KEYS = {"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads", "hidden": "hidden_size",
+              "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_layers",
+              "num_heads": "num_heads", "num_kv_heads": "num_kv_heads", "intermediate_size": "intermediate_size",
+              "max_position_embeddings": "max_position_embeddings", "seed": "seed"}
+
+
 def _tiny_kwargs(spec: str) -> dict[str, Any]:
+    """`tiny:layers=2,hidden=64` -> tiny_model keywords; a malformed spec is a ConfigError naming the bad part."""
     kwargs: dict[str, Any] = {}
     if ":" in spec:
         for item in spec.split(":", 1)[1].split(","):
-            key, value = item.split("=")
-            kwargs[{"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
-                    "hidden": "hidden_size"}.get(key, key)] = int(value)
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in _TINY_KEYS or not value.strip().lstrip("-").isdigit():
+                raise ConfigError(
+                    f"model {spec!r}: {item!r} is not KEY=INTEGER with KEY one of {', '.join(sorted(_TINY_KEYS))} "
+                    "(e.g. tiny:layers=2,hidden=64).")
+            kwargs[_TINY_KEYS[key]] = int(value)
+        if any(v < (0 if k == "seed" else 1) for k, v in kwargs.items()):
+            raise ConfigError(f"model {spec!r}: sizes must be >= 1.")
+        heads, kv = kwargs.get("num_heads", 4), kwargs.get("num_kv_heads", 2)
+        if kwargs.get("hidden_size", 32) % heads or heads % kv:
+            raise ConfigError(f"model {spec!r}: hidden must be a multiple of heads, and heads of kv_heads.")
     return kwargs
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError for a malformed `tiny:` spec (called while the config is validated, before any work)."""
+    if name == _TINY_PREFIX or name.startswith(_TINY_PREFIX + ":"):
+        _tiny_kwargs(name)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -43,8 +43,10 @@ from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.data.order import micro_batches, step_units
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.run_dir import open_run
+from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import all_reduce_sum, run_distributed
+from posttrain.train.guards import NonFiniteGuard
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, gathered, no_sync, parallelize
@@ -104,6 +106,8 @@ class DPOConfig(RunOptions):
             raise ConfigError(f"key 'ref_sync_alpha' must be in (0, 1], got {self.ref_sync_alpha}.")
         if self.lr <= 0:
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -344,14 +348,15 @@ def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
 
 def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     if d.parallelism == "fsdp2" and config.ref_sync_steps:
         raise ConfigError("TR-DPO (ref_sync_steps > 0) copies the policy into a whole reference; it is not supported "
                           "with parallelism=fsdp2 yet: use parallelism=ddp.")
     # All data is read and validated before a model is loaded or anything is written.
     train_data = load_dataset_file(config.train_file, "dpo")
     eval_data = load_dataset_file(config.eval_file, "dpo") if config.eval_file else None
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
@@ -444,6 +449,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     train_ref = ref_logps_for("train")
     summary: dict[str, Any] = {"ref/kind": kind, "ref/cache_seconds": t_cache}
     t_last, pairs_since, tokens_since = time.perf_counter(), 0.0, 0.0
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
 
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_pairs), config.seed)
@@ -468,8 +474,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
             for key, value in _metric_sums(out).items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if guard.ok(loss_sum, grad_norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
@@ -486,7 +493,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         if done % config.logging_steps == 0 or done == total_steps:
             now = time.perf_counter()
             metrics = {"train/loss": loss, **{f"train/{k}": all_reduce_sum(sums[k], d) / global_batch for k in _METRICS},
-                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **guard.metrics(),
                        "train/pairs_per_s": pairs_since / max(now - t_last, 1e-9),
                        "train/tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                        "train/epoch": done * global_batch / len(train_pairs), "ref/syncs": syncs}
@@ -496,9 +503,12 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         progress.update(loss=loss, acc=summary.get("train/rewards/accuracies", 0.0))
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
-        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != total_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra=checkpoint_extra(), keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
 
     if eval_pairs:
@@ -564,7 +574,7 @@ def run_dpo_demo_stage(
     config = DPOConfig(train_file=str(train_file), eval_file=str(heldout_file), model=model_path_or_name,
                        output_dir=str(out_dir), loss="sigmoid", beta=beta, sft_weight=sft_weight, lora_r=lora_r, lr=lr,
                        max_steps=max_steps, micro_batch_size=micro_batch_size, max_length=160,
-                       tensorboard=False, progress=progress, keep_last=1)
+                       tensorboard=False, progress=progress, keep_last=1, overwrite=True)
     config.validate()
     summary = run(config)
     model, tokenizer = load_model(summary["final_dir"])

@@ -32,7 +32,10 @@ from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.rewards import build_rewards, score_completions
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.run_dir import open_run
+from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -100,6 +103,11 @@ class GRPOConfig(RunOptions, PromptSource):
         for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (GRPO samples its groups; 0 would make every sample "
+                              f"of a group the same greedy answer), got {self.temperature}.")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"keys 'top_p' must be in (0, 1] and 'top_k' >= 0, got {self.top_p} and {self.top_k}.")
         if self.is_level not in ("none", "token", "sequence"):
             raise ConfigError(f"key 'is_level' must be none, token or sequence, got {self.is_level!r}.")
         if self.ratio_against not in ("trainer", "sampler"):
@@ -253,11 +261,14 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
                           f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
     reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+    check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
@@ -286,6 +297,7 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
     timer = StageTimer()
     summary: dict[str, Any] = {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
 
     def evaluate(step: int) -> None:
         if not held_out:
@@ -319,12 +331,14 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             all_advantages = estimator(sampled.kept_rewards)  # [B'_all, G] over every rank's kept groups
             metrics.update(_update(sampled.batch, all_advantages[sampled.mine].reshape(-1), model=model,
                                    logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer, scheduler=scheduler,
-                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards)))
+                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards),
+                                   guard=guard))
             metrics["advantage/abs_mean"] = float(all_advantages.abs().mean())
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
         metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics.update(guard.metrics())
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
@@ -332,9 +346,12 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         progress.update(reward=metrics["reward/mean"], pass_rate=metrics["pass_rate"])
         if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
             evaluate(done)
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra={"pool": pool.state()}, keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     evaluate(config.max_steps)
     save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -363,7 +380,7 @@ def inert_groups(like: RolloutSequences | None, groups: int, G: int, pad_id: int
 
 def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, logps_fn: TokenLogps,
             ref_fn: TokenLogps | None, optimizer, scheduler, config: GRPOConfig, timer: StageTimer, d: Dist,
-            num_groups: int) -> dict[str, float]:
+            num_groups: int, guard: NonFiniteGuard) -> dict[str, float]:
     """Old/ref log-probs and μ passes of micro-batched updates over this rank's groups (advantages [B'·G], computed
     over all ranks' groups). Token/sequence/prompt counts are summed over ranks and the loss is multiplied by the
     world size (DDP/FSDP2 average gradients), so the step equals one process's over the whole batch."""
@@ -411,7 +428,9 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
+    applied = False
     for _ in range(config.updates_per_batch):
+        pass_loss = 0.0
         for i, s in enumerate(slices):
             with timer("update"):
                 out = score(logps_fn, i, temperature=temperature, with_entropy=True)
@@ -426,6 +445,7 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
                 result = preset(out.logps, old, advantages[s], mask, counts=counts, is_weights=is_w,
                                 ref_logps=ref_logps[s] if ref_logps is not None else None, **opts)
                 (result.loss * d.world_size).backward()  # DDP/FSDP2 average over ranks; counts are global sums
+            pass_loss += float(result.loss.detach())
             n = float(mask.sum())
             if n == 0:
                 continue
@@ -438,9 +458,12 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
                     totals[k] = totals.get(k, 0.0) + v * n
         with timer("update"):
             grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+            if guard.ok(pass_loss, grad_norm):  # a NaN/inf pass is skipped on every rank, not applied
+                optimizer.step()
+                applied = True
             optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if applied:
+        scheduler.step()
     keys = sorted(set().union(*all_gather_objects(sorted(totals), d)))
     sums = {k: all_reduce_sum(totals.get(k, 0.0), d) for k in keys}
     weight_sum = all_reduce_sum(weight_sum, d)

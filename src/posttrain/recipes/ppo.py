@@ -32,7 +32,10 @@ from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
 from posttrain.rewards import build_rewards, score_completions
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.run_dir import open_run
+from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -74,6 +77,8 @@ class PPOConfig(RunOptions, PromptSource):
         for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (PPO samples its rollouts), got {self.temperature}.")
 
 
 def load_reward_fns(config: PPOConfig) -> list:
@@ -105,10 +110,12 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
                           f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     rows, _ = config.prompt_rows()
     reward_fns = load_reward_fns(config)
+    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     hf_checkpoint = weights_checkpoint(checkpoint)
     model, tokenizer = prepare_model(
@@ -143,6 +150,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     progress = Progress(config.max_steps, initial=start_step, enabled=config.progress and d.is_main, desc="ppo")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
     G = config.num_generations
 
     for step in range(start_step, config.max_steps):
@@ -197,10 +205,12 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
                     vf = clipped_value_loss(completion_view(values, sub), old_values_c[idx], est.returns[idx], m,
                                             clip_range=config.value_clip, counts=counts)
                     # counts are global sums and DDP/FSDP2 average over ranks: the world_size factor restores the sum
-                    ((pg.loss + config.vf_coef * vf.loss) * d.world_size).backward()
+                    loss = pg.loss + config.vf_coef * vf.loss
+                    (loss * d.world_size).backward()
                     grad_norm = clip_grad_norm(params, config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
+                    if guard.ok(loss, grad_norm):  # a NaN/inf minibatch step is skipped on every rank
+                        optimizer.step()
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 updates += 1
                 for k, v in {**{f"policy/{k}": v for k, v in pg.metrics().items()},
@@ -222,16 +232,19 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "reward/non_score_mean": float(all_non_score.mean()),
             "kl/sequence_mean": float(all_kl.mean()), "value/explained_variance": float(vf.explained_variance),
             "completion/mean_length": float(all_lengths.mean()),
-            "train/lr": scheduler.get_last_lr()[0], **timer.pop(),
+            "train/lr": scheduler.get_last_lr()[0], **timer.pop(), **guard.metrics(),
         })
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
         summary.update(metrics)
         progress.update(score=metrics["reward/score_mean"], kl=metrics["kl/sequence_mean"])
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra={"pool": pool.state()}, keep_last=config.keep_last, modules={"critic": critic})
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,

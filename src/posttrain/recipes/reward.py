@@ -32,10 +32,12 @@ from posttrain.models.reward_model import (
     build_reward_model, encode_reward_example, load_reward_model, reward_batch,
 )
 from posttrain.data.order import micro_batches, step_units
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.run_dir import open_run
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
 from posttrain.train.state import Progress, seed_everything
@@ -71,6 +73,8 @@ class RewardConfig(RunOptions):
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
         if self.center_coef < 0:
             raise ConfigError(f"key 'center_coef' must be >= 0, got {self.center_coef}.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -148,13 +152,14 @@ def run(config: RewardConfig, resume: str | None = None) -> dict[str, Any]:
 
 def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     # All data is read and validated before a model is loaded or anything is written.
     train_rows, _ = load_dataset_file(config.train_file, "reward")
     train_margins = read_margins(train_rows, config.train_file) if config.use_margin else None
     eval_rows = load_dataset_file(config.eval_file, "reward")[0] if config.eval_file else None
     eval_margins = read_margins(eval_rows, config.eval_file) if eval_rows and config.use_margin else None
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     hf_checkpoint = weights_checkpoint(checkpoint)
     if hf_checkpoint is not None and config.lora_r == 0:
@@ -196,6 +201,9 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"model/kind": kind}
     t_last, pairs_since = time.perf_counter(), 0.0
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+
+
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_pairs), config.seed)
         mine = micro_batches(units, config.micro_batch_size, d.rank, d.world_size)
@@ -213,8 +221,9 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
             correct += float(out.accuracy.sum())
             margin_sum += float(out.margins.sum())
         grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if guard.ok(loss_sum, grad_norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         loss = all_reduce_sum(loss_sum, d) / d.world_size
@@ -223,7 +232,7 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
             now = time.perf_counter()
             metrics = {"train/loss": loss, "train/accuracy": all_reduce_sum(correct, d) / global_batch,
                        "train/margin": all_reduce_sum(margin_sum, d) / global_batch,
-                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **guard.metrics(),
                        "train/pairs_per_s": pairs_since / max(now - t_last, 1e-9),
                        "train/epoch": done * global_batch / len(train_pairs)}
             logger.log(done, metrics)
@@ -232,9 +241,12 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
         progress.update(loss=loss, acc=summary.get("train/accuracy", 0.0))
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
-        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != total_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
 
     if eval_pairs:

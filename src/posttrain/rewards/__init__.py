@@ -10,6 +10,7 @@ Recipes pick rewards by name through `build_reward(name, **options)`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,15 @@ def build_reward(name: str, **options: Any) -> Callable[..., list]:
     """The reward function registered as `name`, built with `options`."""
     if name not in REWARDS:
         raise ConfigError(f"unknown reward {name!r}; expected one of {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](**options)
+    factory = REWARDS[name]
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError:
+        valid = [p for p in inspect.signature(factory).parameters if p not in ("name",)]
+        unknown = [k for k in options if k not in valid]
+        raise ConfigError(f"key 'reward_options': reward {name!r} has no option(s) {unknown}; its options: "
+                          f"{', '.join(valid) or 'none'}.") from None
+    return factory(**options)
 
 
 def build_rewards(names: list[str], options: dict[str, dict[str, Any]], timeout_s: float) -> list:

@@ -6,25 +6,56 @@ raises, it retries each completion on its own (so one bad completion does not ze
 completions, logs a warning, and counts them in `counters` ({"reward_errors": n, "reward_timeouts": m}: numbers of
 completions whose reward was substituted). A recipe logs `pop_counters()` once per step.
 
-A timed-out call runs in a daemon thread that is abandoned, not killed (Python cannot kill a thread): a reward that
-hangs forever leaks one idle thread. Rewards that run untrusted code use the sandbox, which kills its processes.
+A timed-out call stops all its work: its cancel token (sandbox.cancel_scope) is set, so the sandboxes it started
+are killed within one poll (50 ms) and no new ones start (run_many returns the rest at once), and its thread is
+interrupted by an exception raised into it at its next Python instruction, again every 50 ms for up to
+STOP_GRACE_S (reward code may catch one), while the guard itself returns after at most 0.1 s more. Only a call
+blocked inside C code that never returns can outlive that; it is logged as left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.rewards.combine import RewardFunc, reward_name
+from posttrain.rewards.sandbox import CancelToken, cancel_scope
 
 log = logging.getLogger(__name__)
 
 
 class RewardTimeout(Exception):
-    pass
+    """A reward call overran its time limit."""
+
+
+class RewardCancelled(BaseException):
+    """Raised inside an abandoned reward call's thread to stop it (a BaseException: `except Exception` in reward
+    code does not swallow it)."""
+
+
+STOP_GRACE_S = 5.0  # how long a timed-out call gets to wind down (kill its sandboxes, unwind) before it is leaked
+
+
+def _stop(thread: threading.Thread, finished: threading.Event, name: str) -> None:
+    """Keep interrupting an abandoned call's thread (reward code may catch the exception) until it ends."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    while not finished.wait(0.05):
+        if time.monotonic() > deadline:
+            log.warning("reward %s: the timed-out call did not stop within %g s (blocked outside Python?); its "
+                        "thread is left behind", name, STOP_GRACE_S)
+            return
+        _interrupt(thread)
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise RewardCancelled in `thread` at its next Python instruction."""
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(RewardCancelled))
 
 
 @dataclass(frozen=True)
@@ -38,18 +69,28 @@ def _call_with_timeout(func: RewardFunc, timeout_s: float | None, kwargs: dict[s
     if timeout_s is None:
         return func(**kwargs)
     box: dict[str, Any] = {}
+    token = CancelToken()
+    finished = threading.Event()
 
     def target() -> None:
         try:
-            box["value"] = func(**kwargs)
+            with cancel_scope(token):
+                box["value"] = func(**kwargs)
         except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread below
             box["error"] = e
+        finally:
+            finished.set()
 
     thread = threading.Thread(target=target, name=f"reward-{reward_name(func)}", daemon=True)
     thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
+    if not finished.wait(timeout_s):
+        token.cancel()  # sandboxes started by the call die within one poll, queued ones never start
+        _interrupt(thread)
+        if not finished.wait(0.1):  # the rest of the winding down happens beside the next step
+            threading.Thread(target=_stop, args=(thread, finished, reward_name(func)), daemon=True,
+                             name=f"reward-stop-{reward_name(func)}").start()
         raise RewardTimeout(f"no result after {timeout_s:g} s")
+    thread.join()
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -83,7 +124,7 @@ def call_reward(func: RewardFunc, *, timeout_s: float | None = None, fallback: f
     except RewardTimeout as e:
         log.warning("reward %s timed out on a batch of %d (%s); using %r", name, n, e, fallback)
         return RewardCall([fallback] * n, 0, n)
-    except Exception as e:  # noqa: BLE001 -- any failure of user reward code is contained
+    except Exception as e:  # any failure of user reward code is contained
         log.warning("reward %s raised %s: %s", name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         if not per_item_retry or n == 1:
             return RewardCall([fallback] * n, n, 0)
@@ -125,3 +166,32 @@ class GuardedReward:
         with self._lock:
             counters, self.counters = self.counters, {"reward_errors": 0, "reward_timeouts": 0}
         return counters
+
+
+def required_columns(func: Any) -> list[str]:
+    """The dataset columns a TRL-style reward cannot run without: its keyword parameters without defaults (besides
+    prompts and completions). Looks through GuardedReward and callable objects."""
+    import inspect
+
+    target = func.func if isinstance(func, GuardedReward) else func
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in ("prompts",
+            "completions") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_reward_columns(reward_fns: list, rows: list[dict[str, Any]], source: str) -> None:
+    """Raise DataError naming the row and the column when a row lacks a column one of the rewards needs (so a run
+    stops before its model loads, instead of a silent zero-reward step and a KeyError later)."""
+    from posttrain.errors import DataError
+
+    for func in reward_fns:
+        needed = required_columns(func)
+        for index, row in enumerate(rows):
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise DataError(f"{source}, row {index + 1}: no column {', '.join(repr(c) for c in missing)}, which "
+                                f"reward {reward_name(func)!r} needs (it reads {', '.join(needed)}).")
+

@@ -49,9 +49,23 @@ def gym_rows(
     generator settings (size, seed and task_kwargs), from which the reward rebuilds the task's scorer.
     """
     import reasoning_gym
+    from reasoning_gym.factory import DATASETS
 
+    from posttrain.errors import ConfigError
+
+    if task not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(task, list(DATASETS), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"key 'task': unknown reasoning-gym task {task!r}.{hint} ({len(DATASETS)} tasks exist; "
+                          "see reasoning_gym.factory.DATASETS.)")
     config = {"size": size, "seed": seed, **task_kwargs}
-    dataset = reasoning_gym.create_dataset(task, **config)
+    try:
+        dataset = reasoning_gym.create_dataset(task, **config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"key 'task_kwargs': reasoning-gym task {task!r} rejects the settings {task_kwargs}: "
+                          f"{e}") from None
     rows = []
     for index in range(len(dataset)):
         entry = dataset[index]

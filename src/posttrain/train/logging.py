@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.train.checkpoint import DiskFullError
+
 
 class MetricsLogger:
     """`log(step, {"loss": ..., ...})` appends `{"step": step, ...}` to `<output_dir>/metrics.jsonl` and TensorBoard.
 
-    On resume the file is truncated to the steps before `start_step`, so a resumed run's log reads as one run.
+    On resume the file is truncated to the steps before `start_step`, so a resumed run's log reads as one run;
+    lines a kill left truncated or garbled are dropped with a warning instead of stopping the resume.
     """
 
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, start_step: int = 0, enabled: bool = True):
@@ -23,9 +28,10 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if start_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [json.dumps(row) for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif start_step == 0 and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -40,10 +46,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **clean}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left on device while writing '{self.path}'. The checkpoints "
+                                    "written so far are kept; free some space and resume with --resume.") from e
+            raise
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -63,5 +75,19 @@ def _plain(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl file; a line that is not a JSON object (truncated by a kill, garbled) is skipped
+    with a warning."""
+    rows = []
+    text = Path(path).read_bytes().decode("utf-8", "replace")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            logging.getLogger(__name__).warning("%s line %d is damaged (%r...); skipped", path, number, line[:60])
+            continue
+        rows.append(row)
+    return rows

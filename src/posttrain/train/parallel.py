@@ -220,11 +220,10 @@ def _reset_iter_state(module: nn.Module, parts: list) -> None:
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
-    """torch's clip_grad_norm_ over (possibly sharded) parameters; the global norm as a float (nan when off)."""
+    """torch's clip_grad_norm_ over (possibly sharded) parameters; the global norm as a float. With max_norm <= 0 it
+    only measures (the norm is what train.guards.NonFiniteGuard checks; scaling by 1 leaves gradients bit-identical)."""
     params = [p for p in parameters if p.grad is not None]
-    if max_norm <= 0:
-        return float("nan")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)

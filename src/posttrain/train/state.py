@@ -19,6 +19,7 @@ from torch import nn
 
 from posttrain.models.loading import apply_lora, load_model
 from posttrain.train.checkpoint import atomic_dir, load_state, save_checkpoint, set_rng_state
+from posttrain.train.guards import check_finite_weights
 
 
 def seed_everything(seed: int) -> None:
@@ -75,7 +76,9 @@ def save_training_checkpoint(
 ) -> Path:
     """Model (HF folder, or the LoRA adapter) + optimizer, scheduler, RNG and `extra` (e.g. data position).
 
-    modules: other trained networks (a critic, a reward head) saved as `<name>.safetensors` via their `save`."""
+    modules: other trained networks (a critic, a reward head) saved as `<name>.safetensors` via their `save`.
+    Refuses (NonFiniteError, nothing written) if any weight is NaN or inf."""
+    check_finite_weights([model, *(modules or {}).values()], f"the checkpoint of step {step}")
 
     def save_model(folder: Path) -> None:
         model.save_pretrained(folder / "model", safe_serialization=True)
@@ -97,8 +100,10 @@ def restore_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, s
 
 
 def save_final(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """An ordinary HF checkpoint loadable by `transformers` alone (LoRA adapters merged into a copy)."""
+    """An ordinary HF checkpoint loadable by `transformers` alone (LoRA adapters merged into a copy); refused
+    (NonFiniteError, nothing written) if any weight is NaN or inf."""
     path = Path(path)
+    check_finite_weights([model], str(path))
     with atomic_dir(path) as tmp:
         if hasattr(model, "merge_and_unload"):
             import copy
