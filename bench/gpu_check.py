@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -215,7 +216,7 @@ def ppo_recipe():
                                 device=DEV, dtype="bfloat16", prompts_per_step=8, num_generations=2,
                                 max_new_tokens=12, lr=1e-3, max_steps=3, progress=False, tensorboard=False))
     figures = {k: summary[k] for k in ("reward/score_mean", "kl/sequence_mean", "value/loss") if k in summary}
-    return all(v == v for v in figures.values()) and len(figures) == 3, figures
+    return all(math.isfinite(v) for v in figures.values()) and len(figures) == 3, figures
 
 
 @check("smollm2_shape_throughput_bf16")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -140,7 +141,7 @@ def _flags_to_pairs(items: list[str]) -> list[str]:
             else:
                 out.append(f"{item[2:]}=true")
         else:
-            out.append(item[2:] if item.startswith("--") else item)
+            out.append(item.removeprefix("--"))
         i += 1
     return out
 
@@ -219,7 +220,7 @@ class RunOptions:
 def config_help(cls: type) -> str:
     """One line per key: name, type, default, help; the recipe's own keys first, then those of its base classes."""
     hints = typing.get_type_hints(cls)
-    own = set(cls.__dict__.get("__annotations__", {}))
+    own = set(inspect.get_annotations(cls))
     lines = []
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         default = f.default if f.default is not dataclasses.MISSING else (

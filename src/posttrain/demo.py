@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field as dc_field
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,7 +64,7 @@ class DemoConfig:
 
 
 # Task settings: 2-3 terms of 1-2 digits keeps the 135M model's answers short and its accuracy off the floor.
-TASK_KWARGS = {"chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+TASK_KWARGS: dict[str, dict[str, Any]] = {"chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
                "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}}
 INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."
 
@@ -146,7 +148,8 @@ def _plot_sft(path: Path, metrics_file: Path, before: dict, after: dict) -> None
 
 
 def stage_sft(ctx: DemoContext) -> Section:
-    from posttrain.recipes.sft import SFTConfig, run as run_sft
+    from posttrain.recipes.sft import SFTConfig
+    from posttrain.recipes.sft import run as run_sft
 
     c = ctx.config
     train = task_rows(c.task, c.train_problems, seed=c.seed + 1)
@@ -196,7 +199,8 @@ def stage_grpo(ctx: DemoContext) -> Section:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from posttrain.recipes.grpo import GRPOConfig, run as run_grpo
+    from posttrain.recipes.grpo import GRPOConfig
+    from posttrain.recipes.grpo import run as run_grpo
     from posttrain.train.logging import read_metrics
 
     c = ctx.config

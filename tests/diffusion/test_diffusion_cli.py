@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import posttrain.diffusion.recipe as recipe
 from posttrain.cli import main
+from posttrain.diffusion import recipe
 from posttrain.train.logging import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "diffusion_moons.yaml"

@@ -15,7 +15,12 @@ from posttrain.errors import DataError
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models import tiny_tokenizer
 from posttrain.models.reward_model import (
-    RewardModel, build_reward_model, encode_reward_example, encoder_path, reward_batch, reward_function,
+    RewardModel,
+    build_reward_model,
+    encode_reward_example,
+    encoder_path,
+    reward_batch,
+    reward_function,
 )
 from posttrain.recipes.reward import RewardConfig, encode_reward_pairs, pair_rewards, run
 from posttrain.train.logging import read_metrics
@@ -119,7 +124,7 @@ def test_margin_column_enters_the_loss_and_bad_margins_name_the_row(tmp_path):
     margins = [1.0, 0.0, -2.0, 1.0]
     path = _write(tmp_path / "m.jsonl", [{**r, "margin": m} for r, m in zip(rows, margins)])
     run(_config(tmp_path, "margin", train_file=path, eval_file=None, max_steps=1))
-    first = [r for r in _metrics(tmp_path / "margin") if "train/loss" in r][0]
+    first = next(r for r in _metrics(tmp_path / "margin") if "train/loss" in r)
     # zero head: r_w = r_l = 0, loss = mean log(1 + e^m) = (1.3132616875 + 0.6931471806 + 0.1269280110 + 1.3132616875)/4
     assert first["train/loss"] == pytest.approx((1.3132616875 + 0.6931471806 + 0.1269280110 + 1.3132616875) / 4, abs=1e-7)
     bad = _write(tmp_path / "bad.jsonl", [{**rows[0], "margin": 1.0}, {**rows[1], "margin": "lots"}])
@@ -146,7 +151,7 @@ def test_encoder_reward_model_and_its_reward_function(tmp_path):
     folder = _tiny_encoder_folder(tmp_path)
     summary = run(_config(tmp_path, "enc", model=folder, max_steps=3, lr=1e-3))
     assert summary["model/kind"] == "encoder"
-    first = [r for r in _metrics(tmp_path / "enc") if "train/loss" in r][0]
+    first = next(r for r in _metrics(tmp_path / "enc") if "train/loss" in r)
     assert first["train/loss"] == pytest.approx(LOG2, abs=1e-7)
     fn = reward_function(summary["final_dir"], batch_size=3)
     rows = _sentiment_rows(5, 7)

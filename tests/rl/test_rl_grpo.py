@@ -72,9 +72,9 @@ def test_prompt_pool_order_and_retirement():
 
 def test_compute_rewards_weights_and_none():
     rows = [{"prompt": "p", "answer": "1"}] * 3
-    a = lambda prompts, completions, **kw: [1.0, None, 0.0]  # noqa: E731
-    b = lambda prompts, completions, answer, **kw: [0.5, None, 1.0]  # noqa: E731
-    total, parts = compute_rewards([a, b], [2.0, 1.0], rows, ["x", "y", "z"])
+    a = lambda prompts, completions, **kw: [1.0, None, 0.0]
+    b = lambda prompts, completions, answer, **kw: [0.5, None, 1.0]
+    total, _parts = compute_rewards([a, b], [2.0, 1.0], rows, ["x", "y", "z"])
     assert total.tolist() == [2.5, 0.0, 1.0]
 
 

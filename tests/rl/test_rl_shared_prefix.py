@@ -80,7 +80,7 @@ def test_shared_prefix_logps_and_gradients_equal_per_sample(attn):
 
 
 def test_grpo_same_weights_with_and_without_shared_prefix(tmp_path, monkeypatch):
-    vowels = lambda prompts, completions, **kw: [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]  # noqa: E731
+    vowels = lambda prompts, completions, **kw: [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
     monkeypatch.setitem(REWARDS, "vowels", lambda: vowels)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something #{i}" + " long" * (i % 3)}) + "\n"

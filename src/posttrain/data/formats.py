@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from posttrain.errors import DataError
 
@@ -85,7 +86,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for corrupt files
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for corrupt files
         raise DataError(f"{path}: cannot read as Parquet: {e}") from None
 
 
@@ -115,7 +116,7 @@ def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
 
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- datasets raises several types for a wrong folder
         raise DataError(f"{path}: not a folder saved with datasets' save_to_disk ({e}).") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:

@@ -241,7 +241,7 @@ def build_identity(out_dir: str | Path, model_name: str = "smollm2-135m-instruct
         from posttrain.models.loading import load_model
 
         model, tokenizer = load_model(model_name)
-        generate = lambda qs: greedy_replies(model, tokenizer, qs)  # noqa: E731
+        generate = lambda qs: greedy_replies(model, tokenizer, qs)
     rows = identity_rows(generate([q for _, q in IDENTITY_QUESTIONS]))
     out_dir = Path(out_dir)
     train = write_jsonl([r for r in rows if r["split"] == "train"], out_dir / "identity_train.jsonl")
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         paths = build_correctness(args.out_dir)
     for p in paths:
-        print(f"wrote {p} ({sum(1 for _ in open(p))} rows)")
+        print(f"wrote {p} ({len(Path(p).read_text().splitlines())} rows)")
 
 
 if __name__ == "__main__":

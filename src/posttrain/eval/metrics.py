@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def _others_at_most(others: list[int], num_none: int, cap: int, slots: int) -> l
             for t, w in enumerate(table[used]):
                 if w == 0:
                     continue
-                for take in range(0, min(m, cap, slots - used) + 1):
+                for take in range(min(m, cap, slots - used) + 1):
                     new[used + take][t + (take == cap)] += w * math.comb(m, take)
         table = new
     # the unanswered samples fill whatever is left

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from posttrain.config import field
 from posttrain.errors import ConfigError
@@ -131,8 +132,8 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     wall_s = time.perf_counter() - start
 
     flat_problems = [p for p in problems for _ in range(n)]
-    correct = task.score(flat_problems, [t for row in decoded.texts for t in row])  # [B*G]
-    correct = [correct[b * n:(b + 1) * n] for b in range(B)]  # [B][G]
+    flat_correct = task.score(flat_problems, [t for row in decoded.texts for t in row])  # [B*G]
+    correct = [flat_correct[b * n:(b + 1) * n] for b in range(B)]  # [B][G]
     answers = [[task.extract(t) for t in row] for row in decoded.texts]  # [B][G]
     if selected is None:
         per_problem = [sum(row) / n for row in correct]
@@ -152,7 +153,7 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     for k in sorted(set(pass_k)):
         if k > n:
             continue
-        num_correct = [int(round(sum(row))) for row in correct]
+        num_correct = [round(sum(row)) for row in correct]
         metrics[f"pass@{k}"] = float(pass_at_k(n, num_correct, k).mean())
         if task.votable:
             metrics[f"maj@{k}"] = sum(majority_at_k(a, [c == 1.0 for c in row], k)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Protocol
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.ttc import cot

@@ -16,8 +16,8 @@ and their cost in tokens fed through the model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 from torch import nn
 
@@ -93,7 +93,7 @@ def _params(options: DecodeOptions, **overrides) -> SamplingParams:
 def decode_greedy(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
     """One greedy completion per prompt, repeated n times (greedy decoding is deterministic)."""
     one = _sample(model, tokenizer, prompt_ids, 1, options, _params(options, temperature=0.0))
-    rep = lambda rows: [row * n for row in rows]  # noqa: E731
+    rep = lambda rows: [row * n for row in rows]
     return Decoded(rep(one.texts), rep(one.token_ids), rep(one.token_logps), one.forward_tokens, one.wall_s)
 
 

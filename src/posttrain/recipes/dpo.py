@@ -36,19 +36,24 @@ from torch import nn
 from posttrain.config import RunOptions, field
 from posttrain.data.collate import pack_examples, packed_batch, pad_batch
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.data.tokenize import encode_preference
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
-from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    prepare_model,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
 
 
@@ -151,7 +156,7 @@ class SequenceBatch:
     num_seqs: int
     num_tokens: int
 
-    def to(self, device) -> "SequenceBatch":
+    def to(self, device) -> SequenceBatch:
         return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
                                             ("input_ids", "position_ids", "labels", "seq_index", "last")})
 
@@ -366,7 +371,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
-    start_step, extra = 0, {}
+    start_step, extra = 0, dict[str, Any]()
     if checkpoint is not None:
         start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
         if ref_model is not None and extra.get("ref_state") is not None:

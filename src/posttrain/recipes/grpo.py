@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,21 @@ from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.rl import (
-    PromptPool, PromptSource, SequenceBatch, StageTimer, build_rewards, compute_rewards, rollout_batch,
+    PromptPool,
+    PromptSource,
+    SequenceBatch,
+    StageTimer,
+    build_rewards,
+    compute_rewards,
+    rollout_batch,
 )
 from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    prepare_model,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
 
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
@@ -151,7 +161,7 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
     """Generate, score and (optionally) filter one step's groups; DAPO dynamic sampling draws more rounds."""
     G, B = config.num_generations, config.prompts_per_step
     kept: list[dict[str, Any]] = []
-    stats = {"groups": 0, "filtered": 0, "rewards": [], "verifier": [], "lengths": [], "truncated": 0}
+    stats: dict[str, Any] = {"groups": 0, "filtered": 0, "rewards": [], "verifier": [], "lengths": [], "truncated": 0}
     rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
     for r in range(rounds):
         need = B - sum(len(k["prompt_index"]) for k in kept) if config.dynamic_sampling else B

@@ -34,10 +34,21 @@ from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.rl import (
-    PromptPool, PromptSource, StageTimer, build_rewards, completion_view, compute_rewards, rollout_batch,
+    PromptPool,
+    PromptSource,
+    StageTimer,
+    build_rewards,
+    completion_view,
+    compute_rewards,
+    rollout_batch,
 )
 from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    prepare_model,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
 
 

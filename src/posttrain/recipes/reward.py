@@ -26,18 +26,25 @@ from torch import nn
 
 from posttrain.config import RunOptions, field
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models.reward_model import (
-    build_reward_model, encode_reward_example, load_reward_model, reward_batch,
+    build_reward_model,
+    encode_reward_example,
+    load_reward_model,
+    reward_batch,
 )
-from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
-    Progress, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
 
 

@@ -33,7 +33,12 @@ from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_di
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    prepare_model,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
 
 

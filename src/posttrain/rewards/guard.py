@@ -83,7 +83,7 @@ def call_reward(func: RewardFunc, *, timeout_s: float | None = None, fallback: f
     except RewardTimeout as e:
         log.warning("reward %s timed out on a batch of %d (%s); using %r", name, n, e, fallback)
         return RewardCall([fallback] * n, 0, n)
-    except Exception as e:  # noqa: BLE001 -- any failure of user reward code is contained
+    except Exception as e:
         log.warning("reward %s raised %s: %s", name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         if not per_item_retry or n == 1:
             return RewardCall([fallback] * n, n, 0)

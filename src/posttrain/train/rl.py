@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -35,14 +36,14 @@ class SequenceBatch:
     completion_lengths: torch.Tensor
     prompt_lengths: torch.Tensor  # [N]
 
-    def select(self, rows: torch.Tensor | list[int]) -> "SequenceBatch":
+    def select(self, rows: torch.Tensor | list[int]) -> SequenceBatch:
         idx = torch.as_tensor(rows, dtype=torch.long)
         return SequenceBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device: torch.device | str) -> "SequenceBatch":
+    def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     def shared_prefix(self, rows: slice, pad_id: int) -> SharedPrefixBatch:

@@ -14,8 +14,9 @@ Ties go to the earliest candidate (best_of_n) or to the answer that appears firs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from posttrain.ttc.vote import VoteResult, majority_vote, weighted_vote
 

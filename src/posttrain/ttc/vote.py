@@ -19,8 +19,8 @@ Answers are compared with ==; normalizing them (e.g. "0.5" vs "1/2") is the extr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
 
 TIE_REL_TOL = 1e-9
 
