@@ -29,6 +29,7 @@ from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
+from posttrain.rewards.user import TrainerState
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
@@ -38,8 +39,8 @@ from posttrain.train.rl import (
     PromptSource,
     SequenceBatch,
     StageTimer,
-    build_rewards,
     compute_rewards,
+    prepare_rewards,
     rollout_batch,
 )
 from posttrain.train.state import (
@@ -60,8 +61,10 @@ class GRPOConfig(RunOptions, PromptSource):
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
     output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
-    rewards: list[str] = field(default_factory=lambda: ["gym"], help="reward names (posttrain.rewards.REWARDS); "
-                               "the first one is the verifier used for pass rates and eval accuracy")
+    rewards: list[str] = field(default_factory=list, help="rewards: registered names (posttrain.rewards.REWARDS), "
+                               "path/to/file.py:function or package.module:function (TRL's calling convention), or "
+                               "callables from Python; the first is the verifier used for pass rates and eval "
+                               "accuracy. Empty: gym for a task, else what the columns support (answer -> math)")
     reward_weights: list[float] = field(default_factory=list, help="weights per reward (default all 1)")
     loss: str = field("grpo", help=f"one of {RL_LOSSES}")
     advantage: str | None = field(None, help="override the preset's advantage estimator: grpo, dr_grpo, batch, rloo")
@@ -174,7 +177,9 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
             rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
         with timer("reward"):
             row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
-            rewards, parts = compute_rewards(reward_fns, weights, row_of, rollouts.texts)
+            ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+            rewards, parts = compute_rewards(reward_fns, weights, row_of, rollouts.texts, completion_ids=ids,
+                                             trainer_state=TrainerState(step, config.max_steps))
         verifier = parts[reward_fns[0].__name__].nan_to_num(0.0)
         for b, index in enumerate(indices):
             pool.report(index, float((verifier[b * G:(b + 1) * G] >= 1.0).float().mean()))
@@ -219,7 +224,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     checkpoint = resolve_resume(out_dir, resume)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
-    reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    reward_fns = prepare_rewards(config.rewards, rows, config, "grpo")
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(

@@ -29,6 +29,7 @@ from posttrain.models.value import ValueModel
 from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
+from posttrain.rewards.user import TrainerState
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
@@ -37,9 +38,9 @@ from posttrain.train.rl import (
     PromptPool,
     PromptSource,
     StageTimer,
-    build_rewards,
     completion_view,
     compute_rewards,
+    prepare_rewards,
     rollout_batch,
 )
 from posttrain.train.state import (
@@ -56,7 +57,8 @@ from posttrain.train.state import (
 class PPOConfig(RunOptions, PromptSource):
     model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
     reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
-    rewards: list[str] = field(default_factory=list, help="or verifier rewards by name (posttrain.rewards.REWARDS)")
+    rewards: list[str] = field(default_factory=list, help="or verifier rewards: registered names, "
+                               "path/to/file.py:function or package.module:function (TRL's calling convention)")
     output_dir: str = field("runs/ppo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
     prompts_per_step: int = field(8, help="B: prompts per rollout batch")
     num_generations: int = field(1, help="completions per prompt")
@@ -86,12 +88,13 @@ class PPOConfig(RunOptions, PromptSource):
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
 
 
-def load_reward_fns(config: PPOConfig) -> list:
+def load_reward_fns(config: PPOConfig, rows: list[dict[str, Any]]) -> list:
+    """The reward model as a reward function, or the verifier rewards checked against the prompt rows' columns."""
     if config.reward_model is not None:
         from posttrain.models.reward_model import reward_function
 
         return [reward_function(config.reward_model)]
-    return build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    return prepare_rewards(config.rewards, rows, config, "ppo")
 
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
@@ -101,7 +104,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
     rows, _ = config.prompt_rows()
-    reward_fns = load_reward_fns(config)
+    reward_fns = load_reward_fns(config, rows)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(), checkpoint=checkpoint)
@@ -142,7 +145,9 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         G = config.num_generations
         with timer("reward"):
             row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
-            scores, _ = compute_rewards(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
+            ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+            scores, _ = compute_rewards(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts,
+                                        completion_ids=ids, trainer_state=TrainerState(step, config.max_steps))
         batch = rollout_batch(rollouts, tokenizer.pad_token_id).to(d.device)
         scores = scores.to(d.device)
         mask = completion_view(batch.mask, batch)  # [N, Tc]

@@ -132,19 +132,22 @@ class PromptPool:
 
 def compute_rewards(
     reward_fns: list[Callable[..., list]], weights: list[float], rows: list[dict[str, Any]], completions: list[str],
+    *, completion_ids: list[list[int]] | None = None, trainer_state: Any = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the reward functions (TRL's rule: None entries are skipped, all-None gives 0).
 
-    rows: the dataset row of each completion (its columns are passed as keywords). Returns ([N] rewards, each
-    function's [N] values with NaN for None).
+    rows: the dataset row of each completion; completions: the generated texts. The functions get TRL's keywords
+    (posttrain.rewards.user.reward_keywords: message-list completions for conversational prompts, completion_ids,
+    trainer_state, every column). Returns ([N] rewards, each function's [N] values with NaN for None).
     """
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    prompts = [r["prompt"] for r in rows]
+    from posttrain.rewards.user import reward_keywords
+
+    kwargs = reward_keywords(rows, completions, completion_ids=completion_ids, trainer_state=trainer_state)
     total = torch.zeros(len(completions), dtype=torch.float64)
     seen = torch.zeros(len(completions), dtype=torch.bool)
     parts: dict[str, torch.Tensor] = {}
     for fn, w in zip(reward_fns, weights):
-        values = fn(prompts=prompts, completions=completions, **columns)
+        values = fn(**kwargs)
         as_tensor = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
         parts[getattr(fn, "__name__", "reward")] = as_tensor
         present = ~torch.isnan(as_tensor)
@@ -166,6 +169,8 @@ class PromptSource:
                                 help="appended to each generated question")
     reward_options: dict = key(default_factory=dict, help="per-reward options, e.g. {gym: {extract: last_number}}")
     reward_timeout_s: float = key(60.0, help="a reward call slower than this is abandoned and counted")
+    reward_max_error_rate: float = key(0.5, help="a reward raising on more than this share of a batch stops the run "
+                                                 "with its traceback and the row (1 = never stop; errors score 0)")
 
     def validate_prompt_source(self) -> None:
         if (self.train_file is None) == (self.task is None):
@@ -196,11 +201,30 @@ def load_prompt_rows(
     return train, held_out
 
 
-def build_rewards(names: list[str], options: dict[str, dict[str, Any]], timeout_s: float) -> list:
-    """Reward functions by name (posttrain.rewards.REWARDS), each guarded: errors and timeouts are counted, not fatal."""
-    from posttrain.rewards import GuardedReward, build_reward
+def build_rewards(specs: list, options: dict[str, dict[str, Any]], timeout_s: float,
+                  max_error_rate: float | None = None) -> list:
+    """Reward functions from names, `file.py:func` / `module:func` specs or callables (rewards.user), each guarded:
+    errors and timeouts are counted; more than `max_error_rate` errors in a batch stop the run."""
+    from posttrain.rewards.user import build_reward_functions
 
-    return [GuardedReward(build_reward(name, **options.get(name, {})), timeout_s=timeout_s, name=name) for name in names]
+    return build_reward_functions(specs, options, timeout_s=timeout_s, max_error_rate=max_error_rate)
+
+
+def prepare_rewards(specs: list, rows: list[dict[str, Any]], source: PromptSource, command: str) -> list:
+    """The guarded reward functions of an RL run, checked against the prompt rows' columns before a model loads.
+
+    No specs: the reward the data supports (rewards.user.default_rewards), announced on stderr."""
+    import sys
+
+    from posttrain.rewards.user import check_reward_columns, default_rewards
+
+    columns = list(rows[0]) if rows else []
+    if not specs:
+        specs, reason = default_rewards(columns, source.task)
+        print(f"posttrain {command}: no 'rewards' given; using rewards={','.join(specs)} ({reason}).", file=sys.stderr)
+    funcs = build_rewards(specs, source.reward_options, source.reward_timeout_s, source.reward_max_error_rate)
+    check_reward_columns(funcs, columns, source.train_file or f"task '{source.task}'")
+    return funcs
 
 
 class StageTimer:
