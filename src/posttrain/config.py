@@ -22,9 +22,11 @@ from posttrain.errors import ConfigError
 C = TypeVar("C")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that carries its help text once (shown by `posttrain <recipe> --help`)."""
-    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field that carries its help text once (shown by `posttrain <recipe> --help`); `aliases` are other
+    names accepted for it (a former name, kept working after a rename)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "aliases": tuple(aliases)}}
     if default_factory is not dataclasses.MISSING:
         kwargs["default_factory"] = default_factory
     else:
@@ -35,6 +37,46 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def key_aliases(cls: type) -> dict[str, str]:
+    """alias -> key for a config class: the fields' own `aliases` (former names) and TRL's names for the same
+    quantity (posttrain.trl_names), for keys the class has."""
+    from posttrain.trl_names import aliases_for
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    out = {alias: key for alias, key in aliases_for(cls.__name__).items() if key in fields and alias not in fields}
+    for f in fields.values():
+        out.update({alias: f.name for alias in f.metadata.get("aliases", ())})
+    return out
+
+
+def _unknown_key(key: str, cls: type, source: str) -> ConfigError:
+    from posttrain.trl_names import NOT_EQUIVALENT
+
+    names = [f.name for f in dataclasses.fields(cls)] + list(key_aliases(cls))  # type: ignore[arg-type]
+    if key in NOT_EQUIVALENT:
+        hint = f" (TRL's '{key}' has no exact equivalent here: {NOT_EQUIVALENT[key]}.)"
+    else:
+        hint = _suggest(key, names)
+    return ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{hint}")
+
+
+def resolve_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with aliases replaced by their keys; an unknown key, or a key given twice (as itself and as an
+    alias, or as two aliases) in one source, is a ConfigError naming the source."""
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    aliases = key_aliases(cls)
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name not in fields:
+            raise _unknown_key(str(key), cls, source)
+        if name in out:
+            raise ConfigError(f"{source}: '{key}' and '{given_as[name]}' both set '{name}'; give one of them.")
+        out[name], given_as[name] = value, key
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -112,9 +154,7 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{_suggest(key, list(fields))}")
+    for key, value in resolve_aliases(cls, values, source).items():
         kwargs[key] = _coerce(value, hints[key], key, source)
     missing = [
         n for n, f in fields.items()
@@ -165,7 +205,6 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """Read a flat YAML file (optional), apply `key=value` overrides, and build the recipe's dataclass.
 
     Keys are checked where they come from, so an error names the file or the command line."""
-    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -178,17 +217,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of key: value, got {type(loaded).__name__}.")
-        for key in loaded:
-            if key not in fields:
-                raise ConfigError(f"{path}: unknown key '{key}' for {cls.__name__}.{_suggest(str(key), fields)}")
-        values.update(loaded)
+        values.update(resolve_aliases(cls, loaded, str(path)))
         source = str(path)
-    cli = parse_overrides(overrides or [])
-    for key in cli:
-        if key not in fields:
-            raise ConfigError(f"command line: unknown key '{key}' for {cls.__name__}.{_suggest(key, fields)}")
-    values.update(cli)
-    return build_config(cls, values, source=source if not cli else f"{source} + command line")
+    cli = resolve_aliases(cls, parse_overrides(overrides or []), "command line")
+    values.update(cli)  # the command line overrides the file, whichever name either used
+    both = f"{source} + command line" if path is not None else "command line"
+    return build_config(cls, values, source=both if cli else source)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -221,12 +255,17 @@ def config_help(cls: type) -> str:
     """One line per key: name, type, default, help; the recipe's own keys first, then those of its base classes."""
     hints = typing.get_type_hints(cls)
     own = set(inspect.get_annotations(cls))
+    aliases: dict[str, list[str]] = {}
+    for alias, key in key_aliases(cls).items():
+        aliases.setdefault(key, []).append(alias)
     lines = []
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )
-        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
+        also = f" [also: {', '.join(aliases[f.name])}]" if f.name in aliases else ""
+        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}){also}: "
+                     f"{f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -101,7 +101,7 @@ def test_grpo_same_weights_with_and_without_shared_prefix(tmp_path, monkeypatch)
     # agreement is asked at 1% of the distance moved rather than at machine precision
     for key in finals[0]:
         torch.testing.assert_close(finals[0][key], finals[1][key], atol=moved * 1e-2, rtol=0)
-    losses = [[m["loss"] for m in read_metrics(tmp_path / f"run{shared}" / "metrics.jsonl") if "loss" in m]
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / f"run{shared}" / "metrics.jsonl") if "train/loss" in m]
               for shared in (True, False)]
     assert len(losses[0]) == 2
     assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)

@@ -1,7 +1,7 @@
 """Recipe: train a diffusion denoiser (Ho et al. 2020; Nakkiran et al. 2024) on 2-D data or 8×8 digits, and sample it.
 
 `posttrain diffusion train --config configs/diffusion_moons.yaml [key=value ...] [--resume]` writes to output_dir:
-  metrics.jsonl, tensorboard/        the loss every `log_every` steps, and the final sample-quality metrics
+  metrics.jsonl, tensorboard/        the loss every `logging_steps` steps, and the final sample-quality metrics
   checkpoints/step-N/                model.safetensors, ema.safetensors, config.json, trainer_state.pt (atomic)
   model/                             the final weights (raw and EMA) and config.json; what `sample` reads
   loss.png, samples.png, eval.json   the loss curve, a sample grid and its metrics (EMA weights)
@@ -81,12 +81,14 @@ class DiffusionTrainConfig:
     lr: float = field(1e-3, help="AdamW peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(100, help="linear learning-rate warmup steps")
-    lr_decay: Literal["constant", "cosine"] = field("cosine", help="after warmup: constant, or cosine to 10% of lr")
+    lr_schedule: Literal["constant", "cosine"] = field("cosine", help="after warmup: constant, or cosine to 10% of lr",
+                                                      aliases=("lr_decay",))
     max_steps: int = field(3000, help="optimizer steps in total")
-    grad_clip: float = field(1.0, help="clip the gradient's global norm to this (0 = off)")
+    max_grad_norm: float = field(1.0, help="clip the gradient's global norm to this (0 = off)", aliases=("grad_clip",))
     ema_decay: float = field(0.999, help="EMA decay of the weights used for sampling (0 = sample with raw weights)")
-    log_every: int = field(50, help="log averaged metrics every N steps")
-    save_every: int = field(1000, help="write an atomic checkpoint every N steps (and at the end)")
+    logging_steps: int = field(50, help="log averaged metrics every N steps", aliases=("log_every",))
+    save_steps: int = field(1000, help="write an atomic checkpoint every N steps (and at the end)",
+                            aliases=("save_every",))
     keep_last: int = field(2, help="checkpoints kept on disk")
     seed: int = field(0, help="seed of initialization, batches, timesteps and noise")
     num_threads: int = field(0, help="torch CPU threads (0 = leave torch's default)")
@@ -100,8 +102,8 @@ class DiffusionTrainConfig:
         if self.prediction_type not in allowed:
             raise ConfigError(f"key 'prediction_type': '{self.prediction_type}' is not available for process "
                               f"'{self.process}'; choose one of {list(allowed)}.")
-        for key in ("num_train_timesteps", "hidden_dim", "num_layers", "batch_size", "max_steps", "log_every",
-                    "save_every", "num_inference_steps", "num_eval_samples"):
+        for key in ("num_train_timesteps", "hidden_dim", "num_layers", "batch_size", "max_steps", "logging_steps",
+                    "save_steps", "num_inference_steps", "num_eval_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -268,7 +270,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     schedule = build_schedule(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.max_steps, config.lr_decay))
+        optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.max_steps, config.lr_schedule))
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(config.seed)  # every batch index, t and noise draw comes from here
 
@@ -312,7 +314,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
         out_loss = denoising_loss(denoise_fn(x_t, t), target, weights)
         optimizer.zero_grad(set_to_none=True)
         out_loss.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
         optimizer.step()
         lr_scheduler.step()
         if ema is not None:
@@ -326,18 +328,18 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
         window["n_high"] += int((~low).sum())
         window["steps"] += 1
         steps_since_tic += 1
-        if step % config.log_every == 0 or step == config.max_steps:
+        if step % config.logging_steps == 0 or step == config.max_steps:
             elapsed = time.perf_counter() - tic
             logger.log(step, {
-                "loss": window["loss"] / window["steps"],
-                "loss_t_low": window["loss_t_low"] / max(1, window["n_low"]),
-                "loss_t_high": window["loss_t_high"] / max(1, window["n_high"]),
-                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+                "train/loss": window["loss"] / window["steps"],  # the same key as every other command
+                "train/loss_t_low": window["loss_t_low"] / max(1, window["n_low"]),
+                "train/loss_t_high": window["loss_t_high"] / max(1, window["n_high"]),
+                "train/grad_norm": float(grad_norm), "train/lr": lr_scheduler.get_last_lr()[0],
                 "steps_per_s": steps_since_tic / elapsed,
             })
             window = dict.fromkeys(window, 0)
             tic, steps_since_tic = time.perf_counter(), 0
-        if step % config.save_every == 0 or step == config.max_steps:
+        if step % config.save_steps == 0 or step == config.max_steps:
             save_checkpoint(
                 out, step, keep_last=config.keep_last,
                 save_model=lambda folder: _save_model(folder, model, ema, config),

@@ -64,7 +64,7 @@ class EvalConfig:
     reward_model: str = field("", help="folder of a reward model saved by `posttrain reward` (best_of_n_reward)")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
-    device: str = field("cpu", help="cpu or cuda")
+    device: str = field("auto", help="auto (cuda when available, as in training), cpu or cuda")
     dtype: str = field("float32", help="float32, bfloat16 or float16")
 
     def __post_init__(self):
@@ -188,13 +188,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run(config: EvalConfig) -> dict[str, Any]:
+    import torch
+
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
 
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
     problems = task.problems(config.num_problems, config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
     result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
                       num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
                       reward_model=config.reward_model, keep_samples=config.save_samples)

@@ -376,6 +376,7 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
             optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in totals.items()}
+    metrics["train/loss"] = metrics.pop("loss")  # one key for the optimized loss across commands
     metrics["grad_norm"] = float(grad_norm)
     metrics["advantage/abs_mean"] = float(advantages.abs().mean())
     metrics["update/sequences"] = float(N)

@@ -190,7 +190,8 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 updates += 1
-                for k, v in {**{f"policy/{k}": v for k, v in pg.metrics().items()},
+                for k, v in {"train/loss": float(pg.loss + config.vf_coef * vf.loss),
+                             **{f"policy/{k}": v for k, v in pg.metrics().items()},
                              "value/loss": vf.loss.item(), "value/clip_frac": float(vf.clip_frac),
                              "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
                              "grad_norm": float(grad_norm)}.items():
