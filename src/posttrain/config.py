@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import types
 import typing
 from pathlib import Path
@@ -270,4 +271,18 @@ def config_help(cls: type) -> str:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
+    """The config as a plain dict (dataclasses.asdict)."""
     return dataclasses.asdict(config)
+
+
+RUN_CONFIG_FILE = "run_config.json"  # not config.json, which transformers reads as a model's config
+
+
+def save_run_config(config: Any, output_dir: str | Path) -> Path:
+    """Write the run's settings to `<output_dir>/run_config.json` (atomically); values JSON cannot hold, such as
+    reward functions given as Python callables, are written as their repr."""
+    from posttrain.train.checkpoint import atomic_write_text
+
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, default=repr) + "\n")
+    return path

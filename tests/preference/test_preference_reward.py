@@ -47,21 +47,22 @@ class PositionBody(nn.Module):
 
 
 def test_hand_made_scores_through_head_pooling_and_loss():
-    """r = 0.5 · (position of the last token) + 1, so a plain-text sequence of L tokens scores 0.5 (L − 1) + 1."""
+    """r = 0.5 · (position of the last non-pad token); the trailing <|im_end|> (the pad token) is dropped as
+    transformers' ForSequenceClassification pools, so a plain-text sequence of L tokens scores 0.5 (L − 2)."""
     model = RewardModel(PositionBody(), 4, "causal_lm")
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
-        model.head.bias.fill_(1.0)
+    assert model.head.bias is None  # as transformers' `score`
     tok = tiny_tokenizer()  # bytes: "Q: " is 3 tokens, each answer gets one EOS token
-    rows = [{"prompt": "Q: ", "chosen": "abcd", "rejected": "ab"},  # L = 8 vs 6: r = 4.5 vs 3.5
-            {"prompt": "Q: ", "chosen": "a", "rejected": "abcdef"}]  # L = 5 vs 10: r = 3.0 vs 5.5
+    rows = [{"prompt": "Q: ", "chosen": "abcd", "rejected": "ab"},  # L = 8 vs 6: r = 3.0 vs 2.0
+            {"prompt": "Q: ", "chosen": "a", "rejected": "abcdef"}]  # L = 5 vs 10: r = 1.5 vs 4.0
     pairs = encode_reward_pairs(rows, tok, "causal_lm", max_length=64)
     for pack_length in (64, None):  # packed rows restart positions; padded rows are one sequence each
         r_w, r_l, tokens = pair_rewards(model, pairs, [0, 1], kind="causal_lm", pad_id=tok.pad_token_id,
                                         pack_length=pack_length, device="cpu")
-        torch.testing.assert_close(r_w, torch.tensor([4.5, 3.0]))
-        torch.testing.assert_close(r_l, torch.tensor([3.5, 5.5]))
-        assert tokens == 8 + 6 + 5 + 10
+        torch.testing.assert_close(r_w, torch.tensor([3.0, 1.5]))
+        torch.testing.assert_close(r_l, torch.tensor([2.0, 4.0]))
+        assert tokens == 7 + 5 + 4 + 9
         out = bradley_terry_loss(r_w, r_l)
         # Δ = [1, −2.5]: log(1 + e^−1) = 0.3132616875, log(1 + e^2.5) = 2.5788897343
         assert out.loss.item() == pytest.approx((0.3132616875 + 2.5788897343) / 2, abs=1e-6)
@@ -70,8 +71,8 @@ def test_hand_made_scores_through_head_pooling_and_loss():
     short = encode_reward_pairs(rows[:1], tok, "causal_lm", max_length=5)
     r_w, r_l, _ = pair_rewards(model, short, [0], kind="causal_lm", pad_id=tok.pad_token_id, pack_length=None,
                                device="cpu")
-    assert r_w.item() == r_l.item() == 3.0
-    assert tok.decode(short[0]["chosen"]["input_ids"]) == "abcd<|im_end|>"
+    assert r_w.item() == r_l.item() == 1.5
+    assert tok.decode(short[0]["chosen"]["input_ids"]) == "abcd"
 
 
 def _write(path, rows):

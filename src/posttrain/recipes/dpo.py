@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import pack_examples, packed_batch, pad_batch
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
@@ -43,7 +42,7 @@ from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -425,7 +424,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
 
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        save_run_config(config, out_dir)
     logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/dropped_truncated": dropped,

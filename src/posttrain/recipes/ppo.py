@@ -11,8 +11,6 @@ clipped policy loss plus vf_coef × the clipped value loss.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
@@ -30,7 +28,7 @@ from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
 from posttrain.rewards.user import TrainerState
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -128,7 +126,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
         pool.load(extra["pool"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    save_run_config(config, out_dir)
     logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
     policy_loss = POLICY_LOSSES["ppo"]
     timer = StageTimer()

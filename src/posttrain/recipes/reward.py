@@ -13,8 +13,6 @@ With `lora_r > 0` the adapters go on the body; the scalar head always trains ful
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
 from posttrain.errors import ConfigError, DataError
@@ -35,7 +33,7 @@ from posttrain.models.reward_model import (
     load_reward_model,
     reward_batch,
 )
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -183,7 +181,7 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
         start_step, _ = restore_training_state(checkpoint, optimizer, scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        save_run_config(config, out_dir)
     logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/global_batch": global_batch, "total_steps": total_steps,

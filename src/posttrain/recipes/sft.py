@@ -9,8 +9,6 @@ The data order is a pure function of (seed, step), so a checkpoint needs only th
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import pack_examples, packed_batch
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
@@ -28,7 +26,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import shift_labels
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -163,7 +161,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         start_step, _ = restore_training_state(checkpoint, optimizer, scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        save_run_config(config, out_dir)
     logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/examples": len(train_examples), "data/dropped_truncated": dropped,
