@@ -243,8 +243,21 @@ class RunOptions:
     logging_steps: int = field(1, help="log every N steps")
     save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
     keep_last: int = field(2, help="checkpoints kept")
-    tensorboard: bool = field(True, help="also log to TensorBoard")
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                 help="experiment trackers: some of tensorboard, trackio, wandb (optional packages; "
+                                      "WANDB_MODE=offline works without a network), or none")
+    tensorboard: bool = field(True, help="false drops tensorboard from report_to (the older switch)")
     progress: bool = field(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        from posttrain.train.trackers import check_trackers
+
+        check_trackers(self.report_to)  # an unknown or missing tracker stops the run before anything loads
+
+    def logger_options(self) -> dict[str, Any]:
+        """The keywords of `train.logging.MetricsLogger` these options set (trackers and the config they record)."""
+        return {"tensorboard": self.tensorboard, "report_to": self.report_to,
+                "config": json.loads(json.dumps(dataclasses.asdict(self), default=repr))}
 
     def model_options(self) -> dict[str, Any]:
         """The keywords of `train.state.prepare_model` these options set (dtype and LoRA)."""

@@ -59,4 +59,4 @@ def test_final_loads_with_auto_model_for_sequence_classification(tmp_path, caplo
         batched = hf(input_ids=padded, attention_mask=mask).logits[:, 0].tolist()
     torch.testing.assert_close(torch.tensor(alone), torch.tensor(ours), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(ours), atol=1e-5, rtol=1e-5)
-    assert len(set(round(s, 4) for s in ours)) > 1  # the scores differ between answers
+    assert len({round(s, 4) for s in ours}) > 1  # the scores differ between answers

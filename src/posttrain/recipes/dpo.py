@@ -44,7 +44,7 @@ from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
     Progress,
@@ -425,7 +425,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(config, out_dir)
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/dropped_truncated": dropped,
                        "data/global_batch": global_batch, "total_steps": total_steps, "ref/kind": kind,
@@ -504,8 +504,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
                                  scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
         save_final(model, tokenizer, out_dir / "final")
     barrier(d)
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("dpo", summary, enabled=d.is_main)
     return summary
 
 

@@ -30,7 +30,7 @@ from posttrain.ops.masked import masked_mean
 from posttrain.rewards.user import TrainerState
 from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import init_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.rl import (
     PromptPool,
@@ -127,7 +127,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         pool.load(extra["pool"])
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(config, out_dir)
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step)
     policy_loss = POLICY_LOSSES["ppo"]
     timer = StageTimer()
     summary: dict[str, Any] = {}
@@ -217,6 +217,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                              scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
                              modules={"critic": critic})
     save_final(model, tokenizer, out_dir / "final")
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("ppo", summary, enabled=d.is_main)
     return summary
