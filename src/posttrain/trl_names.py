@@ -42,6 +42,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "beta": "kl_coef",
         "loss_type": "loss",  # grpo, bnpo, dr_grpo, dapo, cispo: TRL's names
         "num_iterations": "updates_per_batch",  # μ
+        "reward_funcs": "rewards",  # GRPOTrainer's argument
     },
     "PPOConfig": {
         **_TRAINING,
@@ -51,6 +52,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "num_ppo_epochs": "ppo_epochs",
         "cliprange": "epsilon",
         "cliprange_value": "value_clip",
+        "reward_funcs": "rewards",
     },
     "DiffusionTrainConfig": {
         "learning_rate": "lr",
