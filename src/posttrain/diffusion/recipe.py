@@ -47,6 +47,7 @@ from posttrain.train.checkpoint import (
     set_rng_state,
 )
 from posttrain.train.logging import MetricsLogger, read_metrics
+from posttrain.train.state import Progress
 
 VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 VE_PREDICTIONS = ("sample", "prev_sample")
@@ -92,6 +93,7 @@ class DiffusionTrainConfig:
     keep_last: int = field(2, help="checkpoints kept on disk")
     seed: int = field(0, help="seed of initialization, batches, timesteps and noise")
     num_threads: int = field(0, help="torch CPU threads (0 = leave torch's default)")
+    progress: bool = field(True, help="show a progress bar")
     sampler: Literal["ddpm", "ddim"] = field("ddim", help="sampler for the end-of-training sample grid and metrics")
     num_inference_steps: int = field(100, help="sampling steps for the end-of-training samples")
     eta: float = field(0.0, help="DDIM eta for the end-of-training samples")
@@ -294,6 +296,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     if checkpoint is not None:
         window = state["log_window"]
     tic, steps_since_tic = time.perf_counter(), 0
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc="diffusion")
     for step in range(start_step + 1, config.max_steps + 1):
         # 1. a batch of x_0, timesteps t ~ U{0..T−1} and noise
         x0 = data.train[torch.randint(0, data.train.shape[0], (B,), generator=generator)]  # [B, data_dim]
@@ -328,6 +331,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
         window["n_high"] += int((~low).sum())
         window["steps"] += 1
         steps_since_tic += 1
+        progress.update()
         if step % config.logging_steps == 0 or step == config.max_steps:
             elapsed = time.perf_counter() - tic
             logger.log(step, {
@@ -350,6 +354,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
 
     with atomic_dir(out / "model") as folder:
         _save_model(folder, model, ema, config)
+    progress.close()
     plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png")
 
     # 4. samples from the EMA weights, a grid and their metrics
@@ -369,7 +374,8 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     logger.log(config.max_steps, {f"eval/{k}": v for k, v in metrics.items()})
     logger.close()
     print(f"trained {config.max_steps} steps; {config.sampler}-{config.num_inference_steps} samples: "
-          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; outputs in {out}")
+          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; the model is in {out / 'model'} (what "
+          f"`posttrain diffusion sample model_dir={out}` reads), metrics in {out / 'metrics.jsonl'}")
     return metrics
 
 

@@ -192,15 +192,18 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.train.state import phase
 
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
     problems = task.problems(config.num_problems, config.seed)
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
-    result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
-                      num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
-                      reward_model=config.reward_model, keep_samples=config.save_samples)
+    with phase(f"loading {config.model}"):
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
+    with phase(f"{config.strategy} on {len(problems)} problems × {config.num_samples} samples"):
+        result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
+                          num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
+                          reward_model=config.reward_model, keep_samples=config.save_samples)
     result = {"config": asdict(config), **result}
     print(f"{config.task} · {len(problems)} problems · model {config.model}")
     print(format_table([result["metrics"]]))

@@ -48,6 +48,7 @@ from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
     Progress,
+    announced,
     prepare_model,
     restore_training_state,
     save_final,
@@ -271,6 +272,7 @@ def reference_logps_fn(kind: str, policy: nn.Module, ref_model: nn.Module | None
         net.train(was_training)
 
 
+@announced("reference log-probs")
 @torch.no_grad()
 def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, pack_length: int | None,
                     d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +298,7 @@ def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, p
 
 # --- evaluation --------------------------------------------------------------------------------------------------
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, label_smoothing: float,
              micro_batch_size: int, pad_id: int, pack_length: int | None, d) -> dict[str, float]:

@@ -43,6 +43,7 @@ from posttrain.train.rl import (
 )
 from posttrain.train.state import (
     Progress,
+    announced,
     prepare_model,
     restore_training_state,
     save_final,
@@ -141,6 +142,7 @@ def loss_options(config: GRPOConfig) -> dict[str, Any]:
     return opts
 
 
+@announced("held-out evaluation (greedy)")
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64) -> float:
     """Mean verifier reward of greedy answers to `rows`."""

@@ -39,6 +39,7 @@ from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
     Progress,
+    announced,
     restore_training_state,
     save_final,
     save_training_checkpoint,
@@ -120,6 +121,7 @@ def pair_rewards(model: nn.Module, pairs, index: list[int], *, kind: str, pad_id
     return rewards[:b], rewards[b:], sum(len(e["input_ids"]) for e in examples)
 
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_length: int | None,
              micro_batch_size: int, center_coef: float, d) -> dict[str, float]:

@@ -32,6 +32,7 @@ from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
     Progress,
+    announced,
     prepare_model,
     restore_training_state,
     save_final,
@@ -111,6 +112,7 @@ def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[
             "labels": labels.to(device), "num_tokens": sum(len(examples[i]["input_ids"]) for row in rows for i in row)}
 
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size: int, dist_info) -> dict[str, float]:
     """Token-mean eval loss and perplexity over all eval rows (split across ranks, sums reduced)."""
