@@ -61,6 +61,33 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _check_keys_early(name: str, config_path: str | None, overrides: list[str]) -> None:
+    """Report an unknown key before the recipe (and torch) is imported; the full check runs after the import."""
+    import yaml
+
+    from posttrain.config import parse_overrides, unknown_key_error
+    from posttrain.config_keys import accepted_keys
+
+    module, class_name, _ = COMMANDS[name]
+    accepted = accepted_keys(module, class_name)
+    if accepted is None:
+        return
+    names = sorted(accepted)
+    if config_path is not None and os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            loaded = None  # the full loader reports it
+        if isinstance(loaded, dict):
+            for key in loaded:
+                if key not in accepted:
+                    raise unknown_key_error(str(key), class_name, names, config_path)
+    for key in parse_overrides(overrides):
+        if key not in accepted:
+            raise unknown_key_error(key, class_name, names, "command line")
+
+
 def _take_resume(argv: list[str]) -> tuple[list[str], str | None]:
     """Remove `--resume [DIR]` / `--resume=DIR` from argv. A following word is DIR only when it is not itself an
     override (`key=value`, `--key`), so `--resume lr=1e-5` resumes from the latest checkpoint and sets lr."""
@@ -114,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    _quiet_libraries()
     try:
+        if not args.help:
+            _check_keys_early(name, args.config, rest)
+        _quiet_libraries()
         config_cls, fn = _load_command(name)
         resumable = "resume" in inspect.signature(fn).parameters
         if args.help:

@@ -52,15 +52,20 @@ def key_aliases(cls: type) -> dict[str, str]:
     return out
 
 
-def _unknown_key(key: str, cls: type, source: str) -> ConfigError:
+def unknown_key_error(key: str, class_name: str, names: list[str], source: str) -> ConfigError:
+    """The error for a key that is not among `names`: the nearest valid name, or what to use for a TRL name."""
     from posttrain.trl_names import NOT_EQUIVALENT
 
-    names = [f.name for f in dataclasses.fields(cls)] + list(key_aliases(cls))  # type: ignore[arg-type]
     if key in NOT_EQUIVALENT:
         hint = f" (TRL's '{key}' has no exact equivalent here: {NOT_EQUIVALENT[key]}.)"
     else:
         hint = _suggest(key, names)
-    return ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{hint}")
+    return ConfigError(f"{source}: unknown key '{key}' for {class_name}.{hint}")
+
+
+def _unknown_key(key: str, cls: type, source: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)] + list(key_aliases(cls))  # type: ignore[arg-type]
+    return unknown_key_error(key, cls.__name__, names, source)
 
 
 def resolve_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:

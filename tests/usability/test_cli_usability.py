@@ -56,3 +56,34 @@ def test_eval_task_file_in_any_data_format(tmp_path):
         task = make_task(str(tmp_path / name))
         assert isinstance(task, JsonlTask)
         assert [p.answer for p in task.problems(0, 0)] == ["2", "5"]
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_keys_read_from_source_match_the_config_class(command):
+    """The early key check (before torch is imported) knows exactly the keys the config class accepts."""
+    import dataclasses
+    import importlib
+
+    from posttrain.config import key_aliases
+    from posttrain.config_keys import accepted_keys
+
+    module, class_name, _ = cli.COMMANDS[command]
+    cls = getattr(importlib.import_module(module), class_name)
+    assert accepted_keys(module, class_name) == {f.name for f in dataclasses.fields(cls)} | set(key_aliases(cls))
+
+
+def test_a_mistyped_key_is_reported_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    (tmp_path / "c.yaml").write_text("task: chain_sum\nlearnig_rate: 1.0e-5\n")
+    code = ("import sys; from posttrain.cli import main; "
+            "rc = main(['grpo', 'task=chain_sum', 'max_stepz=3']); rc2 = main(['grpo', '--config', 'c.yaml']); "
+            "print(rc, rc2, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": src, "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "2", "False", "False"], out.stderr
+    assert "unknown key 'max_stepz' for GRPOConfig. Did you mean 'max_steps'?" in out.stderr
+    assert "c.yaml: unknown key 'learnig_rate' for GRPOConfig. Did you mean 'learning_rate'?" in out.stderr

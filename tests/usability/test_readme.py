@@ -51,8 +51,8 @@ OVERRIDES: list[tuple[str, Override]] = [
     (r"^python3 -m venv|^\.venv/bin/pip install", Override(skip="installs packages")),
     (r"^torchrun .* sft ", Override(append=[*TINY, "max_steps=2", "micro_batch_size=2"])),
     (r"^posttrain sft .*--resume", Override(append=[*TINY, "max_steps=3"],
-                                            after="posttrain sft --config configs/sft_arithmetic.yaml lr=3e-5 "
-                                                  f"lora_r=16 {' '.join(TINY)} max_steps=2")),
+                                            after=f"posttrain sft --config configs/sft_arithmetic.yaml {' '.join(TINY)} "
+                                                  "max_steps=2")),
     (r"^(WANDB_MODE=offline )?posttrain sft ", Override(append=[*TINY, "max_steps=2"])),
     (r"^posttrain dpo ", Override(append=[*TINY, "max_steps=2", "max_length=64", "eval_steps=0"])),
     (r"^posttrain reward ", Override(append=[*TINY, "max_steps=2", "max_length=64", "eval_steps=0"])),

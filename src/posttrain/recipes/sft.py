@@ -49,8 +49,10 @@ class SFTConfig(RunOptions):
     eval_file: str | None = field(None, help="held-out data in the same format; default: none")
     output_dir: str = field("runs/sft", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
     max_length: int = field(512, help="tokens per example (and per packed row); longer examples are truncated")
-    packing: bool = field(True, help="pack several short examples per row, attention kept inside each example")
-    micro_batch_size: int = field(8, help="rows (packed) or examples (unpacked) per forward/backward")
+    packing: bool = field(False, help="pack short examples into rows of max_length tokens, attention kept inside "
+                                      "each example (off by default, as in TRL; then micro_batch_size counts rows)")
+    micro_batch_size: int = field(8, help="examples per forward/backward (with packing=true: packed rows of "
+                                          "max_length tokens, each holding several examples)")
     padding_free: bool = field(True, help="without packing: lay each micro-batch's examples into as few rows of "
                                           "at most twice its longest example as hold them (positions restart per "
                                           "example, no attention across them) instead of one padded row each; "

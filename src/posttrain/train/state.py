@@ -51,6 +51,14 @@ def prepare_model(
 
 def _prepare_model(name_or_path: str, *, device: torch.device, dtype: str, lora_r: int, lora_alpha: int,
                    lora_dropout: float, lora_target: str, gradient_checkpointing: bool, checkpoint: Path | None):
+    if checkpoint is not None and lora_r == 0 and (checkpoint / "model" / "adapter_config.json").is_file():
+        import json
+
+        from posttrain.errors import ConfigError
+
+        rank = json.loads((checkpoint / "model" / "adapter_config.json").read_text()).get("r")
+        raise ConfigError(f"{checkpoint} holds LoRA adapters (rank {rank}): resume with the run's own settings, "
+                          f"e.g. lora_r={rank} (they are in run_config.json next to checkpoints/).")
     if checkpoint is not None and lora_r > 0:
         from peft import PeftModel
 
