@@ -13,6 +13,7 @@ import pytest
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.plugins import is_object_spec, load_object
+from posttrain.rewards import score_completions as compute_rewards
 from posttrain.rewards.guard import GuardedReward, RewardFunctionError
 from posttrain.rewards.user import (
     KeywordReward,
@@ -23,7 +24,6 @@ from posttrain.rewards.user import (
     reward_keywords,
 )
 from posttrain.train.logging import read_metrics
-from posttrain.train.rl import compute_rewards
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

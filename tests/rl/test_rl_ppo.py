@@ -10,20 +10,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_rl_grpo import letters_reward
 
+from posttrain.generation.rollout import completion_view, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.value import ValueModel
 from posttrain.recipes.ppo import PPOConfig, run
 from posttrain.rewards import REWARDS
 from posttrain.train.logging import read_metrics
-from posttrain.train.rl import completion_view, rollout_batch
 
 
 def test_completion_view_recovers_sampler_logps():
     model, tok = tiny_model(seed=5), tiny_tokenizer()
     prompts = [tok("hi", add_special_tokens=False)["input_ids"], tok("hello there", add_special_tokens=False)["input_ids"]]
     rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=5, seed=3), n=2)
-    batch = rollout_batch(rollouts, tok.pad_token_id)
+    batch = rollout_sequences(rollouts, tok.pad_token_id)
     view = completion_view(batch.gen_logps, batch)
     T = view.shape[1]
     torch.testing.assert_close(view, rollouts.logps[:, :T].float() * rollouts.completion_mask[:, :T])

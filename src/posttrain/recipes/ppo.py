@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from posttrain.config import RunOptions, field, save_run_config
+from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.rollout import completion_view, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
 from posttrain.models.forward import TokenLogps
@@ -27,20 +29,12 @@ from posttrain.models.value import ValueModel
 from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
-from posttrain.rewards.user import TrainerState
+from posttrain.rewards import score_completions
+from posttrain.rewards.user import TrainerState, prepare_rewards
 from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.rl import (
-    PromptPool,
-    PromptSource,
-    StageTimer,
-    completion_view,
-    compute_rewards,
-    prepare_rewards,
-    rollout_batch,
-)
 from posttrain.train.state import (
     Progress,
     prepare_model,
@@ -49,6 +43,7 @@ from posttrain.train.state import (
     save_training_checkpoint,
     seed_everything,
 )
+from posttrain.train.timing import StageTimer
 
 
 @dataclass(kw_only=True)
@@ -87,12 +82,13 @@ class PPOConfig(RunOptions, PromptSource):
 
 
 def load_reward_fns(config: PPOConfig, rows: list[dict[str, Any]]) -> list:
-    """The reward model as a reward function, or the verifier rewards checked against the prompt rows' columns."""
     if config.reward_model is not None:
         from posttrain.models.reward_model import reward_function
 
         return [reward_function(config.reward_model)]
-    return prepare_rewards(config.rewards, rows, config, "ppo")
+    return prepare_rewards(config.rewards, rows, options=config.reward_options, timeout_s=config.reward_timeout_s,
+                           max_error_rate=config.reward_max_error_rate, task=config.task, source=config.train_file,
+                           command="ppo")
 
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
@@ -144,9 +140,9 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         with timer("reward"):
             row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
             ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
-            scores, _ = compute_rewards(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts,
-                                        completion_ids=ids, trainer_state=TrainerState(step, config.max_steps))
-        batch = rollout_batch(rollouts, tokenizer.pad_token_id).to(d.device)
+            scores, _ = score_completions(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts,
+                                          completion_ids=ids, trainer_state=TrainerState(step, config.max_steps))
+        batch = rollout_sequences(rollouts, tokenizer.pad_token_id).to(d.device)
         scores = scores.to(d.device)
         mask = completion_view(batch.mask, batch)  # [N, Tc]
 

@@ -178,3 +178,21 @@ def reward_keywords(rows: Sequence[dict[str, Any]], texts: Sequence[str], *,
         if key not in EXCLUDED_COLUMNS and key not in kwargs:
             kwargs[key] = [r.get(key) for r in rows]
     return kwargs
+
+
+def prepare_rewards(specs: Sequence[RewardSpec], rows: Sequence[dict[str, Any]], *,
+                    options: dict[str, dict[str, Any]] | None, timeout_s: float | None, max_error_rate: float | None,
+                    task: str | None, source: str | None, command: str) -> list[GuardedReward]:
+    """The guarded reward functions of an RL run, checked against the prompt rows' columns before a model loads.
+
+    No specs: the reward the data supports (default_rewards), announced on stderr."""
+    import sys
+
+    columns = list(rows[0]) if rows else []
+    if not specs:
+        specs, reason = default_rewards(columns, task)
+        print(f"posttrain {command}: no 'rewards' given; using rewards={','.join(map(str, specs))} ({reason}).",
+              file=sys.stderr)
+    funcs = build_reward_functions(specs, options, timeout_s=timeout_s, max_error_rate=max_error_rate)
+    check_reward_columns(funcs, columns, source or f"task '{task}'")
+    return funcs
