@@ -111,6 +111,7 @@ def _take_resume(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `posttrain <command> ...` (argv defaults to sys.argv[1:]); returns the exit status (2 for a usage or input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: posttrain <command> [--config FILE.yaml] [key=value ...] [--resume]\n\ncommands:")

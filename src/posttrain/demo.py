@@ -86,6 +86,7 @@ class DemoContext:
 
 
 def task_rows(task: str, size: int, seed: int) -> list[dict[str, Any]]:
+    """`size` reasoning-gym rows of `task` (generator seed `seed`) with the demo's answer instruction."""
     from posttrain.rewards.gym import gym_rows
 
     return gym_rows(task, size, seed, instruction=INSTRUCTION, **TASK_KWARGS.get(task, {}))
@@ -148,6 +149,7 @@ def _plot_sft(path: Path, metrics_file: Path, before: dict, after: dict) -> None
 
 
 def stage_sft(ctx: DemoContext) -> Section:
+    """Demo stage: SFT on worked arithmetic answers, scored before and after on held-out problems."""
     from posttrain.recipes.sft import SFTConfig
     from posttrain.recipes.sft import run as run_sft
 
@@ -194,6 +196,7 @@ def stage_sft(ctx: DemoContext) -> Section:
 
 
 def stage_grpo(ctx: DemoContext) -> Section:
+    """Demo stage: GRPO with LoRA from the SFT model on the task's verifier reward."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,6 +250,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
 
 
 def stage_ttc(ctx: DemoContext) -> Section:
+    """Demo stage: greedy, temperature, majority vote, low temperature and power sampling side by side."""
     from posttrain.eval.runner import evaluate
     from posttrain.eval.tasks import GymTask, Problem
     from posttrain.generation.strategies import DecodeOptions
@@ -283,6 +287,7 @@ def stage_ttc(ctx: DemoContext) -> Section:
 
 
 def stage_dpo(ctx: DemoContext) -> Section:
+    """Demo stage: DPO on the shipped identity pairs, checked on held-out identity questions."""
     from posttrain.recipes.dpo import run_dpo_demo_stage
 
     c = ctx.config
@@ -314,6 +319,7 @@ STAGES: dict[str, Callable[[DemoContext], Section]] = {
 
 
 def write_report(ctx: DemoContext, seconds: float) -> Path:
+    """Write report.md and report.json from the stages' sections; returns the report's path."""
     parts = [f"# posttrain demo\n\nModel: `{ctx.config.model}` on {torch.get_num_threads()} CPU threads; "
              f"total {seconds / 60:.1f} min.\n"]
     parts += [f"## {s.title}\n\n{s.markdown}" for s in ctx.sections]
@@ -324,6 +330,7 @@ def write_report(ctx: DemoContext, seconds: float) -> Path:
 
 
 def run(config: DemoConfig) -> Path:
+    """Run the demo's stages in order and write the report (`posttrain demo`); returns the report's path."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

@@ -228,6 +228,7 @@ def correctness_rows(
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write `rows` as JSON lines to `path` (atomically); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -263,6 +264,7 @@ def build_correctness(out_dir: str | Path, train_per_task: int = 400, heldout_pe
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line of the preference-data builders (`python -m posttrain.data.preference identity|correctness`)."""
     parser = argparse.ArgumentParser(description="build the shipped preference sets")
     parser.add_argument("which", choices=["identity", "correctness"])
     parser.add_argument("--out-dir", default="data/preference")

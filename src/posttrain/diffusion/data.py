@@ -46,6 +46,7 @@ def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def two_moons(n: int = 10000, noise: float = 0.05, seed: int = 0, test_fraction: float = 0.2) -> DiffusionData:
+    """The two-moons 2-D dataset: `n` points with Gaussian `noise`, split into train and held-out parts."""
     from sklearn.datasets import make_moons
 
     x, _ = make_moons(n_samples=n, noise=noise, random_state=seed)

@@ -152,11 +152,13 @@ def _check_sampling(process: str, prediction_type: str, sampler: str, steps: int
 
 
 def build_model(data_dim: int, hidden_dim: int, num_layers: int, time_embed_dim: int, num_train_timesteps: int):
+    """The residual-MLP denoiser for `data_dim`-dimensional data."""
     return MLPDenoiser(data_dim, hidden_dim=hidden_dim, num_layers=num_layers, time_embed_dim=time_embed_dim,
                        num_train_timesteps=num_train_timesteps)
 
 
 def build_schedule(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> NoiseSchedule:
+    """The VP noise schedule (linear or cosine β) of `num_train_timesteps` steps."""
     kwargs = {"beta_start": beta_start, "beta_end": beta_end} if beta_schedule == "linear" else {}
     return make_schedule(beta_schedule, num_train_timesteps, **kwargs)
 

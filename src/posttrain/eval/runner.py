@@ -188,6 +188,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run(config: EvalConfig) -> dict[str, Any]:
+    """`posttrain eval`: load the model, run the strategy on the task's problems, print and save the metrics."""
     import torch
 
     from posttrain.models import load_model

@@ -98,18 +98,22 @@ def decode_greedy(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> De
 
 
 def decode_temperature(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt at `options.temperature`."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options))
 
 
 def decode_top_k(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt from the top-k filtered distribution."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options, top_k=options.top_k))
 
 
 def decode_top_p(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt from the nucleus (top-p) filtered distribution."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options, top_p=options.top_p))
 
 
 def decode_low_temperature(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt at temperature 1/α (the baseline power sampling is compared with)."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options, temperature=1.0 / options.alpha))
 
 

@@ -27,6 +27,7 @@ _TINY_PREFIX = "tiny"  # "tiny" or "tiny:hidden=64,layers=2" builds a random tes
 
 
 def cache_dir() -> Path:
+    """Where converted models live: $POSTTRAIN_CACHE, default ~/.cache/posttrain."""
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
@@ -94,6 +95,7 @@ def _tiny_kwargs(spec: str) -> dict[str, Any]:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, with a pad token (EOS when the model has none)."""
     where = resolve(name_or_path)
     if isinstance(where, str):
         from posttrain.models.tiny import tiny_tokenizer

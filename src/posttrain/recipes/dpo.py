@@ -341,6 +341,7 @@ def _metric_sums(out) -> dict[str, float]:
 # --- the recipe --------------------------------------------------------------------------------------------------
 
 def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain dpo`: train on preference pairs; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 

@@ -213,6 +213,7 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain grpo`: online RL with verifiable rewards; returns the summary (last metrics, final_dir)."""
     d = init_distributed(config.device)
     if d.enabled:
         raise PosttrainError("posttrain grpo runs in one process for now (generation is not yet split across "

@@ -82,6 +82,7 @@ class PPOConfig(RunOptions, PromptSource):
 
 
 def load_reward_fns(config: PPOConfig, rows: list[dict[str, Any]]) -> list:
+    """The reward model as a reward function, or the verifier rewards checked against the prompt rows' columns."""
     if config.reward_model is not None:
         from posttrain.models.reward_model import reward_function
 
@@ -92,6 +93,7 @@ def load_reward_fns(config: PPOConfig, rows: list[dict[str, Any]]) -> list:
 
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain ppo`: RLHF with a critic and GAE; returns the summary (last metrics, final_dir)."""
     d = init_distributed(config.device)
     if d.enabled:
         raise PosttrainError("posttrain ppo runs in one process for now; launch it without torchrun / accelerate.")

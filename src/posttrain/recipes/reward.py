@@ -145,6 +145,7 @@ def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_l
 
 
 def run(config: RewardConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain reward`: train a Bradley-Terry reward model; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 

@@ -108,6 +108,7 @@ def padding_free_rows(examples, rows: list[list[int]], *, factor: float = 2.0) -
 
 
 def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Tensors of one micro-batch: `rows` (lists of example indices) packed or padded, on `device`."""
     batch = packed_batch(examples, rows, pad_id)
     labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
     return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
@@ -134,6 +135,7 @@ def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size
 
 
 def run(config: SFTConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain sft`: supervised fine-tuning; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 

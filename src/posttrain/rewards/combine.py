@@ -17,6 +17,7 @@ RewardFunc = Callable[..., list]
 
 
 def reward_name(func: Any) -> str:
+    """A reward function's name for logs: its __name__, else its class name."""
     return getattr(func, "__name__", None) or type(func).__name__
 
 

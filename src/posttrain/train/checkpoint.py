@@ -80,6 +80,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU and CUDA) random states, for a checkpoint."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -89,6 +90,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore random states saved by rng_state()."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -97,6 +99,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint at `step`: output_dir/checkpoints/step-NNNNNNNN."""
     return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
@@ -121,6 +124,7 @@ def save_checkpoint(
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints under output_dir, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -129,6 +133,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under output_dir, or None."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
@@ -148,4 +153,5 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
+    """The training state (step, optimizer, scheduler, RNG, extras) saved in a checkpoint."""
     return torch.load(checkpoint / STATE_FILE, weights_only=False)

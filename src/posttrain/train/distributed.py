@@ -59,6 +59,7 @@ def all_reduce_sum(value: float | torch.Tensor, d: Dist) -> float:
 
 
 def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """`module` wrapped in DistributedDataParallel when running on several processes, else as is."""
     if not d.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -75,11 +76,13 @@ def no_sync(module: torch.nn.Module, skip: bool):
 
 
 def barrier(d: Dist) -> None:
+    """Wait for every process (no-op in a single process)."""
     if d.enabled:
         dist.barrier()
 
 
 def cleanup(d: Dist) -> None:
+    """Leave the process group if one was joined."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

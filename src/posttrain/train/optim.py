@@ -35,6 +35,7 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
 
 
 def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, kind: str = "cosine"):
+    """Linear warmup for `warmup_steps`, then cosine decay to `min_ratio`·lr or constant, over `total_steps`."""
     if kind == "constant":
         fn = lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     else:

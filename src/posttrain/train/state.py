@@ -25,6 +25,7 @@ from posttrain.train.checkpoint import atomic_dir, load_state, save_checkpoint, 
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -182,4 +183,5 @@ def announced(what: str):
 
 
 def remove_tree(path: str | Path) -> None:
+    """Delete a folder and everything in it (missing is fine)."""
     shutil.rmtree(path, ignore_errors=True)
