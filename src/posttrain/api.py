@@ -6,7 +6,7 @@
     run.final_dir            # an ordinary Hugging Face folder
     run.summary["train/loss"]
 
-Every function takes an optional `config` (a config dataclass such as `posttrain.recipes.sft.SFTConfig`, a dict, or
+(`train_diffusion`, not `diffusion`: `posttrain.diffusion` is the diffusion package.) Every function takes an optional `config` (a config dataclass such as `posttrain.recipes.sft.SFTConfig`, a dict, or
 a YAML path) and keyword arguments that override it. Data goes in `train_dataset` / `eval_dataset` (or
 `train_file` / `eval_file`) as a file path, a `datasets.Dataset`, a `datasets.DatasetDict` (its "train" split, and
 "test" or "validation" as the held-out data when none is given), a pandas DataFrame or a list of dicts. In-memory
@@ -210,9 +210,9 @@ def evaluate(config: Any = None, **kwargs: Any) -> RunResult:
     return RunResult(summary=dict(result["metrics"]), final_dir=None, output_dir=Path(built.output_dir))
 
 
-def diffusion(config: Any = None, *, resume: str | bool | None = None, **kwargs: Any) -> RunResult:
+def train_diffusion(config: Any = None, *, resume: str | bool | None = None, **kwargs: Any) -> RunResult:
     """Train a diffusion denoiser (`posttrain diffusion train`) on 2-D data or 8x8 digits."""
     return _run("diffusion train", config, kwargs, resume)
 
 
-__all__ = ["RunResult", "diffusion", "dpo", "evaluate", "grpo", "ppo", "reward", "sft"]
+__all__ = ["RunResult", "dpo", "evaluate", "grpo", "ppo", "reward", "sft", "train_diffusion"]

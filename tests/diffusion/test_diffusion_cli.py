@@ -32,7 +32,7 @@ def test_train_writes_outputs_and_loss_decreases(trained):
     rows = [r for r in read_metrics(trained / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in rows] == [40, 80, 120, 160, 200]
     assert rows[-1]["train/loss"] < 0.6 * rows[0]["train/loss"]
-    assert all(r["loss_t_high"] < r["loss_t_low"] for r in rows[1:])  # ε is easy to predict from very noisy x_t
+    assert all(r["train/loss_t_high"] < r["train/loss_t_low"] for r in rows[1:])  # ε is easy to predict from very noisy x_t
     ev = json.loads((trained / "eval.json").read_text())
     data = recipe.load_data("moons", num_samples=2000, seed=0)
     noise_sw = recipe.two_d_scores(torch.randn(400, 2, generator=torch.Generator().manual_seed(0)), data.test)

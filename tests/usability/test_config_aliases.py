@@ -28,7 +28,8 @@ def _other_value(cls, key):
     """A valid value for `key` that differs from its default, so an ignored alias cannot pass unnoticed."""
     default = getattr(load_config(CLASSES[cls], None, BASE[cls]), key)
     special = {("DPOConfig", "loss"): "ipo", ("GRPOConfig", "loss"): "dapo", ("GRPOConfig", "micro_batch_size"): 32,
-               ("PPOConfig", "reward_model"): "runs/reward/final"}
+               ("PPOConfig", "reward_model"): "runs/reward/final", ("GRPOConfig", "rewards"): ["math"],
+               ("PPOConfig", "rewards"): ["math"]}
     if (cls, key) in special:
         return special[(cls, key)]
     if key == "model":
@@ -46,9 +47,10 @@ def _other_value(cls, key):
 @pytest.mark.parametrize(("cls", "alias", "key"), CASES, ids=[f"{c}.{a}" for c, a, _ in CASES])
 def test_every_trl_alias_sets_its_key(cls, alias, key):
     value = _other_value(cls, key)
-    base = [b for b in BASE[cls] if not (key == "reward_model" and b.startswith("rewards="))]
-    via_alias = load_config(CLASSES[cls], None, [*base, f"{alias}={value}"])
-    via_key = load_config(CLASSES[cls], None, [*base, f"{key}={value}"])
+    text = ",".join(value) if isinstance(value, list) else value
+    base = [b for b in BASE[cls] if not (key in ("reward_model", "rewards") and b.startswith("rewards="))]
+    via_alias = load_config(CLASSES[cls], None, [*base, f"{alias}={text}"])
+    via_key = load_config(CLASSES[cls], None, [*base, f"{key}={text}"])
     assert getattr(via_alias, key) == getattr(via_key, key) == value
     assert getattr(load_config(CLASSES[cls], None, BASE[cls]), key) != value
     assert dataclasses.asdict(via_alias) == dataclasses.asdict(via_key)
