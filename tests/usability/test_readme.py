@@ -12,7 +12,7 @@ has to be sized here before CI can stay fast.
 demo_out/ and anything else a developer has lying around are absent. The commands run there with this checkout's
 src/ first on PYTHONPATH. `posttrain ...` runs in the test process (`posttrain.cli.main(argv)`, exactly what the
 console script calls; importing torch once instead of once per command keeps the test fast), anything else
-(torchrun) as a subprocess.
+(torchrun, given a free --master_port) as a subprocess.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ OVERRIDES: list[tuple[str, Override]] = [
     (r"^make (demo|test)\b", Override(skip="bootstraps .venv and runs the demo / the whole suite (tested elsewhere)")),
     (r"^python3 -m venv|^\.venv/bin/pip install", Override(skip="installs packages")),
     (r"^torchrun .* sft ", Override(append=[*TINY, "max_steps=2", "micro_batch_size=2"])),
+    (r"^torchrun .* (dpo|reward) ", Override(append=[*TINY, "max_steps=2", "max_length=64", "eval_steps=0"])),
+    (r"^torchrun .* grpo ", Override(append=RL)),
+    (r"^torchrun .* ppo ", Override(append=[t.replace("micro_batch_size", "minibatch_size") for t in RL
+                                            if not t.startswith("eval_size")])),
     (r"^posttrain sft .*--resume", Override(append=[*TINY, "max_steps=3"],
                                             after=f"posttrain sft --config configs/sft_arithmetic.yaml {' '.join(TINY)} "
                                                   "max_steps=2")),
@@ -149,7 +154,13 @@ def run_command(command: str, cwd: Path, extra: list[str], monkeypatch, capsys) 
             code = main([*words[1:], *extra])
             out, err = capsys.readouterr()
         return code, out, err
-    argv = [sys.executable, "-m", "torch.distributed.run", *words[1:]] if words[0] == "torchrun" else words
+    if words[0] == "torchrun":  # a free rendezvous port, so concurrent runs on one machine do not collide
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--master_port={port}", *words[1:]]
+    else:
+        argv = words
     done = subprocess.run([*argv, *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     return done.returncode, done.stdout, done.stderr
 
