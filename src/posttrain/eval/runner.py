@@ -233,6 +233,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _device(name: str) -> str:
+    """`auto`: cuda when available, else cpu (as the training commands do)."""
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
     from posttrain.eval.perplexity import file_perplexity
     from posttrain.models import load_model
@@ -240,7 +247,7 @@ def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
 
     if not Path(config.perplexity_file).exists():
         raise ConfigError(f"key 'perplexity_file': file '{config.perplexity_file}' does not exist")
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
     metrics = file_perplexity(model, tokenizer, config.perplexity_file, max_length=config.perplexity_max_length,
                               batch_size=config.batch_size)
     result = {"config": asdict(config), "metrics": metrics}
@@ -255,8 +262,6 @@ def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
 
 def run(config: EvalConfig) -> dict[str, Any]:
     """`posttrain eval`: load the model, run the strategy on the task's problems, print and save the metrics."""
-    import torch
-
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
     from posttrain.train.state import phase
@@ -267,9 +272,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
     problems = task.problems(config.num_problems, config.seed)
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     with phase(f"loading {config.model}"):
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
     with phase(f"{config.strategy} on {len(problems)} problems × {config.num_samples} samples"):
         result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
                           num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
