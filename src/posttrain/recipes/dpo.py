@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,25 +32,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import pack_examples, packed_batch, pad_batch
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.data.tokenize import encode_preference
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
-from posttrain.data.order import micro_batches, step_units
-from posttrain.train.run_dir import open_run
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.guards import NonFiniteGuard
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, gathered, no_sync, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -155,7 +153,7 @@ class SequenceBatch:
     num_seqs: int
     num_tokens: int
 
-    def to(self, device) -> "SequenceBatch":
+    def to(self, device) -> SequenceBatch:
         return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
                                             ("input_ids", "position_ids", "labels", "seq_index", "last")})
 
@@ -271,6 +269,7 @@ def reference_logps_fn(kind: str, policy: nn.Module, ref_model: nn.Module | None
         net.train(was_training)
 
 
+@announced("reference log-probs")
 @torch.no_grad()
 def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, pack_length: int | None,
                     d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +295,7 @@ def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, p
 
 # --- evaluation --------------------------------------------------------------------------------------------------
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, label_smoothing: float,
              micro_batch_size: int, pad_id: int, pack_length: int | None, d) -> dict[str, float]:
@@ -343,6 +343,7 @@ def _metric_sums(out) -> dict[str, float]:
 # --- the recipe --------------------------------------------------------------------------------------------------
 
 def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain dpo`: train on preference pairs; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -380,7 +381,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
-    start_step, extra = 0, {}
+    start_step, extra = 0, dict[str, Any]()
     if checkpoint is not None:
         start_step, extra = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
         if ref_model is not None and extra.get("ref_state") is not None:
@@ -389,9 +390,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     @contextlib.contextmanager
     def ref_context():
         # the policy as reference runs its inner network directly: under fsdp2 its shards are held gathered meanwhile
-        with gathered(logps_fn) if kind != "copy" else contextlib.nullcontext():
-            with reference_logps_fn(kind, model, ref_model, config.chunk_size) as ref_fn:
-                yield ref_fn
+        with (gathered(logps_fn) if kind != "copy" else contextlib.nullcontext(),
+              reference_logps_fn(kind, model, ref_model, config.chunk_size) as ref_fn):
+            yield ref_fn
 
     def build_caches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         caches = {}
@@ -438,8 +439,8 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
 
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/dropped_truncated": dropped,
                        "data/global_batch": global_batch, "total_steps": total_steps, "ref/kind": kind,
@@ -519,8 +520,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
               extra=checkpoint_extra(), keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("dpo", summary, enabled=d.is_main)
     return summary
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
@@ -31,17 +30,17 @@ from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
-from posttrain.rewards import build_rewards, score_completions
+from posttrain.rewards import score_completions
 from posttrain.rewards.guard import check_reward_columns
-from posttrain.train.guards import NonFiniteGuard
-from posttrain.train.run_dir import open_run
-from posttrain.train.checkpoint import atomic_write_text
+from posttrain.rewards.user import TrainerState, prepare_rewards
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_gather_objects, all_reduce_max, clip_grad_norm, gathered, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
 
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
@@ -53,8 +52,10 @@ class GRPOConfig(RunOptions, PromptSource):
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
     output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
-    rewards: list[str] = field(default_factory=lambda: ["gym"], help="reward names (posttrain.rewards.REWARDS); "
-                               "the first one is the verifier used for pass rates and eval accuracy")
+    rewards: list[str] = field(default_factory=list, help="rewards: registered names (posttrain.rewards.REWARDS), "
+                               "path/to/file.py:function or package.module:function (TRL's calling convention), or "
+                               "callables from Python; the first is the verifier used for pass rates and eval "
+                               "accuracy. Empty: gym for a task, else what the columns support (answer -> math)")
     reward_weights: list[float] = field(default_factory=list, help="weights per reward (default all 1)")
     loss: str = field("grpo", help=f"one of {RL_LOSSES}")
     advantage: str | None = field(None, help="override the preset's advantage estimator: grpo, dr_grpo, batch, rloo")
@@ -138,6 +139,7 @@ def loss_options(config: GRPOConfig) -> dict[str, Any]:
     return opts
 
 
+@announced("held-out evaluation (greedy)")
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64, d: Dist | None = None,
                     ) -> float:
@@ -214,7 +216,9 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
                 rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
             with timer("reward"):
                 row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
-                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts)
+                ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts, completion_ids=ids,
+                                                   trainer_state=TrainerState(step, config.max_steps))
             verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
             lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
             flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(mine), dtype=torch.bool)
@@ -253,6 +257,7 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain grpo`: online RL with verifiable rewards; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -263,7 +268,9 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
-    reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    reward_fns = prepare_rewards(config.rewards, rows, options=config.reward_options,
+                                 timeout_s=config.reward_timeout_s, max_error_rate=config.reward_max_error_rate,
+                                 task=config.task, source=config.train_file, command="grpo")
     check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
     check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
     run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
@@ -291,8 +298,8 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         pool.load(extra["pool"])
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     preset = POLICY_LOSSES[config.loss]
     estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
     timer = StageTimer()
@@ -358,8 +365,9 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("grpo", summary, enabled=d.is_main)
     return summary
 
 
@@ -468,6 +476,8 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
     sums = {k: all_reduce_sum(totals.get(k, 0.0), d) for k in keys}
     weight_sum = all_reduce_sum(weight_sum, d)
     metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in sums.items()}
+    if "loss" in metrics:
+        metrics["train/loss"] = metrics.pop("loss")  # one key for the optimized loss across commands
     metrics["grad_norm"] = grad_norm
     metrics["update/sequences"] = float(num_groups * G)
     return metrics

@@ -13,8 +13,6 @@ With `lora_r > 0` the adapters go on the body; the scalar head always trains ful
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,23 +22,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models.reward_model import (
-    build_reward_model, encode_reward_example, load_reward_model, reward_batch,
+    build_reward_model,
+    encode_reward_example,
+    load_reward_model,
+    reward_batch,
 )
-from posttrain.data.order import micro_batches, step_units
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
 from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.run_dir import open_run
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, seed_everything
+from posttrain.train.state import Progress, announced, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -119,6 +119,7 @@ def pair_rewards(model: nn.Module, pairs, index: list[int], *, kind: str, pad_id
     return rewards[:b], rewards[b:], sum(len(e["input_ids"]) for e in examples)
 
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_length: int | None,
              micro_batch_size: int, center_coef: float, d) -> dict[str, float]:
@@ -147,6 +148,7 @@ def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_l
 
 
 def run(config: RewardConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain reward`: train a Bradley-Terry reward model; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -188,8 +190,8 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
         start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/global_batch": global_batch, "total_steps": total_steps,
                        "model/kind": kind, "data/margin_column": train_margins is not None})
@@ -257,6 +259,7 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
               keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: build_reward_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("reward", summary, enabled=d.is_main)
     return summary

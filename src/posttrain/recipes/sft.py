@@ -9,8 +9,6 @@ The data order is a pure function of (seed, step), so a checkpoint needs only th
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import time
@@ -20,7 +18,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import pack_examples, packed_batch
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
@@ -29,15 +27,14 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import shift_labels
-from posttrain.train.run_dir import open_run
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.guards import NonFiniteGuard
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +47,10 @@ class SFTConfig(RunOptions):
     eval_file: str | None = field(None, help="held-out data in the same format; default: none")
     output_dir: str = field("runs/sft", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
     max_length: int = field(512, help="tokens per example (and per packed row); longer examples are truncated")
-    packing: bool = field(True, help="pack several short examples per row, attention kept inside each example")
-    micro_batch_size: int = field(8, help="rows (packed) or examples (unpacked) per forward/backward")
+    packing: bool = field(False, help="pack short examples into rows of max_length tokens, attention kept inside "
+                                      "each example (off by default, as in TRL; then micro_batch_size counts rows)")
+    micro_batch_size: int = field(8, help="examples per forward/backward (with packing=true: packed rows of "
+                                          "max_length tokens, each holding several examples)")
     padding_free: bool = field(True, help="without packing: lay each micro-batch's examples into as few rows of "
                                           "at most twice its longest example as hold them (positions restart per "
                                           "example, no attention across them) instead of one padded row each; "
@@ -119,12 +118,14 @@ def padding_free_rows(examples, rows: list[list[int]], *, factor: float = 2.0) -
 
 
 def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Tensors of one micro-batch: `rows` (lists of example indices) packed or padded, on `device`."""
     batch = packed_batch(examples, rows, pad_id)
     labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
     return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
             "labels": labels.to(device), "num_tokens": sum(len(examples[i]["input_ids"]) for row in rows for i in row)}
 
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size: int, dist_info) -> dict[str, float]:
     """Token-mean eval loss and perplexity over all eval rows (split across ranks, sums reduced)."""
@@ -146,6 +147,7 @@ def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size
 
 
 def run(config: SFTConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain sft`: supervised fine-tuning; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -180,8 +182,8 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/examples": len(train_examples), "data/dropped_truncated": dropped,
                        "data/rows": len(train_rows), "data/global_batch": global_batch, "total_steps": total_steps})
@@ -252,6 +254,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
               keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("sft", summary, enabled=d.is_main)
     return summary

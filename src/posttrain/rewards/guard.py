@@ -20,9 +20,11 @@ import logging
 import math
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.errors import PosttrainError
 from posttrain.rewards.combine import RewardFunc, reward_name
 from posttrain.rewards.sandbox import CancelToken, cancel_scope
 
@@ -58,11 +60,30 @@ def _interrupt(thread: threading.Thread) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(RewardCancelled))
 
 
+class RewardFunctionError(PosttrainError):
+    """A reward function raised on more than the allowed share of a batch: the run stops with its traceback and the
+    first offending row (prompt, completion and dataset columns)."""
+
+    def __init__(self, name: str, errors: int, n: int, max_error_rate: float, row: dict[str, Any], trace: str):
+        self.name, self.errors, self.n, self.row, self.trace = name, errors, n, row, trace
+        shown = "\n".join(f"  {k}: {_short(v)}" for k, v in row.items())
+        super().__init__(
+            f"reward function '{name}' raised on {errors} of {n} completions in one batch (more than "
+            f"reward_max_error_rate={max_error_rate:g} of them), so the run stops instead of training on "
+            f"substituted rewards.\nFirst offending row:\n{shown}\n{trace.rstrip()}")
+
+
+def _short(value: Any, limit: int = 400) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class RewardCall:
     rewards: list[float | None]
     errors: int  # completions substituted after an exception or an invalid return value
     timeouts: int  # completions substituted after a timeout
+    first_error: tuple[int, str] | None = None  # (completion index, formatted traceback) of the first error
 
 
 def _call_with_timeout(func: RewardFunc, timeout_s: float | None, kwargs: dict[str, Any]) -> list:
@@ -127,9 +148,10 @@ def call_reward(func: RewardFunc, *, timeout_s: float | None = None, fallback: f
     except Exception as e:  # any failure of user reward code is contained
         log.warning("reward %s raised %s: %s", name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         if not per_item_retry or n == 1:
-            return RewardCall([fallback] * n, n, 0)
+            return RewardCall([fallback] * n, n, 0, (0, traceback.format_exc()))
     rewards: list[float | None] = []
     errors = timeouts = 0
+    first_error: tuple[int, str] | None = None
     for i in range(n):
         try:
             rewards += _validate(_call_with_timeout(func, timeout_s, _item_kwargs(kwargs, n, i)), 1)
@@ -140,15 +162,17 @@ def call_reward(func: RewardFunc, *, timeout_s: float | None = None, fallback: f
             log.warning("reward %s raised on completion %d: %s: %s", name, i, type(e).__name__, e)
             rewards.append(fallback)
             errors += 1
-    return RewardCall(rewards, errors, timeouts)
+            first_error = first_error or (i, traceback.format_exc())
+    return RewardCall(rewards, errors, timeouts, first_error)
 
 
 class GuardedReward:
     """A reward function that never raises; see the module docstring."""
 
     def __init__(self, func: RewardFunc, *, timeout_s: float | None = None, fallback: float | None = 0.0,
-                 per_item_retry: bool = True, name: str | None = None):
+                 per_item_retry: bool = True, name: str | None = None, max_error_rate: float | None = None):
         self.func, self.timeout_s, self.fallback, self.per_item_retry = func, timeout_s, fallback, per_item_retry
+        self.max_error_rate = max_error_rate
         self.__name__ = name or reward_name(func)
         self.counters = {"reward_errors": 0, "reward_timeouts": 0}
         self._lock = threading.Lock()
@@ -159,6 +183,12 @@ class GuardedReward:
         with self._lock:
             self.counters["reward_errors"] += result.errors
             self.counters["reward_timeouts"] += result.timeouts
+        n = len(completions)
+        if self.max_error_rate is not None and result.first_error is not None and result.errors > self.max_error_rate * n:
+            index, trace = result.first_error
+            row = {"prompt": prompts[index] if len(prompts) == n else prompts, "completion": completions[index],
+                   **{k: v[index] for k, v in kwargs.items() if isinstance(v, (list, tuple)) and len(v) == n}}
+            raise RewardFunctionError(self.__name__, result.errors, n, self.max_error_rate, row, trace)
         return result.rewards
 
     def pop_counters(self) -> dict[str, int]:
@@ -174,6 +204,8 @@ def required_columns(func: Any) -> list[str]:
     import inspect
 
     target = func.func if isinstance(func, GuardedReward) else func
+    if hasattr(target, "required") and hasattr(target, "missing"):  # rewards.user.KeywordReward knows already
+        return target.missing([])
     try:
         parameters = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):

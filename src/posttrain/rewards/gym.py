@@ -97,12 +97,11 @@ def _scorer(task: str, task_config: str | None) -> Callable[[str | None, dict], 
 def gym_score(answer: str | None, entry: dict | str, task: str | None = None, task_config: str | None = None) -> float:
     """The task's own score (in [0, 1]) of `answer` for `entry` (a dict or its JSON); `task` defaults to the
     entry's metadata["source_dataset"], the scorer to the task's default settings without `task_config`."""
-    if isinstance(entry, str):
-        entry = json.loads(entry)
-    task = task or entry.get("metadata", {}).get("source_dataset")
+    row: dict = json.loads(entry) if isinstance(entry, str) else entry
+    task = task or row.get("metadata", {}).get("source_dataset")
     if not task:
         raise ValueError("gym_score: no task given and the entry has no metadata['source_dataset']")
-    return float(_scorer(task, task_config)(answer, entry))
+    return float(_scorer(task, task_config)(answer, row))
 
 
 def make_gym_reward(

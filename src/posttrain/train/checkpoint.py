@@ -118,6 +118,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU and CUDA) random states, for a checkpoint."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -127,6 +128,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore random states saved by rng_state()."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -135,6 +137,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint at `step`: output_dir/checkpoints/step-NNNNNNNN."""
     return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
@@ -224,6 +227,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under output_dir, or None."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 

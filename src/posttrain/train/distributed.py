@@ -8,8 +8,9 @@ across ranks so that the loss normalization matches one big batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -68,11 +69,13 @@ def all_reduce_sum(value: float | torch.Tensor, d: Dist) -> float:
 
 
 def barrier(d: Dist) -> None:
+    """Wait for every process (no-op in a single process)."""
     if d.enabled:
         dist.barrier()
 
 
 def cleanup(d: Dist) -> None:
+    """Leave the process group if one was joined."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -80,13 +80,12 @@ def resolve_parallelism(config: Any) -> dict[str, Any]:
     out = {"parallelism": parallelism, "mixed_precision": bool(getattr(config, "mixed_precision", True)),
            "cpu_offload": bool(getattr(config, "cpu_offload", False))}
     acc = accelerate_settings()
-    if acc is not None:
-        if acc["parallelism"] == "fsdp2":
-            if parallelism == "none":
-                raise ConfigError("accelerate launch asks for FSDP but the config says parallelism=none; drop one.")
-            out["parallelism"] = "fsdp2"
-            out["cpu_offload"] = out["cpu_offload"] or acc["cpu_offload"]
-            out["mixed_precision"] = acc["mixed_precision"]
+    if acc is not None and acc["parallelism"] == "fsdp2":
+        if parallelism == "none":
+            raise ConfigError("accelerate launch asks for FSDP but the config says parallelism=none; drop one.")
+        out["parallelism"] = "fsdp2"
+        out["cpu_offload"] = out["cpu_offload"] or acc["cpu_offload"]
+        out["mixed_precision"] = acc["mixed_precision"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if out["parallelism"] == "fsdp2" and not launched_by_torchrun():
         raise ConfigError("parallelism=fsdp2 needs a process group: launch with `torchrun --nproc_per_node=N -m "
