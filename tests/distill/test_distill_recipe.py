@@ -23,8 +23,8 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
 
 
-def _rows(tmp_path, n=12):
-    path = tmp_path / "train.jsonl"
+def _rows(tmp_path, n=12, name="train"):
+    path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Add {a} and {a + 1}.", "completion": f"{2 * a + 1}"}) + "\n"
                             for a in range(n)))
     return path
@@ -39,7 +39,7 @@ def _save_tiny(path, seed=1, layers=2, tokenizer=None):
 
 def _config(tmp_path, **kw):
     base = dict(model="tiny", teacher=_save_tiny(tmp_path / "teacher"), train_file=str(_rows(tmp_path)),
-                eval_file=str(_rows(tmp_path, 4)), rewards=[], output_dir=str(tmp_path / "run"), prompts_per_step=4,
+                eval_file=str(_rows(tmp_path, 4, "eval")), rewards=[], output_dir=str(tmp_path / "run"), prompts_per_step=4,
                 micro_batch_size=4, max_new_tokens=6, max_steps=2, lr=1e-3, progress=False, tensorboard=False)
     base.update(kw)
     return DistillConfig(**base)

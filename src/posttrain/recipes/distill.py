@@ -37,8 +37,10 @@ import torch
 from posttrain.config import RunOptions, field
 from posttrain.data.collate import packed_batch
 from posttrain.data.order import step_units
+from posttrain.data.prompts import PromptSource
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.backends import make_generator
+from posttrain.generation.rollout import rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.distill import (
     forward_kl_topk, reverse_kl, reverse_kl_sampled_loss, row_divergence, token_divergence_loss,
@@ -48,11 +50,13 @@ from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.teacher import FrozenTeacher, token_divergences
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
+from posttrain.rewards import build_rewards
+from posttrain.rewards.combine import score_completions
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.rl import PromptSource, StageTimer, build_rewards, compute_rewards, rollout_batch
+from posttrain.train.timing import StageTimer
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
 )
@@ -225,7 +229,7 @@ def sequence_tensors(examples: list[dict[str, list[int]]], pad_id: int, device) 
 
 
 def rollout_tensors(rollouts, pad_id: int, device) -> dict[str, torch.Tensor]:
-    batch = rollout_batch(rollouts, pad_id)
+    batch = rollout_sequences(rollouts, pad_id)
     return {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
             "labels": batch.labels.to(device), "gen_logps": batch.gen_logps.to(device),
             "tokens": int((batch.prompt_lengths + batch.completion_lengths).sum())}
@@ -282,7 +286,7 @@ def evaluate_student(student, teacher: FrozenTeacher, tokenizer, rows: list[dict
         prompt_ids = encode_prompts(tokenizer, [prompt_of(r) for r in chunk])
         if reward_fn is not None:
             greedy = generator.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-            values, _ = compute_rewards([reward_fn], [1.0], chunk, greedy.texts)
+            values, _ = score_completions([reward_fn], [1.0], chunk, greedy.texts)
             correct += (values >= 1.0).float().tolist()
         sampled = generator.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0,
                                                                 seed=seed + i))
