@@ -211,3 +211,24 @@ def test_sequence_mode_trains_on_teacher_answers(tmp_path):
     prompts = encode_prompts(tok, [f"Add {a} and {a + 1}." for a in range(12)])
     greedy = HFGenerator(teacher, tok).generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0))
     assert answers["answers"] == greedy.token_lists()
+
+
+def test_teacher_vote_keeps_a_majority_answer(tmp_path, monkeypatch):
+    """Sequence mode with teacher_vote: of the teacher's samples, the first whose answer is the majority's is kept."""
+    from posttrain.generation import strategies
+    from posttrain.generation.strategies import Decoded
+    from posttrain.recipes.distill import teacher_answers
+    from posttrain.rewards.gym import EXTRACTORS
+
+    samples = [["Answer: 3", "Answer: 5", "x\nAnswer: 5"], ["Answer: 7", "no answer", "Answer: 7"]]
+
+    def fake(model, tokenizer, prompt_ids, n, options):
+        ids = [[[10 * b + g] for g in range(n)] for b in range(len(prompt_ids))]
+        return Decoded(samples, ids, [[[0.0]] * n for _ in prompt_ids], forward_tokens=42, wall_s=0.0)
+
+    monkeypatch.setitem(strategies.DECODERS, "temperature", fake)
+    config = _config(tmp_path, mode="sequence", teacher_decoder="temperature", teacher_samples=3, teacher_vote=True)
+    answers, tokens = teacher_answers(None, None, [[1], [2]], config, EXTRACTORS[config.vote_extract])
+    assert answers == [[1], [10]] and tokens == 42
+    answers, _ = teacher_answers(None, None, [[1], [2]], config, None)  # no vote: the first sample
+    assert answers == [[0], [10]]

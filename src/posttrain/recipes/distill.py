@@ -90,7 +90,9 @@ class DistillConfig(RunOptions, PromptSource):
                                                 "DECODERS: greedy, temperature, top_k, top_p, beam, power, ...)")
     teacher_samples: int = field(1, help="sequence mode: answers drawn per prompt (with teacher_vote: voters)")
     teacher_vote: bool = field(False, help="sequence mode: keep one answer agreeing with the majority of "
-                                           "teacher_samples (answers extracted by the first reward's extractor)")
+                                           "teacher_samples (self-consistency, ttc.vote)")
+    vote_extract: str = field("final_line", help="teacher_vote: how an answer is read from a completion "
+                                                 "(rewards.gym.EXTRACTORS: final_line, answer_tag, last_number, raw)")
     teacher_temperature: float = field(1.0, help="sequence mode: the teacher decoder's temperature")
     power_alpha: float = field(4.0, help="sequence mode, decoder power: the exponent α")
     backend: Backend = field("hf", help="on-policy generation engine: hf (own KV sampler) or vllm")
@@ -98,7 +100,7 @@ class DistillConfig(RunOptions, PromptSource):
     eval_size: int = field(64, help="held-out prompts for accuracy and reverse KL at eval steps")
     output_dir: str = field("runs/distill", help="checkpoints, metrics.jsonl, final/")
     rewards: list[str] = field(default_factory=lambda: ["gym"], help="the first one is the verifier for held-out "
-                                                                       "accuracy (and teacher_vote's extractor)")
+                                                                       "accuracy")
     prompts_per_step: int = field(8, help="B: prompts (or fixed sequences) per optimizer step")
     num_generations: int = field(1, help="G: student samples per prompt (on-policy)")
     max_new_tokens: int = field(64, help="completion budget (student and teacher)")
@@ -147,6 +149,10 @@ class DistillConfig(RunOptions, PromptSource):
             raise ConfigError(f"key 'teacher_decoder' must be one of {sorted(DECODERS)}, got {self.teacher_decoder!r}.")
         if self.teacher_vote and self.teacher_samples < 2:
             raise ConfigError("teacher_vote needs teacher_samples >= 2.")
+        from posttrain.rewards.gym import EXTRACTORS
+
+        if self.vote_extract not in EXTRACTORS:
+            raise ConfigError(f"key 'vote_extract' must be one of {sorted(EXTRACTORS)}, got {self.vote_extract!r}.")
 
     @property
     def needs_fixed_data(self) -> bool:
@@ -254,7 +260,7 @@ def teacher_answers(teacher_model, tokenizer, prompt_ids: list[list[int]], confi
     answers = []
     for texts, ids in zip(decoded.texts, decoded.token_ids):
         pick = 0
-        if config.teacher_vote and extract is not None:
+        if extract is not None:
             found = [extract(t) for t in texts]
             winner = majority_vote(found).answer
             pick = next((i for i, a in enumerate(found) if a == winner), 0)
@@ -400,8 +406,7 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
         else:
             from posttrain.rewards.gym import EXTRACTORS
 
-            extract = EXTRACTORS.get(config.reward_options.get(config.rewards[0], {}).get("extract", "final_line")) \
-                if config.rewards else None
+            extract = EXTRACTORS[config.vote_extract] if config.teacher_vote else None
             answers, teacher_tokens = teacher_answers(teacher.model, tokenizer, prompt_ids_all, config, extract)
             flops["teacher"] += 2.0 * n_teacher * teacher_tokens
             atomic_write_text(answers_file, json.dumps({"answers": answers, "teacher_forward_tokens": teacher_tokens}))
