@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             if name != "grpo":  # GRPO trains without the teacher (the report measures its KL to the teacher)
                 teacher_main(["--config", args.config])
             run_method(name, c, root)
-    if (root / "teacher" / "final" / "config.json").exists():
+    if args.report or not args.method:  # single-method runs leave the report to a final `--report`
         report(c, root)
     return 0
 
