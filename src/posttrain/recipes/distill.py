@@ -10,7 +10,7 @@ Modes (`mode=`), a teacher p and a student q_θ that share a tokenizer:
 - token:     fixed sequences (the data's prompt + completion); per token the divergence between the teacher's and
              the student's next-token distributions (default forward KL; `top_k` > 0: the teacher's top-k with the
              rest lumped, losses.distill.forward_kl_topk).
-- on_policy: the student samples with the rollout engine (generation backend `hf` or `vllm`), the teacher scores the
+- on_policy: the student samples with the rollout engine (the Generator interface), the teacher scores the
              student's tokens, and the per-token loss is `divergence` on the student's own prefixes: reverse KL
              KL(q‖p) (estimator `full`: the whole distribution; `sampled`: the sampled-token estimator as a
              REINFORCE loss with `discount`), forward KL, or GKD's JSD(β). With GKD's λ (`lmbda`), each step is
@@ -39,7 +39,6 @@ from posttrain.data.collate import packed_batch
 from posttrain.data.order import step_units
 from posttrain.data.prompts import PromptSource
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.generation.backends import make_generator
 from posttrain.generation.rollout import rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.distill import (
@@ -65,7 +64,6 @@ Mode = Literal["sequence", "token", "on_policy"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Estimator = Literal["full", "sampled"]
 Responses = Literal["teacher", "dataset"]
-Backend = Literal["hf", "vllm"]
 
 
 @dataclass(kw_only=True)
@@ -95,7 +93,6 @@ class DistillConfig(RunOptions, PromptSource):
                                                  "(rewards.gym.EXTRACTORS: final_line, answer_tag, last_number, raw)")
     teacher_temperature: float = field(1.0, help="sequence mode: the teacher decoder's temperature")
     power_alpha: float = field(4.0, help="sequence mode, decoder power: the exponent α")
-    backend: Backend = field("hf", help="on-policy generation engine: hf (own KV sampler) or vllm")
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts for accuracy and reverse KL at eval steps")
     output_dir: str = field("runs/distill", help="checkpoints, metrics.jsonl, final/")
@@ -386,7 +383,9 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     fixed = [encode_fixed(tokenizer, r, config.max_length) for r in rows] if config.needs_fixed_data else None
 
     logps_fn = TokenLogps(student, chunk_size=config.chunk_size)
-    generator = make_generator(config.backend, student, tokenizer) if config.mode == "on_policy" else None
+    # The student samples through the Generator interface (generation/sampler.py); an engine that keeps its own
+    # copy of the weights (vLLM) exposes `sync(model)`, called after every optimizer step.
+    generator = HFGenerator(student, tokenizer) if config.mode == "on_policy" else None
     optimizer = build_optimizer(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
@@ -459,6 +458,9 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+        if generator is not None and hasattr(generator, "sync"):
+            with timer("weight_sync"):
+                generator.sync(student)
         flops["student"] += 6.0 * n_student * batch["tokens"]
         if config.mode != "sequence":
             flops["teacher"] += 2.0 * n_teacher * batch["tokens"]
