@@ -69,7 +69,9 @@ def run_method(name: str, c: dict, root: Path) -> None:
         return
     from posttrain.recipes.distill import DistillConfig, run
 
-    run(DistillConfig(**base, teacher=teacher, output_dir=str(out), eval_size=c["eval_problems"], **m))
+    # every method starts from the same student: its step-0 evaluation is done once, in the report
+    run(DistillConfig(**base, teacher=teacher, output_dir=str(out), eval_size=c["eval_problems"], eval_start=False,
+                      **m))
 
 
 def student_params(path: str) -> int:
@@ -121,6 +123,10 @@ def report(c: dict, root: Path) -> None:
     if "teacher" not in extra:
         extra["teacher"] = evaluate_student(teacher.model, teacher, tok, held, reward, max_new_tokens=c["max_new_tokens"],
                                             seed=c["seed"] + 10_000)
+    if "student_init" not in extra:
+        student, _ = load_model(c["student"])
+        extra["student_init"] = evaluate_student(student, teacher, tok, held, reward,
+                                                 max_new_tokens=c["max_new_tokens"], seed=c["seed"] + 10_000)
     if (root / "grpo" / "final").exists() and "grpo_final" not in extra:
         student, _ = load_model(root / "grpo" / "final")
         extra["grpo_final"] = evaluate_student(student, teacher, tok, held, reward, max_new_tokens=c["max_new_tokens"],
@@ -142,10 +148,18 @@ def report(c: dict, root: Path) -> None:
             # GRPO's first eval is the same student as every other method's step 0
             curves[name] = pts
             continue
-        curves[name] = [{"step": r["step"], "flops": r["flops/student"], "teacher_flops": r["flops/teacher"],
-                         **{k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/")}}
-                        for r in read_metrics(metrics) if "eval/accuracy" in r]
-    results = {"config": c, "student_parameters": n_params, "teacher": extra["teacher"], "curves": curves}
+        start = {"step": 0, "flops": 0.0, "teacher_flops": 0.0,
+                 **{k.split("/")[1]: v for k, v in extra["student_init"].items()}}
+        curves[name] = [start] + [{"step": r["step"], "flops": r["flops/student"], "teacher_flops": r["flops/teacher"],
+                                   **{k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/")}}
+                                  for r in read_metrics(metrics) if "eval/accuracy" in r]
+    training = {name: [{"step": r["step"], "flops": r["flops/student"], "divergence": r["divergence"],
+                        "on_policy": r["on_policy"], "seconds": r.get("time/step")}
+                       for r in read_metrics(root / name / "metrics.jsonl") if "divergence" in r]
+                for name in curves if name != "grpo"}
+    results = {"config": c, "student_parameters": n_params, "teacher": extra["teacher"],
+               "student_init": extra["student_init"], "grpo_final": extra.get("grpo_final"), "curves": curves,
+               "training": training}
     atomic_write_text(HERE / "results.json", json.dumps(results, indent=2) + "\n")
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))

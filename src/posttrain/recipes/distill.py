@@ -109,6 +109,7 @@ class DistillConfig(RunOptions, PromptSource):
     lr_schedule: Literal["constant", "cosine"] = field("constant", help="constant or cosine (after warmup)")
     max_steps: int = field(50, help="optimizer steps")
     eval_steps: int = field(0, help="held-out evaluation every N steps (and at start and end); 0 = start/end")
+    eval_start: bool = field(True, help="evaluate before the first step (off: when runs share one starting model)")
     distill_temperature: float = field(1.0, help="τ of both models' softmax in the divergence (GKD, Hinton)")
     chunk_size: int = field(256, help="rows per chunk of the head computations")
     gradient_checkpointing: bool = field(False, help="recompute the student's activations in backward")
@@ -424,7 +425,7 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
         logger.log(step, metrics)
         summary.update(metrics)
 
-    if start_step == 0:
+    if start_step == 0 and config.eval_start:
         evaluate(0)
     timer = StageTimer()
     progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc=f"distill {config.mode}")
