@@ -21,11 +21,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import step_clock  # noqa: E402
 TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."
 B, MAX_NEW = 8, 32
@@ -58,7 +59,7 @@ def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
 
 def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
     import datasets
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from posttrain.models.loading import load_tokenizer, resolve
@@ -67,17 +68,7 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
                            else r["prompt"]}, {"role": "assistant", "content": r["answer"]}]} for r in _rows()]
     ds = datasets.Dataset.from_list(rows)
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-    clock = Clock()
+    clock = step_clock()
     args = GKDConfig(output_dir=str(out / "trl"), per_device_train_batch_size=B, lmbda=1.0, beta=1.0, temperature=1.0,
                      max_new_tokens=MAX_NEW, seq_kd=False, learning_rate=1e-5, max_steps=steps, use_cpu=True,
                      bf16=False, report_to="none", save_strategy="no", logging_steps=1000,

@@ -15,3 +15,22 @@ def model_folder(name: str, tmp: Path) -> str:
     model.save_pretrained(tmp / "tiny")
     tokenizer.save_pretrained(tmp / "tiny")
     return str(tmp / "tiny")
+
+
+def step_clock():
+    """A transformers TrainerCallback recording each optimizer step's wall time in `.times` (seconds)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    return StepClock()
