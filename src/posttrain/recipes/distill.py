@@ -141,6 +141,11 @@ class DistillConfig(RunOptions, PromptSource):
             raise ConfigError("estimator=sampled needs the student's own samples on every step: set lmbda=1.")
         if self.lr <= 0:
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"key 'distill_temperature' must be > 0, got {self.distill_temperature}.")
+        if self.distill_temperature != 1.0 and (self.mode == "sequence" or self.estimator == "sampled"):
+            raise ConfigError("key 'distill_temperature' scales the full-distribution divergences; it has no meaning "
+                              "for mode=sequence (SFT on answers) or estimator=sampled.")
         from posttrain.generation.strategies import DECODERS
 
         if self.teacher_decoder not in DECODERS:
