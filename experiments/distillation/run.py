@@ -178,7 +178,53 @@ def report(c: dict, root: Path) -> None:
     fig.tight_layout()
     fig.savefig(HERE / "curves.png", dpi=110)
     plt.close(fig)
+    write_markdown(results, len(held))
     print(json.dumps({k: v[-1] if v else None for k, v in curves.items()}, indent=1))
+
+
+def write_markdown(results: dict, n_held: int) -> None:
+    """The tables of results.md (the findings paragraph below the marker is kept across reruns)."""
+    def cell(p: dict, key: str, fmt: str) -> str:
+        if p.get(key) is None or p[key] != p[key]:
+            return "–"
+        se = p.get(f"{key}_se")
+        return f"{p[key]:{fmt}} ± {se:{fmt}}" if se is not None and se == se else f"{p[key]:{fmt}}"
+
+    c = results["config"]
+    lines = [
+        "# Strong-to-weak distillation on chain_sum: SFT vs off-policy vs on-policy distillation vs GRPO", "",
+        "Rerun: `python experiments/distillation/run.py` (config: `config.yaml`; the teacher comes from "
+        "`teacher.py`). Numbers below are from `results.json`.", "",
+        f"- Teacher: `{c['model']}` after SFT on {c['teacher']['train_problems']} problems "
+        f"({c['teacher']['epochs']} epoch, lr {c['teacher']['lr']}).",
+        f"- Student: `{c['student']}` ({results['student_parameters'] / 1e6:.1f} M parameters), full fine-tuning, "
+        f"AdamW lr {c['lr']}, {c['warmup_steps']} warmup steps, constant.",
+        f"- Task: reasoning-gym `{c['task']}` {c['task_kwargs']}, {c['train_problems']} training prompts, "
+        f"{n_held} held-out problems (seed {c['eval_seed']}), answers ≤ {c['max_new_tokens']} tokens.",
+        "- Accuracy: greedy, the task's scorer on a strict last line `Answer: <n>`; ± is the binomial standard error.",
+        "- Reverse KL: Σ_t KL(q(·|y<t) ‖ p(·|y<t)) over one temperature-1 student sample per held-out prompt (nats per "
+        "answer), mean ± standard error over prompts; per token: the same summed over all answers / their tokens.",
+        "- FLOPs: 2·N per token forwarded without gradient, 6·N per token trained (N = student parameters); teacher "
+        "FLOPs separately (its SFT not counted). Evaluation not counted.", "",
+        "| model | student TFLOPs | teacher TFLOPs | held-out accuracy | reverse KL / answer | reverse KL / token |",
+        "|---|---|---|---|---|---|",
+        f"| teacher | – | – | {cell(results['teacher'], 'eval/accuracy', '.3f')} | 0 | 0 |",
+        f"| student before training | 0 | 0 | {cell(results['student_init'], 'eval/accuracy', '.3f')} | "
+        f"{cell(results['student_init'], 'eval/reverse_kl_seq', '.2f')} | "
+        f"{cell(results['student_init'], 'eval/reverse_kl_token', '.3f')} |",
+    ]
+    for name, pts in results["curves"].items():
+        if not pts:
+            continue
+        p = pts[-1]
+        lines.append(f"| {LABELS[name]} (step {p['step']}) | {p['flops'] / 1e12:.2f} | "
+                     f"{p.get('teacher_flops', 0.0) / 1e12:.2f} | {cell(p, 'accuracy', '.3f')} | "
+                     f"{cell(p, 'reverse_kl_seq', '.2f')} | {cell(p, 'reverse_kl_token', '.3f')} |")
+    lines += ["", "![curves](curves.png)", "", "<!-- findings -->"]
+    path = HERE / "results.md"
+    findings = path.read_text().split("<!-- findings -->", 1)[1] if path.exists() and "<!-- findings -->" in \
+        path.read_text() else "\n"
+    atomic_write_text(path, "\n".join(lines) + findings)
 
 
 def main(argv: list[str] | None = None) -> int:
