@@ -2,7 +2,8 @@
 
 Symbols: at a position t with prefix y_<t, p = π_teacher(·|y_<t) and q = π_student(·|y_<t), distributions over the V
 tokens; `teacher_logps` → log p, `student_logps` → log q. Every full-distribution function is row-wise: log-prob
-rows [N, V] in (N positions, any N), one value per row [N] out; rows are normalised log-probs (log_softmax output).
+rows [N, V] in (N positions, any N; any leading shape [..., V] works the same), one value per row [N] out; rows are
+normalised log-probs (log_softmax output).
 
     forward KL   KL(p ‖ q) = Σ_v p_v (log p_v − log q_v)                       mode-covering; off-policy token-level
     reverse KL   KL(q ‖ p) = Σ_v q_v (log q_v − log p_v)                       mode-seeking; on-policy (Qwen3, GKD)
