@@ -111,7 +111,7 @@ def report(c: dict, root: Path) -> None:
 
     from posttrain.models.loading import load_model
     from posttrain.models.teacher import FrozenTeacher
-    from posttrain.recipes.distill import evaluate_student
+    from posttrain.eval.distill import evaluate_student
     from posttrain.rewards import build_reward
 
     held = [json.loads(line) for line in (root / "data" / "heldout.jsonl").read_text().splitlines()]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,11 +37,12 @@ from posttrain.config import RunOptions, field
 from posttrain.data.collate import packed_batch
 from posttrain.data.order import step_units
 from posttrain.data.prompts import PromptSource
+from posttrain.eval.distill import evaluate_student
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.rollout import rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.distill import (
-    forward_kl_topk, reverse_kl, reverse_kl_sampled_loss, row_divergence, token_divergence_loss,
+    forward_kl_topk, reverse_kl_sampled_loss, row_divergence, token_divergence_loss,
 )
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
@@ -50,7 +50,6 @@ from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.teacher import FrozenTeacher, token_divergences
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.rewards import build_rewards
-from posttrain.rewards.combine import score_completions
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
@@ -269,58 +268,6 @@ def teacher_answers(teacher_model, tokenizer, prompt_ids: list[list[int]], confi
             pick = next((i for i, a in enumerate(found) if a == winner), 0)
         answers.append(list(ids[pick]))
     return answers, decoded.forward_tokens
-
-
-# ------------------------------------------------------------------------------------------------------ evaluation
-
-
-@torch.no_grad()
-def evaluate_student(student, teacher: FrozenTeacher, tokenizer, rows: list[dict[str, Any]], reward_fn, *,
-                     max_new_tokens: int, seed: int, chunk_size: int = 256, batch: int = 32) -> dict[str, float]:
-    """Held-out greedy accuracy (reward_fn ≥ 1) and the student's reverse KL to the teacher on its own samples.
-
-    reverse KL per sequence = Σ_t KL(q(·|y_<t) ‖ p(·|y_<t)) over a temperature-1 student sample y of each prompt
-    (the full-distribution form at each visited prefix; its mean over prompts estimates KL(q(y|x) ‖ p(y|x))).
-    Returns accuracy, its standard error, the mean sequence KL and its standard error, the mean per-token KL.
-    """
-    was_training = student.training
-    student.eval()
-    generator = HFGenerator(student, tokenizer)
-    device = next(student.parameters()).device
-    correct: list[float] = []
-    seq_kl: list[float] = []
-    token_kl_sum, token_count = 0.0, 0
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        prompt_ids = encode_prompts(tokenizer, [prompt_of(r) for r in chunk])
-        if reward_fn is not None:
-            greedy = generator.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-            values, _ = score_completions([reward_fn], [1.0], chunk, greedy.texts)
-            correct += (values >= 1.0).float().tolist()
-        sampled = generator.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0,
-                                                                seed=seed + i))
-        b = rollout_tensors(sampled, generator.pad_token_id, device)
-        kl = token_divergences(student, teacher, b["input_ids"], b["position_ids"], b["labels"], reverse_kl,
-                               chunk_size=chunk_size)  # [N]
-        mask = b["labels"] != IGNORE_INDEX
-        per_seq = torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).masked_scatter(mask, kl).sum(-1)  # [B]
-        seq_kl += per_seq.tolist()
-        token_kl_sum += float(kl.sum())
-        token_count += int(mask.sum())
-    student.train(was_training)
-
-    def mean_se(values: list[float]) -> tuple[float, float]:
-        if not values:
-            return float("nan"), float("nan")
-        m = sum(values) / len(values)
-        var = sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)
-        return m, math.sqrt(var / len(values))
-
-    acc, acc_se = mean_se(correct)
-    kl_m, kl_se = mean_se(seq_kl)
-    return {"eval/accuracy": acc, "eval/accuracy_se": acc_se, "eval/reverse_kl_seq": kl_m,
-            "eval/reverse_kl_seq_se": kl_se, "eval/reverse_kl_token": token_kl_sum / max(token_count, 1),
-            "eval/n": float(len(rows))}
 
 
 # ------------------------------------------------------------------------------------------------------------ loop
