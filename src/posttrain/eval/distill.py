@@ -45,7 +45,7 @@ def evaluate_student(student, teacher: FrozenTeacher, tokenizer, rows: list[dict
         prompt_ids = encode_prompts(tokenizer, [_prompt(r) for r in chunk])
         if reward_fn is not None:
             greedy = generator.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-            values, _ = score_completions([reward_fn], [1.0], chunk, greedy.texts)
+            values, _ = score_completions([reward_fn], [1.0], chunk, list(greedy.texts or []))
             correct += (values >= 1.0).float().tolist()
         sampled = generator.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0,
                                                                 seed=seed + i))

@@ -227,7 +227,7 @@ def encode_fixed(tokenizer, row: dict[str, Any], max_length: int) -> dict[str, l
     return {k: v[:max_length] for k, v in ex.items()}
 
 
-def sequence_tensors(examples: list[dict[str, list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def sequence_tensors(examples: list[dict[str, list[int]]], pad_id: int, device) -> dict[str, Any]:
     """One right-padded row per example: input_ids, position_ids, labels [B, T] (labels on the answer tokens)."""
     batch = packed_batch(examples, [[i] for i in range(len(examples))], pad_id)
     labels = shift_labels(batch["input_ids"], batch["loss_mask"])
@@ -236,7 +236,7 @@ def sequence_tensors(examples: list[dict[str, list[int]]], pad_id: int, device) 
             "tokens": sum(len(e["input_ids"]) for e in examples)}
 
 
-def rollout_tensors(rollouts, pad_id: int, device) -> dict[str, torch.Tensor]:
+def rollout_tensors(rollouts, pad_id: int, device) -> dict[str, Any]:
     batch = rollout_sequences(rollouts, pad_id)
     return {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
             "labels": batch.labels.to(device), "gen_logps": batch.gen_logps.to(device),
@@ -279,8 +279,8 @@ def micro_batch_loss(student, teacher: FrozenTeacher, logps_fn: TokenLogps, mb: 
     mask = mb["labels"] != IGNORE_INDEX
     if config.mode == "sequence":
         out = logps_fn(mb["input_ids"], mb["labels"], mb["position_ids"])
-        result = sft_loss(out.logps, mask, num_target_tokens=num_tokens)
-        return result.loss, result.nll_sum
+        sft = sft_loss(out.logps, mask, num_target_tokens=num_tokens)
+        return sft.loss, sft.nll_sum
     if config.estimator == "sampled" and on_policy_samples:
         student_logps = logps_fn(mb["input_ids"], mb["labels"], mb["position_ids"]).logps
         teacher_logps = teacher.token_logps(mb["input_ids"], mb["position_ids"], mb["labels"])
@@ -390,10 +390,12 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
             if sampled:
                 params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                         seed=config.seed * 1_000_003 + step)
+                assert generator is not None
                 rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
                 flops["student"] += 2.0 * n_student * rollouts.forward_tokens
                 batch = rollout_tensors(rollouts, pad_id, device)
             else:
+                assert fixed is not None
                 batch = sequence_tensors([fixed[i] for i in indices], pad_id, device)
         num_tokens = float((batch["labels"] != IGNORE_INDEX).sum())
         N = batch["input_ids"].shape[0]
