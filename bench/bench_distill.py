@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import step_clock  # noqa: E402
+from common import run_sides, step_clock  # noqa: E402
 TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."
 B, MAX_NEW = 8, 32
@@ -108,18 +107,7 @@ def main() -> None:
 
     resolve(a.student)  # build a layer-subset folder once, before the sides start
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    runs = []
-    for r in range(a.rounds):
-        for side in a.sides.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--child", side, a.student, a.teacher, str(a.steps)],
-                                  capture_output=True, text=True, env=env)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise SystemExit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            res = json.loads(line[-1][7:])
-            res.update(side=side, round=r, median_step_s=statistics.median(res["step_seconds"][1:]))
-            runs.append(res)
-            print(json.dumps(res), flush=True)
+    runs = run_sides(__file__, [a.student, a.teacher, str(a.steps)], a.sides.split(","), a.rounds, env)
     sides = a.sides.split(",")
     best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
     rss = {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in sides}
