@@ -31,7 +31,7 @@ from posttrain.generation.strategies import DECODERS, Decoded, DecodeOptions, Ge
 from posttrain.models.loading import EMBEDDED_DEFAULT
 
 SELECTORS = ("majority", "weighted_majority", "best_of_n_verifier", "best_of_n_reward")
-STRATEGIES = tuple(DECODERS) + SELECTORS
+STRATEGIES = tuple(DECODERS) + SELECTORS + ("react",)  # react: tool use through the ReAct controller (eval/react.py)
 
 
 @dataclass
@@ -63,6 +63,10 @@ class EvalConfig:
     reward_model: str = field("", help="folder of a reward model saved by `posttrain reward` (best_of_n_reward)")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
+    tools: list[str] = field(default_factory=lambda: ["calculator"], help="react: tools (calculator, python, search)")
+    tool_format: str = field("auto", help="react: auto (chat-template tool calls if supported), react or chat")
+    max_turns: int = field(4, help="react: model turns per episode (max_new_tokens is the budget per turn)")
+    max_episode_tokens: int = field(512, help="react: tokens per episode after the prompt (model + observations)")
     device: str = field("cpu", help="cpu or cuda")
     dtype: str = field("float32", help="float32, bfloat16 or float16")
 
@@ -111,13 +115,20 @@ def _select(strategy: str, problems, texts, generate: GenerateFn, task: Task, n:
 
 def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy: str = "greedy", *,
              options: DecodeOptions | None = None, num_samples: int = 1, pass_k: Sequence[int] = (1,),
-             sampler: str = "temperature", reward_model: str = "", keep_samples: bool = False) -> dict[str, Any]:
-    """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}."""
+             sampler: str = "temperature", reward_model: str = "", keep_samples: bool = False,
+             react: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}.
+    react: the react strategy's options (tools, tool_format, max_turns, max_episode_tokens)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     options = options or DecodeOptions()
     n, B = num_samples, len(problems)
     texts = _render(tokenizer, problems)
+    if strategy == "react":
+        from posttrain.eval.react import evaluate_react
+
+        return evaluate_react(model, tokenizer, task, problems, options=options, num_samples=num_samples,
+                              pass_k=pass_k, keep_samples=keep_samples, **(react or {}))
     start = time.perf_counter()
     selected: list[int | None] | None = None
     if strategy in DECODERS:
@@ -175,7 +186,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of metrics dicts: the fixed columns, then any pass@k / maj@k present."""
     extra = sorted({k for r in rows for k in r if k.startswith(("pass@", "maj@"))},
                    key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    columns = COLUMNS + [(k, k, "{:.3f}") for k in extra]
+    if any("tool_call_validity" in r for r in rows):
+        extra.append("tool_call_validity")
+    columns = COLUMNS + [(k, "tool valid" if k == "tool_call_validity" else k, "{:.3f}") for k in extra]
     cells = [[h for _, h, _ in columns]]
     for r in rows:
         cells.append([fmt.format(r[key]) if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))
@@ -196,7 +209,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
                       num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
-                      reward_model=config.reward_model, keep_samples=config.save_samples)
+                      reward_model=config.reward_model, keep_samples=config.save_samples,
+                      react=dict(tools=config.tools, tool_format=config.tool_format, max_turns=config.max_turns,
+                                 max_episode_tokens=config.max_episode_tokens))
     result = {"config": asdict(config), **result}
     print(f"{config.task} · {len(problems)} problems · model {config.model}")
     print(format_table([result["metrics"]]))

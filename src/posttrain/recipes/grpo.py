@@ -23,7 +23,10 @@ from typing import Any
 import torch
 
 from posttrain.config import RunOptions, field
+from posttrain.envs import check_rows, env_factory
+from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
 from posttrain.models.forward import TokenLogps, fusable
@@ -88,6 +91,13 @@ class GRPOConfig(RunOptions, PromptSource):
                                            "falls back to per-sample rows for heads it cannot fuse)")
     eval_steps: int = field(0, help="held-out greedy accuracy every N steps (and at start and end); 0 = start/end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
+    env: str | None = field(None, help="multi-turn episodes: 'tools' (posttrain.envs.ToolEnv) or 'file.py:Class'; "
+                                       "rewards then come from the environment (max_new_tokens = tokens per turn)")
+    env_options: dict = field(default_factory=dict, help="keyword arguments of the environment, e.g. "
+                                                         "{tools: [calculator], valid_call_reward: 0.1}")
+    max_turns: int = field(4, help="env: model turns per episode")
+    max_episode_tokens: int = field(256, help="env: tokens per episode after the prompt (model + observations)")
+    env_timeout_s: float = field(60.0, help="env: a reset/step call slower than this stops the run with an error")
 
     def validate(self) -> None:
         self.validate_prompt_source()
@@ -97,7 +107,8 @@ class GRPOConfig(RunOptions, PromptSource):
             raise ConfigError(f"key 'advantage' must be one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}.")
         if self.num_generations < 2:
             raise ConfigError("key 'num_generations' must be >= 2: group advantages need at least two samples.")
-        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
+        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps",
+                    "max_turns", "max_episode_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
         if self.is_level not in ("none", "token", "sequence"):
@@ -118,7 +129,8 @@ class GRPOConfig(RunOptions, PromptSource):
 def loss_options(config: GRPOConfig) -> dict[str, Any]:
     """The preset's keywords overridden by the config (only those the chosen loss takes)."""
     preset = POLICY_LOSSES[config.loss]
-    opts: dict[str, Any] = {"group_size": config.num_generations, "max_length": config.max_new_tokens}
+    opts: dict[str, Any] = {"group_size": config.num_generations,
+                            "max_length": config.max_episode_tokens if config.env else config.max_new_tokens}
     if config.aggregation:
         opts["aggregation"] = config.aggregation
     names = ("epsilon_low", "epsilon_high") if "epsilon_low" in preset.defaults else ("epsilon_max",)
@@ -160,12 +172,21 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
         indices = pool.take(need)
         params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                 top_k=config.top_k, top_p=config.top_p, seed=config.seed * 1_000_003 + step * 101 + r)
-        with timer("generate"):
-            rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
-        with timer("reward"):
-            row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
-            rewards, parts = compute_rewards(reward_fns, weights, row_of, rollouts.texts)
-        verifier = parts[reward_fns[0].__name__].nan_to_num(0.0)
+        if isinstance(generator, EpisodeRollouts):  # multi-turn: the environment gives the rewards
+            with timer("generate"):
+                groups = generator.sample([rows[i] for i in indices], indices, params, G)
+            rewards, verifier, full_batch = groups.rewards, groups.verifier, groups.batch
+            lengths, truncated = groups.lengths, groups.truncated
+        else:
+            with timer("generate"):
+                rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
+            with timer("reward"):
+                row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
+                rewards, parts = compute_rewards(reward_fns, weights, row_of, rollouts.texts)
+            verifier = parts[reward_fns[0].__name__].nan_to_num(0.0)
+            full_batch = rollout_batch(rollouts, tokenizer.pad_token_id)
+            lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+            truncated = sum(f == "length" for f in rollouts.finish_reasons)
         for b, index in enumerate(indices):
             pool.report(index, float((verifier[b * G:(b + 1) * G] >= 1.0).float().mean()))
         flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(indices), dtype=torch.bool)
@@ -173,12 +194,12 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
         stats["filtered"] += int(flat.sum())
         stats["rewards"].append(rewards)
         stats["verifier"].append(verifier)
-        stats["lengths"].append(torch.tensor(rollouts.lengths, dtype=torch.float32))
-        stats["truncated"] += sum(f == "length" for f in rollouts.finish_reasons)
+        stats["lengths"].append(lengths)
+        stats["truncated"] += truncated
         keep_groups = (~flat).nonzero().flatten().tolist()
         if keep_groups:
             keep_rows = [b * G + g for b in keep_groups for g in range(G)]
-            kept.append({"batch": rollout_batch(rollouts, tokenizer.pad_token_id).select(keep_rows),
+            kept.append({"batch": full_batch.select(keep_rows),
                          "rewards": rewards.view(-1, G)[keep_groups], "prompt_index": [indices[b] for b in keep_groups]})
     return {"kept": kept, **stats}
 
@@ -210,6 +231,10 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
     reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    if config.env:  # a wrong name, option or row fails before the model loads
+        make_env = env_factory(config.env, config.env_options)
+        check_rows(make_env, rows, config.env_timeout_s)
+        check_rows(make_env, held_out, config.env_timeout_s, label="held-out")
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
@@ -221,7 +246,12 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
     ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
-    generator = HFGenerator(model, tokenizer)
+    generator: HFGenerator | EpisodeRollouts = HFGenerator(model, tokenizer)
+    budget = EpisodeBudget(max_turns=config.max_turns, max_turn_tokens=config.max_new_tokens,
+                           max_episode_tokens=config.max_episode_tokens, env_timeout_s=config.env_timeout_s)
+    if config.env:
+        generator = EpisodeRollouts(EpisodeSampler(model, tokenizer),
+                                    env_factory(config.env, config.env_options, tokenizer=tokenizer), budget)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
@@ -243,7 +273,10 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         if not held_out:
             return
-        acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens)
+        if isinstance(generator, EpisodeRollouts):
+            acc = episode_accuracy(generator.sampler, generator.make_env, held_out, budget)
+        else:
+            acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens)
         logger.log(step, {"eval/accuracy": acc})
         summary.setdefault("eval/accuracy_start", acc)
         summary["eval/accuracy"] = acc
@@ -264,6 +297,8 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
             "filter/zero_variance_frac": sampled["filtered"] / max(sampled["groups"], 1),
             "pool/retired": len(pool.retired),
         }
+        if isinstance(generator, EpisodeRollouts):
+            metrics.update(generator.pop_metrics())
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if sampled["kept"]:

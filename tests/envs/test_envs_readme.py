@@ -1,0 +1,17 @@
+"""The README's tool-use example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_environment_and_tool_example_runs():
+    section = README.read_text().split("## Tool use and multi-turn environments", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert len(code.strip().splitlines()) <= 25
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    env = namespace["GuessEnv"]()
+    env.reset({"secret": 3})
+    assert env.step("3").reward == 1.0
