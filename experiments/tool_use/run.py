@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 from posttrain.config import build_config  # noqa: E402
 from posttrain.envs import ToolEnv  # noqa: E402
-from posttrain.envs.rl import episode_batch  # noqa: E402
+from posttrain.envs.rl import episode_sequences  # noqa: E402
 from posttrain.eval.runner import evaluate  # noqa: E402
 from posttrain.eval.tasks import make_task  # noqa: E402
 from posttrain.generation.episodes import EpisodeBudget, Episodes, EpisodeSampler, play_scripted  # noqa: E402
@@ -83,7 +83,7 @@ def sft(model, tok, spec, task_kwargs) -> dict:
                            max_episode_tokens=r["max_episode_tokens"])
     demos = [play_scripted(sampler, ToolEnv(r["tools"]), row, demo_texts(row), budget=budget) for row in rows]
     assert all(d.reward == 1.0 and d.finish == "done" for d in demos), "a demonstration does not verify"
-    batch = episode_batch(Episodes(demos, 1), tok.pad_token_id)
+    batch = episode_sequences(Episodes(demos, 1), tok.pad_token_id)
     logps_fn = TokenLogps(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(0)

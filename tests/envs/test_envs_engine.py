@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from envs_helpers import ForcedLM
 
 from posttrain.envs import StepResult, ToolEnv
-from posttrain.envs.rl import episode_batch
+from posttrain.envs.rl import episode_sequences
 from posttrain.generation.episodes import (
     EpisodeBudget,
     Episodes,
@@ -101,7 +101,7 @@ def test_episode_logps_equal_teacher_forced_forward_over_the_concatenation():
     params = SamplingParams(max_new_tokens=6, temperature=0.8, top_k=20, seed=5)
     out = EpisodeSampler(model, tok).run(Echo, ROWS[:2], params, n=3,
                                          budget=EpisodeBudget(max_turns=3, max_turn_tokens=6))
-    batch = episode_batch(out, tok.pad_token_id)
+    batch = episode_sequences(out, tok.pad_token_id)
     assert int(batch.mask.sum()) == sum(e.model_tokens for e in out.episodes)
     # the sampler's log-probs are under the filtered distribution: recompute it from one full forward
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_episode_logps_equal_teacher_forced_forward_over_the_concatenation():
     # and at temperature 1 without filters, the training log-probs (TokenLogps) are the sampler's
     out1 = EpisodeSampler(model, tok).run(Echo, ROWS, SamplingParams(max_new_tokens=6, seed=2), n=2,
                                           budget=EpisodeBudget(max_turns=3, max_turn_tokens=6))
-    b1 = episode_batch(out1, tok.pad_token_id)
+    b1 = episode_sequences(out1, tok.pad_token_id)
     trained = TokenLogps(model)(b1.input_ids, b1.labels, b1.position_ids).logps
     torch.testing.assert_close(trained[b1.mask], b1.gen_logps[b1.mask], atol=2e-5, rtol=0)
     # observation tokens sit in the sequence but not in the labels

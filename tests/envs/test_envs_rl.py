@@ -8,7 +8,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.envs import StepResult
-from posttrain.envs.rl import episode_batch, episode_rewards
+from posttrain.envs.rl import episode_sequences, episode_rewards
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.sampler import SamplingParams
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts
@@ -41,7 +41,7 @@ def _episodes(G=3):
 @pytest.mark.parametrize("loss", ["grpo", "dapo"])
 def test_observation_tokens_get_zero_gradient_and_no_normaliser_count(loss):
     model, tok, out = _episodes()
-    batch = episode_batch(out, tok.pad_token_id)
+    batch = episode_sequences(out, tok.pad_token_id)
     model_tokens = [e.model_tokens for e in out.episodes]
     obs_tokens = [len(e.token_ids) - e.model_tokens for e in out.episodes]
     assert all(o > 0 for o in obs_tokens)
@@ -66,7 +66,7 @@ def test_observation_tokens_get_zero_gradient_and_no_normaliser_count(loss):
 
 def test_shared_prefix_scoring_of_episodes_equals_per_row_forward():
     model, tok, out = _episodes()
-    batch = episode_batch(out, tok.pad_token_id)
+    batch = episode_sequences(out, tok.pad_token_id)
     fn = TokenLogps(model)
     rows = slice(0, len(batch))
     packed = fn.shared_prefix(batch.shared_prefix(rows, pad_id=0))

@@ -1,6 +1,6 @@
-"""Episodes as RL training tensors: the same `SequenceBatch` layout as single-turn rollouts (train/rl.py), with the
-observation tokens in the sequence (the model reads them) but out of the labels, so they get no gradient and do not
-count in the token normaliser (`GlobalCounts.from_mask(batch.mask)` counts model tokens only)."""
+"""Episodes as RL training tensors: the `RolloutSequences` layout of single-turn rollouts (generation/rollout.py), with
+the observation tokens in the sequence (the model reads them) but out of the labels, so they get no gradient and do
+not count in the token normaliser (`GlobalCounts.from_mask(sequences.mask)` counts model tokens only)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from posttrain.generation.episodes import (
     Episodes,
     EpisodeSampler,
 )
+from posttrain.generation.rollout import RolloutSequences
 from posttrain.generation.sampler import SamplingParams
 from posttrain.ops.logps import IGNORE_INDEX
-from posttrain.train.rl import SequenceBatch
 
 
-def episode_batch(episodes: Episodes, pad_id: int) -> SequenceBatch:
+def episode_sequences(episodes: Episodes, pad_id: int) -> RolloutSequences:
     """Row i = prompt + everything after it (model and observation tokens), right-padded to L.
 
     labels[i, P-1+t] = token t of the episode where the model sampled it, IGNORE_INDEX elsewhere (prompt,
@@ -44,7 +44,7 @@ def episode_batch(episodes: Episodes, pad_id: int) -> SequenceBatch:
         labels[i, P - 1:P - 1 + C] = torch.where(model, tokens, IGNORE_INDEX)  # position t predicts token t+1
         gen_logps[i, P - 1:P - 1 + C] = torch.where(model, torch.tensor(e.logps, dtype=torch.float32), 0.0)
     position_ids = torch.arange(L).expand(N, L).clone()
-    return SequenceBatch(input_ids, position_ids, labels, labels != IGNORE_INDEX, gen_logps,
+    return RolloutSequences(input_ids, position_ids, labels, labels != IGNORE_INDEX, gen_logps,
                          torch.tensor([len(e.token_ids) for e in eps], dtype=torch.long),
                          torch.tensor([len(e.prompt_ids) for e in eps], dtype=torch.long))
 
@@ -59,10 +59,10 @@ def episode_rewards(episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class EpisodeGroups:
-    """One round of G episodes for each of B rows, ready for the GRPO update: batch (model tokens in the mask),
+    """One round of G episodes for each of B rows, ready for the GRPO update: sequences (model tokens in the mask),
     rewards / verifier [B·G], lengths [B·G] (model tokens), truncated (episodes a budget ended), episodes."""
 
-    batch: SequenceBatch
+    sequences: RolloutSequences
     rewards: torch.Tensor
     verifier: torch.Tensor
     lengths: torch.Tensor
@@ -87,7 +87,7 @@ class EpisodeRollouts:
         rewards, verifier = episode_rewards(episodes)
         lengths = torch.tensor([e.model_tokens for e in episodes.episodes], dtype=torch.float32)
         truncated = sum(e.finish != FINISH_DONE for e in episodes.episodes)
-        return EpisodeGroups(episode_batch(episodes, self.sampler.pad_token_id), rewards, verifier, lengths,
+        return EpisodeGroups(episode_sequences(episodes, self.sampler.pad_token_id), rewards, verifier, lengths,
                              truncated, episodes)
 
     def pop_metrics(self) -> dict[str, float]:
