@@ -24,21 +24,21 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-from posttrain.config import build_config  # noqa: E402
-from posttrain.envs import ToolEnv  # noqa: E402
-from posttrain.envs.rl import episode_sequences  # noqa: E402
-from posttrain.eval.runner import evaluate  # noqa: E402
-from posttrain.eval.tasks import make_task  # noqa: E402
-from posttrain.generation.episodes import EpisodeBudget, Episodes, EpisodeSampler, play_scripted  # noqa: E402
-from posttrain.generation.strategies import DecodeOptions  # noqa: E402
-from posttrain.losses.sft import sft_loss  # noqa: E402
-from posttrain.models import load_model  # noqa: E402
-from posttrain.models.forward import TokenLogps  # noqa: E402
-from posttrain.recipes.grpo import GRPOConfig  # noqa: E402
-from posttrain.recipes.grpo import run as grpo_run  # noqa: E402
-from posttrain.rewards.gym import gym_rows  # noqa: E402
-from posttrain.train.logging import read_metrics  # noqa: E402
-from posttrain.train.state import save_final  # noqa: E402
+from posttrain.config import build_config
+from posttrain.envs import ToolEnv
+from posttrain.envs.rl import episode_sequences
+from posttrain.eval.runner import evaluate
+from posttrain.eval.tasks import make_task
+from posttrain.generation.episodes import EpisodeBudget, Episodes, EpisodeSampler, play_scripted
+from posttrain.generation.strategies import DecodeOptions
+from posttrain.losses.sft import sft_loss
+from posttrain.models import load_model
+from posttrain.models.forward import TokenLogps
+from posttrain.recipes.grpo import GRPOConfig
+from posttrain.recipes.grpo import run as grpo_run
+from posttrain.rewards.gym import gym_rows
+from posttrain.train.logging import read_metrics
+from posttrain.train.state import save_final
 
 EXPRESSION = re.compile(r":\s*([-\d\s*+]+?)\.\s")
 
@@ -55,7 +55,7 @@ def react_eval(model, tok, task, problems, spec) -> dict:
     r = spec["react"]
     out = evaluate(model, tok, task, problems, "react",
                    options=DecodeOptions(max_new_tokens=r["max_turn_tokens"], batch_size=10), keep_samples=True,
-                   react=dict(tools=r["tools"], max_turns=r["max_turns"], max_episode_tokens=r["max_episode_tokens"]))
+                   react={"tools": r["tools"], "max_turns": r["max_turns"], "max_episode_tokens": r["max_episode_tokens"]})
     return out
 
 

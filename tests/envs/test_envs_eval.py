@@ -43,7 +43,7 @@ def test_react_strategy_scores_a_scripted_episode_with_the_tasks_scorer(tmp_path
     assert episode.reward == 1.0
     model = ForcedLM(episode.prompt_ids + episode.token_ids, len(tok), tok.eos_token_id)
     out = evaluate(model, tok, task, problems, "react", options=DecodeOptions(max_new_tokens=64), keep_samples=True,
-                   react=dict(tools=["calculator"], max_turns=3, max_episode_tokens=200))
+                   react={"tools": ["calculator"], "max_turns": 3, "max_episode_tokens": 200})
     m = out["metrics"]
     assert m["accuracy"] == 1.0 and m["pass@1"] == 1.0 and m["maj@1"] == 1.0
     assert m["tool_call_validity"] == 1.0 and m["tool_valid"] == 1.0 and m["turns"] == 2.0
@@ -54,7 +54,7 @@ def test_react_strategy_scores_a_scripted_episode_with_the_tasks_scorer(tmp_path
                           budget=budget)
     model = ForcedLM(wrong.prompt_ids + wrong.token_ids, len(tok), tok.eos_token_id)
     assert evaluate(model, tok, task, problems, "react", options=DecodeOptions(max_new_tokens=64),
-                    react=dict(max_turns=3, max_episode_tokens=200))["metrics"]["accuracy"] == 0.0
+                    react={"max_turns": 3, "max_episode_tokens": 200})["metrics"]["accuracy"] == 0.0
 
 
 def test_episode_metrics_hand_counted():

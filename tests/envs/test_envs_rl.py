@@ -8,7 +8,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.envs import StepResult
-from posttrain.envs.rl import episode_sequences, episode_rewards
+from posttrain.envs.rl import episode_rewards, episode_sequences
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.sampler import SamplingParams
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts

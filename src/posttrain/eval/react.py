@@ -70,7 +70,7 @@ def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *,
     }
     for k in sorted(set(pass_k)):
         if k <= n:
-            metrics[f"pass@{k}"] = float(pass_at_k(n, [int(round(sum(row))) for row in correct], k).mean())
+            metrics[f"pass@{k}"] = float(pass_at_k(n, [round(sum(row)) for row in correct], k).mean())
             if task.votable:
                 metrics[f"maj@{k}"] = sum(majority_at_k(a, [c == 1.0 for c in row], k)
                                           for a, row in zip(answers, correct)) / B

@@ -240,9 +240,9 @@ class EpisodeSampler:
         P = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), P), self.pad_token_id, dtype=torch.long, device=device)
         attention_mask = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
-        for u, p in enumerate(prompts):
-            input_ids[u, P - len(p):] = torch.tensor(p, device=device)
-            attention_mask[u, P - len(p):] = 1
+        for k, p in enumerate(prompts):
+            input_ids[k, P - len(p):] = torch.tensor(p, device=device)
+            attention_mask[k, P - len(p):] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
         cache = DynamicCache()
         logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [U, V]
@@ -298,9 +298,9 @@ class EpisodeSampler:
                     break
                 # feed the sampled tokens; rows whose turn is over get a masked pad
                 feed_d = feed.to(device)
-                ids = torch.where(feed_d, tok, torch.full_like(tok, self.pad_token_id))
+                feed_ids = torch.where(feed_d, tok, torch.full_like(tok, self.pad_token_id))
                 attention_mask = torch.cat([attention_mask, feed_d.long()[:, None]], dim=-1)
-                logits = self._forward(ids[:, None], attention_mask, next_pos[:, None], cache)
+                logits = self._forward(feed_ids[:, None], attention_mask, next_pos[:, None], cache)
                 next_pos = next_pos + feed_d.long()
                 out.padding_tokens += int((~feed).sum())
 
@@ -373,10 +373,10 @@ def play_scripted(sampler: EpisodeSampler, env: Any, row: dict[str, Any], texts:
     budget = budget or EpisodeBudget()
     prompt = checked_reset(env, row, row_index, budget.env_timeout_s)
     episode = Episode(row_index=row_index, prompt_ids=sampler.prompt_ids(prompt, env))
-    eos_text = sampler.tokenizer.decode(list(sampler.eos_token_ids[:1])) if sampler.eos_token_ids else None
+    eos_text = sampler.tokenizer.decode(list(sampler.eos_token_ids[:1])) if sampler.eos_token_ids else ""
     for turn, text in enumerate(texts[:budget.max_turns], start=1):
         closed = bool(eos_text) and text.endswith(eos_text)
-        body = text[:-len(eos_text)] if closed and eos_text else text
+        body = text[:-len(eos_text)] if closed else text
         ids = (sampler._ids(body) + (list(sampler.eos_token_ids[:1]) if closed else []))[:budget.max_turn_tokens]
         room = budget.max_episode_tokens - len(episode.token_ids)
         episode.token_ids += ids[:room]
