@@ -69,6 +69,11 @@ class NoObservation(Good):
         return StepResult(None, 0.0, False)
 
 
+class EmptyObservation(Good):
+    def step(self, text):
+        return StepResult("", 0.0, False)
+
+
 class BadMessages(Good):
     def step(self, text):
         return StepResult([{"role": "tool"}], 0.0, False)
@@ -80,7 +85,8 @@ class BadMessages(Good):
     (WrongStep, r"row 0, turn 1: step returned dict .*expected a StepResult"),
     (WrongReward, r"row 0, turn 1: step returned reward '1.0'; expected a finite number"),
     (NaNReward, r"returned reward nan"),
-    (NoObservation, r"no observation for an episode that goes on"),
+    (NoObservation, r"no observation \(None\) for an episode that goes on"),
+    (EmptyObservation, r"no observation \(''\) for an episode that goes on"),
     (BadMessages, r"observation: returned list .*expected a prompt string or a non-empty list of chat messages"),
 ])
 def test_broken_environments_raise_clear_errors(cls, pattern):

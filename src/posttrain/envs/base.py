@@ -132,9 +132,10 @@ def checked_step(env: Any, text: str, row_index: int | str, turn: int, timeout_s
         raise EnvError(f"{what} returned done={value.done!r}; expected True or False")
     if not isinstance(value.info, dict):
         raise EnvError(f"{what} returned info {_describe(value.info)}; expected a dict")
-    if not value.done or value.observation:
-        if value.observation is None and not value.done:
-            raise EnvError(f"{what} returned no observation for an episode that goes on (done=False)")
+    if not value.done and not value.observation:
+        raise EnvError(f"{what} returned no observation ({value.observation!r}) for an episode that goes on "
+                       "(done=False); the model needs something new to read before its next turn")
+    if value.observation:
         check_messages(value.observation, f"{what} observation:")
     return value
 
