@@ -66,8 +66,13 @@ def env_name(env: Any) -> str:
     return str(getattr(env, "name", None) or type(env).__name__)
 
 
-def _call(fn: Callable[[], Any], timeout_s: float | None, what: str) -> Any:
-    """fn() in a daemon thread, abandoned after timeout_s (Python cannot kill a thread; the run stops with EnvError)."""
+class CallTimeout(Exception):
+    """A call did not return within its time limit."""
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None, name: str = "call") -> Any:
+    """fn() in a daemon thread; its exception is re-raised here, and CallTimeout after timeout_s seconds (the thread
+    is abandoned, not killed: Python cannot kill a thread). timeout_s None: a plain call."""
     if timeout_s is None:
         return fn()
     box: dict[str, Any] = {}
@@ -78,14 +83,23 @@ def _call(fn: Callable[[], Any], timeout_s: float | None, what: str) -> Any:
         except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
             box["error"] = e
 
-    thread = threading.Thread(target=target, name="env-call", daemon=True)
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise EnvError(f"{what}: no answer within {timeout_s:g} s (env_timeout_s); an environment call must return")
+        raise CallTimeout(f"no answer within {timeout_s:g} s")
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _call(fn: Callable[[], Any], timeout_s: float | None, what: str) -> Any:
+    """An environment call; one that hangs stops the run with EnvError instead of hanging it."""
+    try:
+        return call_with_timeout(fn, timeout_s, "env-call")
+    except CallTimeout:
+        raise EnvError(f"{what}: no answer within {timeout_s:g} s (env_timeout_s); an environment call must "
+                       "return") from None
 
 
 def check_messages(value: Any, what: str) -> Observation:

@@ -14,12 +14,13 @@ import json
 import math
 import operator
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from posttrain.envs.base import CallTimeout, call_with_timeout
 
 
 class ToolError(Exception):
@@ -64,24 +65,15 @@ def call_tool(tools: dict[str, Tool], name: str, argument: str, *, max_chars: in
     tool = tools.get(name)
     if tool is None:
         return ToolOutcome(f"Error: unknown tool '{name}'. Available tools: {', '.join(sorted(tools))}.", False)
-    result: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result["text"] = str(tool.fn(argument))
-        except ToolError as e:
-            result["error"] = str(e)
-        except Exception as e:  # noqa: BLE001 -- a tool bug becomes an error observation, not a crash
-            result["error"] = f"{type(e).__name__}: {e}"
-
-    thread = threading.Thread(target=target, name=f"tool-{name}", daemon=True)
-    thread.start()
-    thread.join(tool.timeout_s)
-    if thread.is_alive():  # abandoned, not killed (the sandboxed tools kill their own processes)
+    try:
+        text = str(call_with_timeout(lambda: tool.fn(argument), tool.timeout_s, f"tool-{name}"))
+    except CallTimeout:  # the thread is abandoned; the sandboxed tools kill their own processes
         return ToolOutcome(f"Error: tool '{name}' gave no result within {tool.timeout_s:g} s.", False)
-    if "error" in result:
-        return ToolOutcome(_cut(f"Error: {result['error']}", max_chars), False)
-    return ToolOutcome(_cut(result["text"], max_chars), True)
+    except ToolError as e:
+        return ToolOutcome(_cut(f"Error: {e}", max_chars), False)
+    except Exception as e:  # noqa: BLE001 -- a tool bug becomes an error observation, not a crash
+        return ToolOutcome(_cut(f"Error: {type(e).__name__}: {e}", max_chars), False)
+    return ToolOutcome(_cut(text, max_chars), True)
 
 
 def _cut(text: str, max_chars: int) -> str:

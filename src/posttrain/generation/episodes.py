@@ -132,6 +132,17 @@ class Episodes:
         return len(self.episodes)
 
 
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [n, W], mask [n, W]) left-padded to the longest, so every row's last column is real."""
+    W = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), W), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), W), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, W - len(s):] = torch.tensor(list(s), dtype=torch.long, device=device)
+        mask[i, W - len(s):] = 1
+    return ids, mask
+
+
 @dataclass
 class _Live:
     """Per-row state of the episodes still in the cache (index j = cache row)."""
@@ -237,12 +248,8 @@ class EpisodeSampler:
         for e in episodes:
             distinct.setdefault(tuple(e.prompt_ids), len(distinct))
         prompts = list(distinct)
-        P = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), P), self.pad_token_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
-        for k, p in enumerate(prompts):
-            input_ids[k, P - len(p):] = torch.tensor(p, device=device)
-            attention_mask[k, P - len(p):] = 1
+        input_ids, attention_mask = _left_pad(prompts, self.pad_token_id, device)  # [U, P]
+        P = input_ids.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
         cache = DynamicCache()
         logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [U, V]
@@ -344,12 +351,7 @@ class EpisodeSampler:
             pendings = [live.pending[j] for j in keep]
             live = _Live(ids=[live.ids[j] for j in keep], pending=[None] * len(keep))
             # append each episode's chunk (its pending model token + the observation), left-padded to one length
-            O = max(len(c) for c in chunks)
-            chunk_ids = torch.full((len(keep), O), self.pad_token_id, dtype=torch.long, device=device)
-            chunk_mask = torch.zeros((len(keep), O), dtype=torch.long, device=device)
-            for j, c in enumerate(chunks):
-                chunk_ids[j, O - len(c):] = torch.tensor(c, device=device)
-                chunk_mask[j, O - len(c):] = 1
+            chunk_ids, chunk_mask = _left_pad(chunks, self.pad_token_id, device)  # [n, O]
             chunk_pos = next_pos[:, None] + (chunk_mask.cumsum(-1) - 1).clamp(min=0)  # [n, O]
             attention_mask = torch.cat([attention_mask, chunk_mask], dim=-1)
             logits = self._forward(chunk_ids, attention_mask, chunk_pos, cache)
