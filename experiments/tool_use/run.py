@@ -123,8 +123,14 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() and a.only != "abcd" else {}
     results["config"] = spec
 
+    done: set[str] = set()
+
     def save():
-        results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        # merge with the file: stages may run in separate processes (e.g. `--only d` while (c) is being evaluated)
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        on_disk.update({k: v for k, v in results.items() if k in done or k == "config"})
+        results_path.write_text(json.dumps(on_disk, indent=2, default=str) + "\n")
+        results.update({k: v for k, v in on_disk.items() if k not in done})
 
     n_eval = a.eval_size or spec["eval_size"]
     tk = spec["task_kwargs"]
@@ -137,16 +143,19 @@ def main() -> None:
         t0 = time.time()
         res = evaluate(model, tok, base_task, problems, "greedy",
                        options=DecodeOptions(max_new_tokens=nt["max_new_tokens"], batch_size=10), keep_samples=True)
+        done.add("a_no_tools")
         results["a_no_tools"] = summarize(res, time.time() - t0)
         save()
         print("a", results["a_no_tools"]["accuracy"], flush=True)
     if "b" in a.only:
         t0 = time.time()
+        done.add("b_react_prompting")
         results["b_react_prompting"] = summarize(react_eval(model, tok, base_task, problems, spec), time.time() - t0)
         save()
         print("b", results["b_react_prompting"]["accuracy"], flush=True)
     sft_dir = root / "sft"
     if "c" in a.only:
+        done.add("c_sft")
         results["c_sft"] = {"training": sft(model, tok, spec, tk)}
         save_final(model, tok, sft_dir)
         t0 = time.time()
@@ -173,6 +182,7 @@ def main() -> None:
             "filtered_frac": sum(r["filter/zero_variance_frac"] for r in rows) / max(len(rows), 1),
             "model_tokens_per_episode": sum(r["completion/mean_length"] for r in rows) / max(len(rows), 1),
             "wall_s": train_s}
+        done.add("d_grpo")
         results["d_grpo"] = res
         save()
         print("d", res["accuracy"], flush=True)

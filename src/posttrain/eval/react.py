@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from posttrain.envs.formats import ToolFormatName
 from posttrain.envs.rl import episode_metrics
 from posttrain.envs.tool_env import ToolEnv, question_of
 from posttrain.eval.metrics import majority_at_k, mean_stderr, pass_at_k
@@ -32,7 +33,7 @@ def problem_question(problem: Problem) -> str:
 
 def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *, options: DecodeOptions,
                    num_samples: int = 1, pass_k: Sequence[int] = (1,), tools: Sequence[str] = ("calculator",),
-                   tool_format: str = "auto", max_turns: int = 4, max_episode_tokens: int = 512,
+                   tool_format: ToolFormatName = "auto", max_turns: int = 4, max_episode_tokens: int = 512,
                    keep_samples: bool = False) -> dict[str, Any]:
     """n ReAct episodes per problem (greedy for n = 1, else sampled at options.temperature); metrics as `evaluate`."""
     n, B = num_samples, len(problems)
@@ -41,7 +42,7 @@ def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *,
         return float(task.score([problems[row["problem"]]], [answer])[0])
 
     def make_env() -> ToolEnv:
-        return ToolEnv(list(tools), format=tool_format, tokenizer=tokenizer, verifier=verifier)  # type: ignore[arg-type]
+        return ToolEnv(list(tools), format=tool_format, tokenizer=tokenizer, verifier=verifier)
 
     sampler = EpisodeSampler(model, tokenizer)
     budget = EpisodeBudget(max_turns=max_turns, max_turn_tokens=options.max_new_tokens,

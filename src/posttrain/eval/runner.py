@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from posttrain.config import field
 from posttrain.errors import ConfigError
+from posttrain.envs.formats import ToolFormatName
 from posttrain.eval.metrics import majority_at_k, mean_stderr, pass_at_k
 from posttrain.eval.tasks import Problem, Task, make_task
 from posttrain.generation.strategies import DECODERS, Decoded, DecodeOptions, GenerateFn
@@ -64,7 +65,7 @@ class EvalConfig:
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
     tools: list[str] = field(default_factory=lambda: ["calculator"], help="react: tools (calculator, python, search)")
-    tool_format: str = field("auto", help="react: auto (chat-template tool calls if supported), react or chat")
+    tool_format: ToolFormatName = field("auto", help="react: auto (chat-template tool calls if supported), react or chat")
     max_turns: int = field(4, help="react: model turns per episode (max_new_tokens is the budget per turn)")
     max_episode_tokens: int = field(512, help="react: tokens per episode after the prompt (model + observations)")
     device: str = field("cpu", help="cpu or cuda")
