@@ -80,3 +80,13 @@ def test_tool_env_statuses_and_rewards():
     assert none.info == {"no_action": 1} and none.observation.startswith("\nObservation: Error: no 'Action")
     done = env.step("Final Answer: 6")
     assert (done.reward, done.done, done.info["verifier"]) == (1.0, True, 1.0)
+
+
+def test_eval_react_config_errors_exit_2(capsys):
+    from posttrain.cli import main
+
+    assert main(["eval", "model=tiny", "strategy=react", "tools=[hammer]"]) == 2
+    assert "unknown tool(s) ['hammer']" in capsys.readouterr().err
+    assert main(["eval", "model=tiny", "strategy=react", "tool_format=xml"]) == 2
+    assert "'tool_format' must be one of ['auto', 'react', 'chat']" in capsys.readouterr().err
+    assert main(["eval", "model=tiny", "strategy=react", "max_turns=0"]) == 2

@@ -78,6 +78,14 @@ class EvalConfig:
             raise ConfigError(f"key 'sampler': unknown decoder {self.sampler!r}; expected one of {list(DECODERS)}")
         if self.num_samples < 1:
             raise ConfigError("key 'num_samples' must be >= 1")
+        if self.max_turns < 1 or self.max_episode_tokens < 1:
+            raise ConfigError("keys 'max_turns' and 'max_episode_tokens' must be >= 1")
+        if self.strategy == "react":
+            from posttrain.envs.tools import TOOLS
+
+            unknown = [t for t in self.tools if t not in TOOLS]
+            if unknown:
+                raise ConfigError(f"key 'tools': unknown tool(s) {unknown}; expected some of {sorted(TOOLS)}")
         if self.strategy == "best_of_n_reward" and not self.reward_model:
             raise ConfigError("strategy best_of_n_reward needs key 'reward_model' (a folder saved by posttrain reward)")
 
