@@ -15,3 +15,9 @@ def test_readme_environment_and_tool_example_runs():
     env = namespace["GuessEnv"]()
     env.reset({"secret": 3})
     assert env.step("3").reward == 1.0
+    tool_env = namespace["env"]  # the built-in ReAct environment with the README's tool
+    system = tool_env.reset({"question": "Reverse abc.", "answer": "cba"})[0]["content"]
+    assert "- reverse: reverses text, e.g. reverse[abc]" in system and "- calculator:" in system
+    step = tool_env.step("Action: reverse[abc]\nObservation:")
+    assert step.observation == " cba\n" and step.info["tool_call"] == "valid"
+    assert tool_env.step("Final Answer: cba").reward == 1.0

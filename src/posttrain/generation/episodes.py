@@ -212,7 +212,9 @@ class EpisodeSampler:
     @torch.no_grad()
     def run(self, make_env: Callable[[], Any], rows: Sequence[dict[str, Any]], params: SamplingParams, n: int = 1,
             budget: EpisodeBudget | None = None, row_indices: Sequence[int] | None = None) -> Episodes:
-        """Play n episodes per row; row_indices: the rows' numbers in their dataset (for error messages)."""
+        """Play n episodes per row; row_indices: the rows' numbers in their dataset (for error messages).
+        params gives the sampling rule and stop strings; the token limits come from `budget` (max_turn_tokens per
+        turn, not params.max_new_tokens)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not rows:
