@@ -32,7 +32,7 @@ from posttrain.eval.tasks import make_task
 from posttrain.generation.episodes import EpisodeBudget, Episodes, EpisodeSampler, play_scripted
 from posttrain.generation.strategies import DecodeOptions
 from posttrain.losses.sft import sft_loss
-from posttrain.models import load_model
+from posttrain.models import apply_lora, load_model
 from posttrain.models.forward import TokenLogps
 from posttrain.recipes.grpo import GRPOConfig
 from posttrain.recipes.grpo import run as grpo_run
@@ -74,8 +74,9 @@ def summarize(result: dict, seconds: float) -> dict:
     return out
 
 
-def sft(model, tok, spec, task_kwargs) -> dict:
-    """A few epochs of SFT on scripted demonstrations; the loss covers the model's tokens, not the observations."""
+def sft(model, tok, spec, task_kwargs, sft_dir: Path) -> dict:
+    """A few epochs of LoRA SFT on scripted demonstrations (the loss covers the model's tokens, not the
+    observations); the merged model is saved to sft_dir."""
     s, r = spec["sft"], spec["react"]
     rows = gym_rows(spec["task"], s["demos"], s["demo_seed"], instruction="", **task_kwargs)
     sampler = EpisodeSampler(model, tok)
@@ -84,8 +85,9 @@ def sft(model, tok, spec, task_kwargs) -> dict:
     demos = [play_scripted(sampler, ToolEnv(r["tools"]), row, demo_texts(row), budget=budget) for row in rows]
     assert all(d.reward == 1.0 and d.finish == "done" for d in demos), "a demonstration does not verify"
     batch = episode_sequences(Episodes(demos, 1), tok.pad_token_id)
+    model = apply_lora(model, r=s["lora_r"], alpha=s["lora_alpha"], dropout=0.0, target_modules="all-linear")
     logps_fn = TokenLogps(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     model.train()
     losses, trained_tokens, t0 = [], 0, time.time()
@@ -102,7 +104,8 @@ def sft(model, tok, spec, task_kwargs) -> dict:
             losses.append(loss.item())
             trained_tokens += int(batch.input_ids[idx].ne(tok.pad_token_id).sum())
     model.eval()
-    return {"demos": len(demos), "epochs": s["epochs"], "loss_first": losses[0], "loss_last": losses[-1],
+    save_final(model, tok, sft_dir)  # LoRA merged into an ordinary checkpoint
+    return {"demos": len(demos), "lora_r": s["lora_r"], "lr": s["lr"], "epochs": s["epochs"], "loss_first": losses[0], "loss_last": losses[-1],
             "masked_observation_tokens": int(sum(len(d.token_ids) - d.model_tokens for d in demos)),
             "target_tokens": int(batch.mask.sum()), "trained_tokens": trained_tokens, "wall_s": time.time() - t0}
 
@@ -156,8 +159,10 @@ def main() -> None:
     sft_dir = root / "sft"
     if "c" in a.only:
         done.add("c_sft")
-        results["c_sft"] = {"training": sft(model, tok, spec, tk)}
-        save_final(model, tok, sft_dir)
+        results["c_sft"] = {"training": sft(model, tok, spec, tk, sft_dir)}
+        save()
+        del model
+        model, tok = load_model(str(sft_dir))
         t0 = time.time()
         results["c_sft"].update(summarize(react_eval(model, tok, base_task, problems, spec), time.time() - t0))
         save()
@@ -168,6 +173,7 @@ def main() -> None:
         if a.steps:
             values["max_steps"] = a.steps
         config = build_config(GRPOConfig, values, source=f"{a.config}:grpo")
+        model = None  # the GRPO recipe loads its own copy
         t0 = time.time()
         grpo_run(config)
         train_s = time.time() - t0
