@@ -117,7 +117,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=str(HERE))
     p.add_argument("--only", default="abcd", help="stages to run (results of others are kept from results.json)")
+    p.add_argument("--report", action="store_true", help="only rewrite table.md from results.json")
     a = p.parse_args()
+    if a.report:
+        write_report(json.loads((Path(a.out) / "results.json").read_text()), Path(a.out))
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     spec = yaml.safe_load(Path(a.config).read_text())
@@ -195,19 +199,28 @@ def main() -> None:
     write_report(results, out_dir)
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (informative at 0/n, where the standard error is 0)."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 def write_report(results: dict, out: Path) -> None:
     names = [("a_no_tools", "(a) no tools, greedy CoT"), ("b_react_prompting", "(b) ReAct prompting + calculator"),
              ("c_sft", "(c) after SFT on demos, ReAct"), ("d_grpo", "(d) after tool-use GRPO from (c), ReAct")]
-    lines = ["| condition | n | accuracy ± s.e. | tool-call validity (valid/attempted) | turns | eval wall s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| condition | n | accuracy ± s.e. | 95% Wilson | tool-call validity (valid/attempted) | turns "
+             "| eval forward tokens | eval wall s |", "|---|---|---|---|---|---|---|---|"]
     for key, label in names:
         r = results.get(key)
         if not r or "accuracy" not in r:
-            lines.append(f"| {label} | - | not run | - | - | - |")
+            lines.append(f"| {label} | - | not run | - | - | - | - | - |")
             continue
         validity = (f"{r['valid_calls']}/{r['attempted_calls']}" if r.get("attempted_calls") else "no calls")
+        lo, hi = wilson(r["accuracy"] * r["num_problems"], r["num_problems"])
         lines.append(f"| {label} | {r['num_problems']} | {r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f} | "
-                     f"{validity} | {r.get('turns', 1):.2f} | {r['wall_s']:.0f} |")
+                     f"[{lo:.2f}, {hi:.2f}] | "
+                     f"{validity} | {r.get('turns', 1):.2f} | {r['forward_tokens']} | {r['wall_s']:.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
