@@ -203,14 +203,15 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (informative at 0/n, where the standard error is 0)."""
     p = k / n
     centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
 def write_report(results: dict, out: Path) -> None:
     names = [("a_no_tools", "(a) no tools, greedy CoT"), ("b_react_prompting", "(b) ReAct prompting + calculator"),
              ("c_sft", "(c) after SFT on demos, ReAct"), ("d_grpo", "(d) after tool-use GRPO from (c), ReAct")]
-    lines = ["| condition | n | accuracy ± s.e. | 95% Wilson | tool-call validity (valid/attempted) | turns "
-             "| eval forward tokens | eval wall s |", "|---|---|---|---|---|---|---|---|"]
+    header = ("| condition | n | accuracy ± s.e. | 95% Wilson | tool-call validity (valid/attempted) | turns "
+              "| eval forward tokens | eval wall s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for key, label in names:
         r = results.get(key)
         if not r or "accuracy" not in r:
