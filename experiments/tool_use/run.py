@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 from posttrain.config import build_config
 from posttrain.envs import ToolEnv
 from posttrain.envs.rl import episode_sequences
+from posttrain.eval.preservation import wilson
 from posttrain.eval.runner import evaluate
 from posttrain.eval.tasks import make_task
 from posttrain.generation.episodes import EpisodeBudget, Episodes, EpisodeSampler, play_scripted
@@ -199,13 +200,6 @@ def main() -> None:
     write_report(results, out_dir)
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (informative at 0/n, where the standard error is 0)."""
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
-
-
 def write_report(results: dict, out: Path) -> None:
     names = [("a_no_tools", "(a) no tools, greedy CoT"), ("b_react_prompting", "(b) ReAct prompting + calculator"),
              ("c_sft", "(c) after SFT on demos, ReAct"), ("d_grpo", "(d) after tool-use GRPO from (c), ReAct")]
@@ -218,7 +212,8 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {label} | - | not run | - | - | - | - | - |")
             continue
         validity = (f"{r['valid_calls']}/{r['attempted_calls']}" if r.get("attempted_calls") else "no calls")
-        lo, hi = wilson(r["accuracy"] * r["num_problems"], r["num_problems"])
+        rate = wilson(round(r["accuracy"] * r["num_problems"]), r["num_problems"])
+        lo, hi = rate.low, rate.high
         lines.append(f"| {label} | {r['num_problems']} | {r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f} | "
                      f"[{lo:.2f}, {hi:.2f}] | "
                      f"{validity} | {r.get('turns', 1):.2f} | {r['forward_tokens']} | {r['wall_s']:.0f} |")
