@@ -10,6 +10,8 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
   the peak memory of the fused path against full logits at SmolLM2's vocabulary;
 - the KV-cache sampler's log-probs against a teacher-forced forward on CUDA;
 - shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
+- multi-turn episodes (generation/episodes.py, KV cache continued across observations) against a teacher-forced
+  forward on CUDA;
 - the SFT, DPO, GRPO and PPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
   transformers;
 - chunked two-head distillation divergences (reverse KL, JSD) on CUDA in float32 and bfloat16 against float64 full
@@ -190,6 +192,42 @@ def dpo_recipe():
                                 dtype="bfloat16", max_steps=10, lr=3e-3, progress=False, tensorboard=False))
     acc = summary.get("train/rewards/accuracies")
     return acc is not None and acc > 0.5, {k: v for k, v in summary.items() if isinstance(v, float)}
+
+
+class _CountEnv:
+    """Three turns; observations of a length that varies by turn (ragged chunks in the cache)."""
+
+    name = "count"
+
+    def reset(self, row):
+        self.t = 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        from posttrain.envs import StepResult
+
+        self.t += 1
+        return StepResult("Observation: " + "x" * (3 * self.t) + "\n", len(text) / 100, self.t >= 3)
+
+
+@check("episodes_multi_turn")
+def episodes_multi_turn():
+    from posttrain.envs.rl import episode_sequences
+    from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
+    from posttrain.generation.sampler import SamplingParams
+    from posttrain.models import tiny_model, tiny_tokenizer
+    from posttrain.models.forward import TokenLogps
+
+    model, tok = tiny_model(init_std=0.25, seed=4).to(DEV), tiny_tokenizer()
+    out = EpisodeSampler(model, tok).run(_CountEnv, [{"prompt": "hi"}, {"prompt": "a longer prompt"}],
+                                         SamplingParams(max_new_tokens=8, seed=1), n=3,
+                                         budget=EpisodeBudget(max_turns=3, max_turn_tokens=8))
+    batch = episode_sequences(out, tok.pad_token_id).to(DEV)
+    with torch.no_grad():
+        logps = TokenLogps(model)(batch.input_ids, batch.labels, batch.position_ids).logps
+    err = float((logps - batch.gen_logps)[batch.mask].abs().max())
+    obs = sum(len(e.token_ids) - e.model_tokens for e in out.episodes)
+    return err < 1e-4 and obs > 0, {"max_abs_err": err, "model_tokens": int(batch.mask.sum()), "obs_tokens": obs}
 
 
 def _vowels(prompts, completions, **kw):
@@ -507,8 +545,8 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(RESULTS["device"], RESULTS["versions"], flush=True)
-    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe, ppo_recipe,
-              fsdp2_recipes, fsdp2_throughput, ttc_samplers, distill_divergences, distill_recipe]
+    checks = [fused_logps, sampler_logps, shared_prefix, episodes_multi_turn, sft_recipe, dpo_recipe, grpo_recipe,
+              ppo_recipe, fsdp2_recipes, fsdp2_throughput, ttc_samplers, distill_divergences, distill_recipe]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,12 +37,15 @@ from posttrain.config import RunOptions, field
 from posttrain.data.collate import packed_batch
 from posttrain.data.order import step_units
 from posttrain.data.prompts import PromptSource
-from posttrain.eval.distill import evaluate_student
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.eval.distill import evaluate_student
 from posttrain.generation.rollout import rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.distill import (
-    forward_kl_topk, reverse_kl_sampled_loss, row_divergence, token_divergence_loss,
+    forward_kl_topk,
+    reverse_kl_sampled_loss,
+    row_divergence,
+    token_divergence_loss,
 )
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
@@ -54,10 +57,15 @@ from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.timing import StageTimer
 from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    prepare_model,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
+from posttrain.train.timing import StageTimer
 
 Mode = Literal["sequence", "token", "on_policy"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
