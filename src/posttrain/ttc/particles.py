@@ -165,7 +165,7 @@ class ParticleFilter:
                 taken = [0] * (B * N)
                 while any(in_step):
                     u = torch.rand(B * N, generator=gen, dtype=torch.float64)  # one per row, every token
-                    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+                    probs = torch.softmax(logits.double().cpu() / params.temperature, dim=-1)  # CPU, as u is
                     cdf = probs.cumsum(-1)
                     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
                     logits = batch.feed(drawn.clamp(max=probs.shape[-1] - 1).tolist(), in_step)

@@ -138,8 +138,9 @@ class ScalablePowerSampler:
             active = [a and step < b for a, b in zip(alive, budget)]
             if not any(active):
                 break
-            logp = torch.log_softmax(logits.double(), dim=-1)  # [N, V]
-            logq = torch.log_softmax(alpha * logits.double(), dim=-1) if params.rollout == "low_temperature" else logp
+            z = logits.double().cpu()  # [N, V]: the weights' bookkeeping runs on the CPU, as the seeded uniforms do
+            logp = torch.log_softmax(z, dim=-1)  # [N, V]
+            logq = torch.log_softmax(alpha * z, dim=-1) if params.rollout == "low_temperature" else logp
             u = torch.rand(len(first), generator=gen, dtype=torch.float64)
             cdf = logq.exp().cumsum(-1)
             tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
@@ -177,7 +178,7 @@ class ScalablePowerSampler:
             rollout_tokens = rollout_computed = 0
             while not all(done):
                 rows = [i for i in range(N) if not done[i]]
-                z = logits[rows].double()  # [R, V]
+                z = logits[rows].double().cpu()  # [R, V]; CPU like the seeded uniforms (same draws on any device)
                 log_p = torch.log_softmax(z, dim=-1)
                 K = z.shape[-1] if params.top_k == 0 else min(params.top_k, z.shape[-1])
                 log_p_cand, cands = log_p.topk(K, dim=-1)  # [R, K]
