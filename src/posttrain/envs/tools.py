@@ -143,6 +143,15 @@ def calculator_tool() -> Tool:
 
 # ---- Python in the sandbox ------------------------------------------------------------------------------------------
 
+def _program_error(stderr: str) -> str:
+    """The last line of the program's own traceback (the sandbox's judge adds one of its own after a program that
+    exits early; that one is not the program's error)."""
+    chunks = stderr.split("Traceback (most recent call last):")
+    own = [c for c in chunks if "<candidate>" in c] or chunks
+    lines = [line for line in own[-1].strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def python_tool(timeout_s: float = 5.0, memory_mb: int = 256) -> Tool:
     """Runs the argument as a Python program in posttrain.rewards.sandbox (its file system, network, process and time
     limits) and returns what it printed; a non-zero exit, a timeout or a memory overrun is an error observation."""
@@ -163,8 +172,7 @@ def python_tool(timeout_s: float = 5.0, memory_mb: int = 256) -> Tool:
             raise ToolError(f"the program ran past the {timeout_s:g} s limit and was stopped")
         if result.status == "error":
             raise ToolError(f"the sandbox could not run the program ({result.error})")
-        last = result.stderr_tail.strip().splitlines()[-1:] or [result.status]
-        raise ToolError(f"the program failed: {last[0]}")
+        raise ToolError(f"the program failed: {_program_error(result.stderr_tail) or result.status}")
 
     return Tool("python", "runs a Python program and returns what it prints, e.g. python[print(2**10)]", run,
                 parameter="code", timeout_s=timeout_s + 10.0)
