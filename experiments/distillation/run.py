@@ -24,7 +24,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from teacher import main as teacher_main, rows as task_rows
+from teacher import main as teacher_main
+from teacher import rows as task_rows
 
 from posttrain.demo import worked_answer
 from posttrain.train.checkpoint import atomic_write_text
@@ -109,9 +110,9 @@ def report(c: dict, root: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from posttrain.eval.distill import evaluate_student
     from posttrain.models.loading import load_model
     from posttrain.models.teacher import FrozenTeacher
-    from posttrain.eval.distill import evaluate_student
     from posttrain.rewards import build_reward
 
     held = [json.loads(line) for line in (root / "data" / "heldout.jsonl").read_text().splitlines()]
@@ -188,7 +189,7 @@ def write_markdown(results: dict, n_held: int) -> None:
         if p.get(key) is None or p[key] != p[key]:
             return "–"
         se = p.get(f"{key}_se")
-        return f"{p[key]:{fmt}} ± {se:{fmt}}" if se is not None and se == se else f"{p[key]:{fmt}}"
+        return f"{p[key]:{fmt}} ± {se:{fmt}}" if se is not None and not math.isnan(se) else f"{p[key]:{fmt}}"
 
     c = results["config"]
     lines = [

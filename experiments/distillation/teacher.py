@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from posttrain.demo import worked_answer
-from posttrain.recipes.sft import SFTConfig, run as run_sft
+from posttrain.recipes.sft import SFTConfig
+from posttrain.recipes.sft import run as run_sft
 from posttrain.rewards.gym import gym_rows
 from posttrain.train.checkpoint import atomic_write_text
 

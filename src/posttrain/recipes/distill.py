@@ -200,6 +200,7 @@ def check_pair(student: str, teacher: str) -> None:
 
 
 def check_heads(student_model, teacher_model, student: str, teacher: str) -> None:
+    """Refuse (exit 2) a student and teacher whose output layers have different vocabulary sizes."""
     s_v, t_v = student_model.get_output_embeddings().weight.shape[0], teacher_model.get_output_embeddings().weight.shape[0]
     if s_v != t_v:
         raise ConfigError(f"teacher '{teacher}' has {t_v} output logits and student '{student}' {s_v}: the vocabularies "
@@ -245,6 +246,7 @@ def sequence_tensors(examples: list[dict[str, list[int]]], pad_id: int, device) 
 
 
 def rollout_tensors(rollouts, pad_id: int, device) -> dict[str, Any]:
+    """The student's sampled rollouts as padded tensors on `device` (input ids, positions, labels, masks)."""
     batch = rollout_sequences(rollouts, pad_id)
     return {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
             "labels": batch.labels.to(device), "gen_logps": batch.gen_logps.to(device),
@@ -320,6 +322,7 @@ def on_policy_step(step: int, config: DistillConfig) -> bool:
 
 
 def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain distill`: train the student (off-policy or on-policy) and return the run summary."""
     d = init_distributed(config.device)
     if d.enabled:
         raise PosttrainError("posttrain distill runs in one process for now (student sampling is not split across "
