@@ -590,7 +590,7 @@ def sapo_loss(
     m = mask.bool()
     ratio = _ratio(logps, old_logps, m)  # [B, T]
     adv = _per_token_advantages(advantages)  # [B, 1] or [B, T]
-    tau = torch.where(adv > 0, tau_pos, tau_neg).to(ratio.dtype)  # [B, 1] or [B, T]
+    tau = torch.where(adv > 0, ratio.new_tensor(tau_pos), ratio.new_tensor(tau_neg))  # [B, 1] or [B, T]; exact in f64
     gate = torch.sigmoid(tau * (ratio - 1)) * (4 / tau)  # [B, T]
     per_token_loss = -gate * adv
     never = torch.zeros_like(m)
