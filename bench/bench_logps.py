@@ -112,11 +112,11 @@ def main() -> None:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     (out / "logps.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Fused chunked log-probs vs plain log_softmax + gather (forward + backward)\n",
-             f"Command: `python bench/bench_logps.py --rounds {a.rounds} --threads {a.threads}` (raw numbers in "
+             (f"Command: `python bench/bench_logps.py --rounds {a.rounds} --threads {a.threads}` (raw numbers in "
              f"`logps.json`). T = {a.seq}, V = {a.vocab}, D = {a.dim}, float32, {a.threads} torch threads, "
              f"torch {torch.__version__} (CPU), {meta['date']}. Each number is the median over {a.rounds} fresh "
              f"subprocesses per side (sides alternating) of the median of {a.passes} timed passes; extra memory = peak RSS "
-             "minus RSS with the inputs allocated.\n",
+             "minus RSS with the inputs allocated.\n"),
              "| head | B | plain s | fused s | time ratio | plain extra MB | fused extra MB | memory ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

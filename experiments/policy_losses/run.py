@@ -23,9 +23,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-from posttrain.config import build_config  # noqa: E402
-from posttrain.recipes.grpo import GRPOConfig, run  # noqa: E402
-from posttrain.train.logging import read_metrics  # noqa: E402
+from posttrain.config import build_config
+from posttrain.recipes.grpo import GRPOConfig, run
+from posttrain.train.logging import read_metrics
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -78,10 +78,10 @@ def write_report(results: dict, out: Path) -> None:
     """results.md: one row per loss, means ± standard errors over the seeds that finished."""
     n_eval = results["common"]["eval_size"]
     lines = ["# GRPO vs GSPO vs DPPO-TV vs CISPO on chain_sum (SmolLM2-135M-Instruct, LoRA, same budget)\n",
-             "Rerun: `python experiments/policy_losses/run.py` (config: `config.yaml`). Numbers below are from "
-             "the committed `results.json`.\n",
-             "| loss | seeds | held-out acc. start | end (mean ± s.e. over seeds) | Δ acc. | train reward | "
-             "clip/mask frac. | s/update |", "|---|---|---|---|---|---|---|---|"]
+             ("Rerun: `python experiments/policy_losses/run.py` (config: `config.yaml`). Numbers below are from "
+             "the committed `results.json`.\n"),
+             ("| loss | seeds | held-out acc. start | end (mean ± s.e. over seeds) | Δ acc. | train reward | "
+             "clip/mask frac. | s/update |"), "|---|---|---|---|---|---|---|---|"]
     by_loss: dict[str, list[dict]] = {}
     for r in results["runs"].values():
         by_loss.setdefault(r["loss"], []).append(r)

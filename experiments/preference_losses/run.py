@@ -22,15 +22,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.config import build_config  # noqa: E402
-from posttrain.data.formats import read_rows  # noqa: E402
-from posttrain.eval.preservation import control_reference, preservation  # noqa: E402
-from posttrain.models.loading import load_model  # noqa: E402
-from posttrain.recipes.dpo import DPOConfig  # noqa: E402
-from posttrain.recipes.dpo import run as run_dpo  # noqa: E402
-from posttrain.recipes.kto import KTOConfig  # noqa: E402
-from posttrain.recipes.kto import run as run_kto  # noqa: E402
-from posttrain.train.logging import read_metrics  # noqa: E402
+from posttrain.config import build_config
+from posttrain.data.formats import read_rows
+from posttrain.eval.preservation import control_reference, preservation
+from posttrain.models.loading import load_model
+from posttrain.recipes.dpo import DPOConfig
+from posttrain.recipes.dpo import run as run_dpo
+from posttrain.recipes.kto import KTOConfig
+from posttrain.recipes.kto import run as run_kto
+from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,17 +89,17 @@ def render(results: dict) -> None:
     cfg = results["config"]
     b = results["base"]
     lines = ["# DPO vs IPO vs KTO vs ORPO vs SimPO on the identity pairs, with control preservation\n",
-             f"Rerun: `python experiments/preference_losses/run.py` (config `config.yaml`). {cfg['model']}, LoRA "
+             (f"Rerun: `python experiments/preference_losses/run.py` (config `config.yaml`). {cfg['model']}, LoRA "
              f"r={cfg['common']['lora_r']}, lr {cfg['common']['lr']}, {cfg['common']['max_steps']} steps of 12 "
              f"sequences (6 pairs; 12 unpaired rows for KTO), each loss at its paper's β, seeds {cfg['seeds']}, "
              f"{cfg['threads']} CPU thread. Measures from `posttrain.eval.preservation`: identity rate on "
              f"{b['identity_n']} held-out identity phrasings, identity leak on {b['control_n']} unrelated control "
              "prompts, and Δ = change of the per-token log-likelihood of the base model's own control answers "
-             "(nats; 0 = unchanged). ± is one standard error (binomial for rates, over prompts for Δ).\n",
-             "| model | identity rate | identity leak on control prompts | control Δ log-lik/token | "
-             "train loss first → last | train s |", "|---|---|---|---|---|---|",
-             f"| base | {b['identity_rate']:.2f} ± {b['identity_se']:.2f} | {b['control_identity_rate']:.2f} ± "
-             f"{b['control_identity_se']:.2f} | {b['control_logp_delta']:+.3f} | | |"]
+             "(nats; 0 = unchanged). ± is one standard error (binomial for rates, over prompts for Δ).\n"),
+             ("| model | identity rate | identity leak on control prompts | control Δ log-lik/token | "
+             "train loss first → last | train s |"), "|---|---|---|---|---|---|",
+             (f"| base | {b['identity_rate']:.2f} ± {b['identity_se']:.2f} | {b['control_identity_rate']:.2f} ± "
+             f"{b['control_identity_se']:.2f} | {b['control_logp_delta']:+.3f} | | |")]
     for key, r in results["runs"].items():
         lines.append(f"| {key} | {r['identity_rate']:.2f} ± {r['identity_se']:.2f} | {r['control_identity_rate']:.2f} ± "
                      f"{r['control_identity_se']:.2f} | {r['control_logp_delta']:+.3f} ± {r['control_logp_delta_se']:.3f} | "

@@ -211,7 +211,7 @@ def random_batch(P=4, G=2, T=6, seed=0):
 @pytest.mark.parametrize("name", ["gspo", "rloo", "sapo", "dppo_tv", "dppo_kl"])
 def test_micro_batches_with_global_counts_equal_full_batch(name):
     base, old, ref, adv, mask = random_batch()
-    kw = dict(group_size=2, max_length=6, kl_coef=0.05, ref_logps=None)
+    kw = {"group_size": 2, "max_length": 6, "kl_coef": 0.05, "ref_logps": None}
 
     def run(rows, counts):
         theta = base.clone().requires_grad_()

@@ -5,10 +5,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from posttrain.losses.dpo import (
-    DEFAULT_BETA, DPO_LOSSES, REFERENCE_FREE, dpo_loss, ipo_length_averaged_loss, ipo_loss, log_odds, orpo_loss,
+    DEFAULT_BETA,
+    DPO_LOSSES,
+    REFERENCE_FREE,
+    dpo_loss,
+    ipo_length_averaged_loss,
+    ipo_loss,
+    log_odds,
+    orpo_loss,
     simpo_loss,
 )
 from posttrain.losses.kto import kto_loss, kto_reference_point

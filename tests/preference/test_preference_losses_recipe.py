@@ -15,7 +15,11 @@ import torch
 from posttrain.config import load_config
 from posttrain.data.formats import load_dataset_file, unpair_preference
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.preservation import answer_logps_per_token, control_reference, preservation
+from posttrain.eval.preservation import (
+    answer_logps_per_token,
+    control_reference,
+    preservation,
+)
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.recipes.dpo import DPOConfig
 from posttrain.recipes.dpo import run as run_dpo
@@ -56,8 +60,8 @@ def _metrics(folder):
     return read_metrics(Path(folder) / "metrics.jsonl")
 
 
-COMMON = dict(model="tiny", max_steps=3, lr=1e-3, max_length=96, progress=False, tensorboard=False,
-              max_grad_norm=0.0)
+COMMON = {"model": "tiny", "max_steps": 3, "lr": 1e-3, "max_length": 96, "progress": False, "tensorboard": False,
+              "max_grad_norm": 0.0}
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo", "ipo_avg"])
@@ -93,9 +97,15 @@ def test_simpo_first_step_value_and_default_beta(tmp_path):
                                            "tensorboard=false", f"output_dir={tmp_path / 'run'}"])
     assert config.beta == 2.0 and config.simpo_gamma_beta_ratio == 0.5
     run_dpo(config)
-    first = [r for r in _metrics(tmp_path / "run") if "train/loss" in r][0]
+    first = next(r for r in _metrics(tmp_path / "run") if "train/loss" in r)
     from posttrain.models.forward import TokenLogps
-    from posttrain.recipes.dpo import encode_pairs, pair_sequences, sequence_batch, sequence_logps, target_count
+    from posttrain.recipes.dpo import (
+        encode_pairs,
+        pair_sequences,
+        sequence_batch,
+        sequence_logps,
+        target_count,
+    )
 
     tok = tiny_tokenizer()
     policy = tiny_model(seed=0)  # what model=tiny loads
@@ -119,7 +129,7 @@ def test_kto_recipe_is_exact_under_micro_batching_and_reads_pairs(tmp_path):
         finals.append(_weights(run_kto(config)["final_dir"]))
         assert _metrics(tmp_path / name)[0]["data/examples"] == 24  # 12 pairs → 24 unpaired rows
     _same_run(tmp_path, finals)
-    first = [r for r in _metrics(tmp_path / "one") if "train/loss" in r][0]
+    first = next(r for r in _metrics(tmp_path / "one") if "train/loss" in r)
     # step 1: π_θ = π_ref, so r = 0 for every example and z_0 = 0: the loss is exactly λ/2 = 0.5
     assert first["train/loss"] == pytest.approx(0.5, abs=1e-6) and first["train/kl"] == 0.0
 
@@ -130,13 +140,13 @@ def test_kto_two_processes_equal_one_process(tmp_path):
             "tensorboard=false", "max_grad_norm=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "posttrain.cli", "kto", *args, "micro_batch_size=4",
-                          "grad_accum_steps=2", f"output_dir={tmp_path / 'one'}"], cwd=ROOT, env=env,
+                          "grad_accum_steps=2", f"output_dir={tmp_path / 'one'}"], cwd=ROOT, env=env, check=False,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29561", "-m", "posttrain.cli", "kto",
                           *args, "micro_batch_size=4", "grad_accum_steps=1", f"output_dir={tmp_path / 'two'}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
     for k in a:
@@ -171,7 +181,8 @@ def test_unpaired_data_reader_and_errors(tmp_path):
     assert pairs[1]["completion"] == _rows(2)[0]["rejected"]
     # the CLI exits with status 2 and writes nothing
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "kto", f"train_file={bad}", "model=tiny",
-                          f"output_dir={tmp_path / 'never'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          f"output_dir={tmp_path / 'never'}"], cwd=ROOT, check=False, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 2 and "column 'label'" in out.stderr and not (tmp_path / "never").exists()
 
 

@@ -23,9 +23,9 @@ def letters(monkeypatch):
 def _config(tmp_path, name, **kw):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something #{i}"}) + "\n" for i in range(8)))
-    base = dict(train_file=str(prompts), model="tiny", rewards=["letters"], output_dir=str(tmp_path / name),
-                num_generations=8, prompts_per_step=4, max_new_tokens=8, lr=2e-3, max_steps=1, updates_per_batch=2,
-                max_grad_norm=0.0, progress=False, tensorboard=False, seed=0, eval_size=0)
+    base = {"train_file": str(prompts), "model": "tiny", "rewards": ["letters"], "output_dir": str(tmp_path / name),
+                "num_generations": 8, "prompts_per_step": 4, "max_new_tokens": 8, "lr": 2e-3, "max_steps": 1, "updates_per_batch": 2,
+                "max_grad_norm": 0.0, "progress": False, "tensorboard": False, "seed": 0, "eval_size": 0}
     base.update(kw)
     return GRPOConfig(**base)
 
@@ -44,8 +44,8 @@ def test_micro_batching_does_not_change_the_update(tmp_path, letters, loss):
     wa, wb = _weights(a["final_dir"]), _weights(b["final_dir"])
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
-    ra = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r][0]
-    rb = [r for r in read_metrics(tmp_path / "micro" / "metrics.jsonl") if "loss" in r][0]
+    ra = next(r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r)
+    rb = next(r for r in read_metrics(tmp_path / "micro" / "metrics.jsonl") if "loss" in r)
     assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
     assert ra["ratio/max"] != 1.0 or ra["ratio/min"] != 1.0  # the second pass was off-policy
 

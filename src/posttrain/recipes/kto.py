@@ -33,13 +33,29 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.losses.kto import kto_loss, kto_reference_point
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
-from posttrain.recipes.dpo import Example, reference_logps_fn, sequence_batch, sequence_logps
+from posttrain.recipes.dpo import (
+    Example,
+    reference_logps_fn,
+    sequence_batch,
+    sequence_logps,
+)
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
+from posttrain.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    no_sync,
+    run_distributed,
+    wrap_ddp,
+)
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
+    Progress,
+    prepare_model,
+    restore_training_state,
+    save_final,
+    save_training_checkpoint,
+    seed_everything,
 )
 
 

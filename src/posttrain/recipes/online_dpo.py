@@ -34,7 +34,13 @@ from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.rl import (
-    PromptPool, PromptSource, SequenceBatch, StageTimer, build_rewards, compute_rewards, rollout_batch,
+    PromptPool,
+    PromptSource,
+    SequenceBatch,
+    StageTimer,
+    build_rewards,
+    compute_rewards,
+    rollout_batch,
 )
 from posttrain.train.state import Progress, prepare_model, save_final, seed_everything
 
