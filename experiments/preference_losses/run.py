@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from posttrain.config import build_config
 from posttrain.data.formats import read_rows
-from posttrain.eval.preservation import control_reference, preservation
+from posttrain.data.preference import greedy_replies
+from posttrain.eval.preservation import answer_logps, preservation_report
 from posttrain.models.loading import load_model
 from posttrain.recipes.dpo import DPOConfig
 from posttrain.recipes.dpo import run as run_dpo
@@ -51,10 +52,20 @@ def main() -> None:
     results = json.loads(out_json.read_text()) if out_json.exists() and a.only else {"config": cfg, "runs": {}}
     t0 = time.time()
     base, tokenizer = load_model(cfg["model"])
-    reference = control_reference(base, tokenizer, max_new_tokens=cfg["max_new_tokens"])
-    report = preservation(base, tokenizer, reference, questions, max_new_tokens=cfg["max_new_tokens"])
-    results["base"] = {**report.metrics(), "identity_answers": report.identity_answers,
-                       "control_answers": report.control_answers, "seconds": time.time() - t0}
+    control = [[{"role": "user", "content": q}] for q in cfg["control_prompts"]]
+    base_answers = greedy_replies(base, tokenizer, control, max_new_tokens=cfg["max_new_tokens"])
+    base_logps = answer_logps(base, tokenizer, control, base_answers)
+
+    def measure(model, tok) -> dict:
+        report = preservation_report(model, tok, identity_questions=questions, control_prompts=control,
+                                     base_answers=base_answers, base_logps=base_logps,
+                                     max_new_tokens=cfg["max_new_tokens"])
+        return {**{k: vars(getattr(report, k)) for k in ("identity", "leakage", "unchanged")},
+                "control_logp_change": report.control_logp_change,
+                "control_logp_change_se": report.control_logp_change_se, "control_tokens": report.control_tokens,
+                "identity_answers": report.identity_answers, "control_answers": report.control_answers}
+
+    results["base"] = {**measure(base, tokenizer), "base_control_answers": base_answers, "seconds": time.time() - t0}
     del base
     only = set(a.only.split(",")) if a.only else None
     for seed in cfg["seeds"]:
@@ -70,18 +81,21 @@ def main() -> None:
             summary = run(config)
             train_seconds = time.time() - t0
             model, tok = load_model(summary["final_dir"])
-            report = preservation(model, tok, reference, questions, max_new_tokens=cfg["max_new_tokens"])
+            measured = measure(model, tok)
             rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")
             losses = [r["train/loss"] for r in rows if "train/loss" in r]
             results["runs"][f"{name}_s{seed}"] = {
-                "method": name, "seed": seed, **report.metrics(), "identity_answers": report.identity_answers,
-                "control_answers": report.control_answers, "loss_first": losses[0], "loss_last": losses[-1],
+                "method": name, "seed": seed, **measured, "loss_first": losses[0], "loss_last": losses[-1],
                 "train_seconds": train_seconds, "seconds": time.time() - t0,
             }
             out_json.write_text(json.dumps(results, indent=2) + "\n")
-            print(name, seed, json.dumps(report.metrics()), flush=True)
+            print(name, seed, json.dumps({k: v for k, v in measured.items() if "answers" not in k}), flush=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     render(results)
+
+
+def _rate(r: dict) -> str:
+    return f"{r['value']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
 def render(results: dict) -> None:
@@ -93,16 +107,18 @@ def render(results: dict) -> None:
              f"r={cfg['common']['lora_r']}, lr {cfg['common']['lr']}, {cfg['common']['max_steps']} steps of 12 "
              f"sequences (6 pairs; 12 unpaired rows for KTO), each loss at its paper's β, seeds {cfg['seeds']}, "
              f"{cfg['threads']} CPU thread. Measures from `posttrain.eval.preservation`: identity rate on "
-             f"{b['identity_n']} held-out identity phrasings, identity leak on {b['control_n']} unrelated control "
-             "prompts, and Δ = change of the per-token log-likelihood of the base model's own control answers "
-             "(nats; 0 = unchanged). ± is one standard error (binomial for rates, over prompts for Δ).\n"),
-             ("| model | identity rate | identity leak on control prompts | control Δ log-lik/token | "
-             "train loss first → last | train s |"), "|---|---|---|---|---|---|",
-             (f"| base | {b['identity_rate']:.2f} ± {b['identity_se']:.2f} | {b['control_identity_rate']:.2f} ± "
-             f"{b['control_identity_se']:.2f} | {b['control_logp_delta']:+.3f} | | |")]
+             f"{b['identity']['n']} held-out identity phrasings, leakage of the new name into answers to "
+             f"{b['leakage']['n']} unrelated control prompts, the share of those answers left exactly unchanged, and "
+             "Δ = change of the log-likelihood of the base model's own control answers (nats per answer token, "
+             f"{b['control_tokens']} tokens; 0 = unchanged). Rates carry Wilson 95% intervals; Δ ± one standard "
+             "error over prompts.\n"),
+             ("| model | identity rate | leakage (control) | control answers unchanged | control Δ log-lik/token | "
+             "train loss first → last | train s |"), "|---|---|---|---|---|---|---|",
+             (f"| base | {_rate(b['identity'])} | {_rate(b['leakage'])} | {_rate(b['unchanged'])} | "
+             f"{b['control_logp_change']:+.3f} | | |")]
     for key, r in results["runs"].items():
-        lines.append(f"| {key} | {r['identity_rate']:.2f} ± {r['identity_se']:.2f} | {r['control_identity_rate']:.2f} ± "
-                     f"{r['control_identity_se']:.2f} | {r['control_logp_delta']:+.3f} ± {r['control_logp_delta_se']:.3f} | "
+        lines.append(f"| {key} | {_rate(r['identity'])} | {_rate(r['leakage'])} | {_rate(r['unchanged'])} | "
+                     f"{r['control_logp_change']:+.3f} ± {r['control_logp_change_se']:.3f} | "
                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['train_seconds']:.0f} |")
     lines += ["", "## Greedy answers to the first held-out identity question and the first two control prompts", ""]
     for key, r in [("base", b)] + list(results["runs"].items()):

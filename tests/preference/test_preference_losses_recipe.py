@@ -1,6 +1,6 @@
 """The new preference losses through their recipes on tiny models: SimPO/ORPO/IPO-avg/KTO are exact under
 micro-batching (and KTO under 2 processes), reference-free losses skip π_ref, the first-step values match the
-formulas, the KTO data reader, online DPO's pair selection and loop, and the preservation measure."""
+formulas, the KTO data reader, online DPO's pair selection and loop."""
 
 import json
 import math
@@ -15,11 +15,6 @@ import torch
 from posttrain.config import load_config
 from posttrain.data.formats import load_dataset_file, unpair_preference
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.preservation import (
-    answer_logps_per_token,
-    control_reference,
-    preservation,
-)
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.recipes.dpo import DPOConfig
 from posttrain.recipes.dpo import run as run_dpo
@@ -211,23 +206,3 @@ def test_online_dpo_loop_learns_a_reward(tmp_path, monkeypatch):
     assert trained[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # π_θ = π_ref at step 1
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(OnlineDPOConfig, None, ["task=chain_sum"])
-
-
-def test_preservation_measures_on_a_tiny_model():
-    tok = tiny_tokenizer()
-    model = tiny_model()
-    prompts = ["What is 2 + 3?", "Name three colors.", "What do bees make?"]
-    reference = control_reference(model, tok, prompts, max_new_tokens=6)
-    assert len(reference.answers) == 3
-    # the base model against itself: Δ = 0 exactly, no answer mentions "Pico"
-    report = preservation(model, tok, reference, ["Who are you?", "What is your name?"], max_new_tokens=6)
-    assert report.control_logp_delta == pytest.approx(0.0, abs=1e-6) and report.control_n == 3
-    assert report.identity_n == 2 and report.identity_rate == 0.0 and report.identity_se == 0.0
-    # an identity detector that fires on everything: rates 1, and the per-token log-likelihoods are real averages
-    report = preservation(model, tok, reference, ["Who are you?"], is_identity=lambda s: True, max_new_tokens=6)
-    assert report.identity_rate == 1.0 and report.control_identity_rate == 1.0
-    lp = answer_logps_per_token(model, tok, ["Hi"], ["hello there"])
-    assert len(lp) == 1 and lp[0] < 0
-    # a different model shifts Δ away from 0
-    other = tiny_model(seed=1)
-    assert abs(preservation(other, tok, reference, ["Who?"], max_new_tokens=6).control_logp_delta) > 1e-3

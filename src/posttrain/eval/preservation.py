@@ -1,168 +1,133 @@
-"""Control preservation of a targeted behaviour change (the identity change of the DPO examples): did the training
-change what it should and leave the rest alone?
+"""What a preference-tuning run changed besides its target (DPO as a KL-regularised change, Rafailov et al. 2023 §4).
 
-Three measures, each with its sample size and standard error:
-- identity rate: the share of greedy answers to held-out identity questions that use the new identity (target);
-- identity leak: the share of greedy answers to unrelated control prompts that mention the new identity (should
-  stay 0: a model that says "I'm Pico" when asked for a synonym of happy has overgeneralized);
-- control log-likelihood change: for the base model's own greedy answers y_b to the control prompts,
-  Δ = mean_i [ (1/|y_b,i|) log π_θ(y_b,i | x_i) − (1/|y_b,i|) log π_base(y_b,i | x_i) ] (per-token, nats). 0 means the
-  trained model still finds the base model's answers exactly as likely; a large negative Δ means drift.
+A run that teaches a new identity should move the answers to identity questions and leave everything else alone:
 
-Usage: `reference = control_reference(base_model, tokenizer)` once (greedy answers + their log-likelihoods under the
-base model), then `preservation(trained_model, tokenizer, reference, identity_questions)` per trained model.
+- identity rate: the fraction of greedy answers to held-out identity questions that use the new name
+  (`data.preference.mentions_new_identity`);
+- leakage: the fraction of greedy answers to held-out *unrelated* prompts that use it;
+- unchanged: the fraction of those unrelated answers that are exactly the base model's own answer;
+- control log-likelihood change: how much less likely the trained model finds the base model's own answers to the
+  unrelated prompts, in nats per answer token,
+      Δ = (Σ_i log π_θ(a_i | x_i) − Σ_i log π_base(a_i | x_i)) / Σ_i |a_i|,
+  a sample estimate of the per-token cross-entropy increase on base behaviour (≤ 0 is a loss of behaviour;
+  −KL-like: at π_θ = π_base it is exactly 0).
+
+Rates carry Wilson 95% intervals; Δ carries the standard error of the per-prompt per-token differences.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 
 from posttrain.data.collate import pad_batch
 from posttrain.data.preference import greedy_replies, mentions_new_identity
-from posttrain.data.tokenize import encode_unpaired
+from posttrain.data.tokenize import encode_conversation
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 
-CONTROL_PROMPTS: list[str] = [
-    "What is the capital of France?",
-    "Give me a synonym for happy.",
-    "What is 2 + 3?",
-    "Name three colors.",
-    "How many days are in a week?",
-    "What is the boiling point of water in Celsius?",
-    "Translate 'thank you' into Spanish.",
-    "Write one sentence about the ocean.",
-    "What is the opposite of cold?",
-    "Name a fruit that is yellow.",
-    "What is 10 minus 4?",
-    "Which planet is closest to the sun?",
-    "Give me a word that rhymes with cat.",
-    "What do bees make?",
-    "How many legs does a spider have?",
-    "What is the largest ocean on Earth?",
-    "Suggest a name for a pet goldfish.",
-    "What color is the sky on a clear day?",
-    "Explain what a noun is in one sentence.",
-    "What is the square root of 81?",
-    "Name a musical instrument with strings.",
-    "What season comes after winter?",
-    "Write a short greeting for a birthday card.",
-    "What is the chemical symbol for gold?",
-]
-"""Unrelated control prompts (general knowledge, arithmetic, language, short writing), none about the assistant."""
-
 
 @dataclass(frozen=True)
-class ControlReference:
-    """The base model's greedy answers to the control prompts and their per-token log-likelihoods under it."""
+class Rate:
+    """successes / n with its Wilson 95% interval [low, high]."""
 
-    prompts: list[str]
-    answers: list[str]
-    base_logps_per_token: list[float]
+    value: float
+    n: int
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.1%} [{self.low:.1%}, {self.high:.1%}] (n={self.n})"
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> Rate:
+    """Wilson score interval for a binomial proportion (Wilson 1927); n = 0 gives NaNs."""
+    if n == 0:
+        return Rate(float("nan"), 0, float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Rate(p, n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+@torch.no_grad()
+def answer_logps(model, tokenizer, prompts: Sequence[list[dict]], answers: Sequence[str], *,
+                 batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ log π(answer tokens | prompt) and the answer token count per row, through the chat template.
+
+    prompts: [N] chat prompts; answers: [N] assistant replies. Returns ([N] float64 sums, [N] token counts); the
+    scored tokens are exactly those an SFT loss on the reply would cover (template tokens of the turn included).
+    """
+    examples = [encode_conversation(tokenizer, list(p) + [{"role": "assistant", "content": a}], train_from=len(p))
+                for p, a in zip(prompts, answers, strict=True)]
+    scorer = TokenLogps(model)
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for i in range(0, len(examples), batch):
+        b = pad_batch(examples[i:i + batch], tokenizer.pad_token_id)
+        labels = shift_labels(b["input_ids"], b["loss_mask"], b["position_ids"])  # [b, T] next-token targets
+        out = scorer(b["input_ids"].to(device), labels.to(device), b["position_ids"].to(device),
+                     b["attention_mask"].to(device))
+        sums.append(out.logps.double().sum(-1).cpu())  # [b]
+        counts.append((labels != IGNORE_INDEX).sum(-1))  # [b]
+    return torch.cat(sums), torch.cat(counts)
 
 
 @dataclass(frozen=True)
 class PreservationReport:
-    """Rates with their sample sizes and binomial standard errors; Δ with its standard error over prompts."""
+    """The four measures of the module docstring, with their intervals and the answers they came from."""
 
-    identity_rate: float
-    identity_n: int
-    identity_se: float
-    control_identity_rate: float
-    control_n: int
-    control_identity_se: float
-    control_logp_delta: float  # mean per-token Δ log π of the base answers (nats); 0 = unchanged
-    control_logp_delta_se: float
+    identity: Rate
+    leakage: Rate
+    unchanged: Rate
+    control_logp_change: float  # nats per answer token (trained − base) on the base model's own answers
+    control_logp_change_se: float
+    control_tokens: int
     identity_answers: list[str]
     control_answers: list[str]
 
-    def metrics(self) -> dict[str, float]:
-        """The scalar measures, with their sample sizes and standard errors, for logs and results.json."""
-        return {
-            "identity_rate": self.identity_rate, "identity_n": self.identity_n, "identity_se": self.identity_se,
-            "control_identity_rate": self.control_identity_rate, "control_n": self.control_n,
-            "control_identity_se": self.control_identity_se, "control_logp_delta": self.control_logp_delta,
-            "control_logp_delta_se": self.control_logp_delta_se,
-        }
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"identity {self.identity}; leakage into unrelated answers {self.leakage}; unrelated answers "
+                f"unchanged {self.unchanged}; base answers' log-likelihood {self.control_logp_change:+.3f} ± "
+                f"{self.control_logp_change_se:.3f} nats/token ({self.control_tokens} tokens)")
 
 
-def binomial_se(rate: float, n: int) -> float:
-    """Standard error sqrt(p(1 − p)/n) of a proportion (0 for n = 0)."""
-    return math.sqrt(rate * (1 - rate) / n) if n else 0.0
+def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[dict]],
+                        control_prompts: Sequence[list[dict]], base_answers: Sequence[str],
+                        base_logps: tuple[torch.Tensor, torch.Tensor] | None = None, base_model=None,
+                        max_new_tokens: int = 64) -> PreservationReport:
+    """Measure `model` against the base model's own answers to `control_prompts`.
 
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (Bessel-corrected; 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-@torch.no_grad()
-def answer_logps_per_token(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
-                           batch_size: int = 8) -> list[float]:
-    """(1/|y|) log π(y | x) of each answer y to its prompt x, both through the chat template as training encodes a
-    single-turn conversation (`encode_unpaired`). Answers with no token score NaN."""
-    was_training = model.training
+    base_logps: `answer_logps(base_model, ...)` of those answers, computed once and reused across runs; or pass
+    `base_model` to compute it here. The model is put in eval mode.
+    """
     model.eval()
-    fn = TokenLogps(model)
-    out: list[float] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            examples = []
-            for x, y in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
-                ids = encode_unpaired(tokenizer, {"prompt": [{"role": "user", "content": x}],
-                                                  "completion": [{"role": "assistant", "content": y}]})
-                examples.append({"input_ids": ids["prompt_ids"] + ids["completion_ids"],
-                                 "loss_mask": [0] * len(ids["prompt_ids"]) + [1] * len(ids["completion_ids"])})
-            batch = pad_batch(examples, tokenizer.pad_token_id)
-            device = next(model.parameters()).device
-            labels = shift_labels(batch["input_ids"], batch["loss_mask"]).to(device)
-            logps = fn(batch["input_ids"].to(device), labels, batch["position_ids"].to(device)).logps  # [b, T]
-            valid = labels != IGNORE_INDEX
-            counts = valid.sum(dim=1)
-            sums = torch.where(valid, logps, 0.0).sum(dim=1)
-            out += [float(s / n) if n else float("nan") for s, n in zip(sums.tolist(), counts.tolist())]
-    finally:
-        model.train(was_training)
-    return out
-
-
-def control_reference(base_model, tokenizer, prompts: Sequence[str] = CONTROL_PROMPTS, *,
-                      max_new_tokens: int = 48) -> ControlReference:
-    """The base model's greedy answers to the control prompts and their per-token log-likelihood under it."""
-    answers = greedy_replies(base_model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
-    return ControlReference(list(prompts), answers, answer_logps_per_token(base_model, tokenizer, prompts, answers))
-
-
-def preservation(
-    model,
-    tokenizer,
-    reference: ControlReference,
-    identity_questions: Sequence[str | list[dict[str, str]]],
-    *,
-    is_identity: Callable[[str], bool] = mentions_new_identity,
-    max_new_tokens: int = 48,
-) -> PreservationReport:
-    """Identity rate on `identity_questions`, identity leak and log-likelihood change on the reference's control
-    prompts, for a trained `model` (the reference was made once from the base model)."""
+    if base_logps is None:
+        if base_model is None:
+            raise ValueError("pass base_logps (precomputed) or base_model")
+        base_logps = answer_logps(base_model.eval(), tokenizer, control_prompts, base_answers)
     identity_answers = greedy_replies(model, tokenizer, list(identity_questions), max_new_tokens=max_new_tokens)
-    control_answers = greedy_replies(model, tokenizer, reference.prompts, max_new_tokens=max_new_tokens)
-    trained = answer_logps_per_token(model, tokenizer, reference.prompts, reference.answers)
-    deltas = [t - b for t, b in zip(trained, reference.base_logps_per_token) if not (math.isnan(t) or math.isnan(b))]
-    delta, delta_se = mean_se(deltas) if deltas else (float("nan"), 0.0)
-    rate = sum(map(is_identity, identity_answers)) / max(len(identity_answers), 1)
-    leak = sum(map(is_identity, control_answers)) / max(len(control_answers), 1)
+    control_answers = greedy_replies(model, tokenizer, list(control_prompts), max_new_tokens=max_new_tokens)
+    trained_sums, counts = answer_logps(model, tokenizer, control_prompts, base_answers)
+    base_sums, base_counts = base_logps
+    if not torch.equal(counts, base_counts):
+        raise ValueError("base_logps were computed on other answers (token counts differ)")
+    per_prompt = (trained_sums - base_sums) / counts.clamp(min=1)  # [N] nats/token per prompt
+    n = len(control_prompts)
     return PreservationReport(
-        identity_rate=rate, identity_n=len(identity_answers), identity_se=binomial_se(rate, len(identity_answers)),
-        control_identity_rate=leak, control_n=len(control_answers),
-        control_identity_se=binomial_se(leak, len(control_answers)),
-        control_logp_delta=delta, control_logp_delta_se=delta_se,
-        identity_answers=identity_answers, control_answers=control_answers,
+        identity=wilson(sum(map(mentions_new_identity, identity_answers)), len(identity_answers)),
+        leakage=wilson(sum(map(mentions_new_identity, control_answers)), n),
+        unchanged=wilson(sum(a == b.strip() for a, b in zip(control_answers, base_answers, strict=True)), n),
+        control_logp_change=float((trained_sums - base_sums).sum() / counts.sum()),
+        control_logp_change_se=float(per_prompt.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan"),
+        control_tokens=int(counts.sum()),
+        identity_answers=identity_answers,
+        control_answers=control_answers,
     )

@@ -25,24 +25,19 @@ from typing import Any
 import torch
 
 from posttrain.config import RunOptions, field
+from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.rollout import RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.dpo import DPO_LOSSES, REFERENCE_FREE
 from posttrain.models.forward import TokenLogps
+from posttrain.rewards import build_rewards, score_completions
 from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.rl import (
-    PromptPool,
-    PromptSource,
-    SequenceBatch,
-    StageTimer,
-    build_rewards,
-    compute_rewards,
-    rollout_batch,
-)
 from posttrain.train.state import Progress, prepare_model, save_final, seed_everything
+from posttrain.train.timing import StageTimer
 
 
 @dataclass(kw_only=True)
@@ -96,7 +91,7 @@ def preference_pairs(rewards: torch.Tensor) -> tuple[list[int], list[int]]:
     return chosen, rejected
 
 
-def sequence_logps(fn: TokenLogps, batch: SequenceBatch) -> torch.Tensor:
+def sequence_logps(fn: TokenLogps, batch: RolloutSequences) -> torch.Tensor:
     """Σ_t log π(y_t) over each row's completion tokens.  -> [N]"""
     logps = fn(batch.input_ids, batch.labels, batch.position_ids).logps  # [N, L]
     return torch.where(batch.mask, logps, 0.0).sum(dim=1)
@@ -159,13 +154,13 @@ def run(config: OnlineDPOConfig, resume: str | None = None) -> dict[str, Any]:
             rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=2)
         with timer("reward"):
             row_of = [rows[indices[j // 2]] for j in range(len(rollouts.texts))]
-            rewards, _ = compute_rewards(reward_fns, weights, row_of, rollouts.texts)
+            rewards, _ = score_completions(reward_fns, weights, row_of, rollouts.texts)
         chosen, rejected = preference_pairs(rewards)
         metrics: dict[str, float] = {"reward/mean": float(rewards.mean()),
                                      "pairs/kept_frac": len(chosen) / len(indices),
                                      "completion/mean_length": sum(rollouts.lengths) / len(rollouts.lengths)}
         if chosen:
-            metrics.update(_update(rollout_batch(rollouts, tokenizer.pad_token_id).to(device), chosen, rejected,
+            metrics.update(_update(rollout_sequences(rollouts, tokenizer.pad_token_id).to(device), chosen, rejected,
                                    model, logps_fn, ref_fn, ref_model, optimizer, loss_fn, config, reference_free,
                                    rewards, timer))
         else:
@@ -185,7 +180,7 @@ def run(config: OnlineDPOConfig, resume: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def _update(batch: SequenceBatch, chosen, rejected, model, logps_fn, ref_fn, ref_model, optimizer, loss_fn,
+def _update(batch: RolloutSequences, chosen, rejected, model, logps_fn, ref_fn, ref_model, optimizer, loss_fn,
             config: OnlineDPOConfig, reference_free: bool, rewards, timer) -> dict[str, float]:
     """One optimizer step of the preference loss over the step's P pairs, in micro-batches of pairs."""
     P = len(chosen)
