@@ -206,3 +206,23 @@ def test_online_dpo_loop_learns_a_reward(tmp_path, monkeypatch):
     assert trained[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # π_θ = π_ref at step 1
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(OnlineDPOConfig, None, ["task=chain_sum"])
+
+
+def test_online_dpo_with_a_saved_reward_model(tmp_path):
+    """reward_model= a `posttrain reward`-style folder: every kept pair's chosen answer scores higher under it."""
+    from posttrain.models.reward_model import build_reward_model
+
+    rm, rm_tok = build_reward_model("tiny")
+    with torch.no_grad():
+        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(8)])
+    config = OnlineDPOConfig(train_file=str(prompts), model="tiny", reward_model=str(tmp_path / "rm"), max_steps=2,
+                             prompts_per_step=4, max_new_tokens=6, lr=1e-3, output_dir=str(tmp_path / "run"),
+                             progress=False, tensorboard=False, eval_size=0)
+    config.validate()
+    run_online(config)
+    rows = [r for r in _metrics(tmp_path / "run") if "reward/chosen_mean" in r]
+    assert rows and all(r["reward/chosen_mean"] > r["reward/rejected_mean"] for r in rows)
+    assert all(r["pairs/kept_frac"] == 1.0 for r in rows)  # a real-valued judge never ties
