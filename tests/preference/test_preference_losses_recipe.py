@@ -177,7 +177,7 @@ def test_unpaired_data_reader_and_errors(tmp_path):
     # the CLI exits with status 2 and writes nothing
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "kto", f"train_file={bad}", "model=tiny",
                           f"output_dir={tmp_path / 'never'}"], cwd=ROOT, check=False, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=300)
     assert out.returncode == 2 and "column 'label'" in out.stderr and not (tmp_path / "never").exists()
 
 
