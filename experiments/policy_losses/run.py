@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--base", action="store_true", help="only evaluate the base model")
     p.add_argument("--render", action="store_true", help="only collect the finished runs into results.*")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the config's seeds")
     a = p.parse_args()
     spec = yaml.safe_load(Path(a.config).read_text())
     root = ROOT / spec["run_root"]
@@ -76,7 +77,7 @@ def main() -> None:
         print("base", acc, n, flush=True)
     if a.only or everything:
         names = a.only.split(",") if a.only else list(spec["variants"])
-        for seed in spec["seeds"]:
+        for seed in a.seeds if a.seeds is not None else spec["seeds"]:
             for name in names:
                 out_dir = root / f"{name}_s{seed}"
                 values = {**spec["common"], **spec["variants"][name], "seed": seed, "progress": False,
