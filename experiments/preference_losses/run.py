@@ -42,18 +42,24 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma list of methods (default: all)")
     p.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
     a = p.parse_args()
-    out_json = HERE / "results.json"
+    main_json = HERE / "results.json"
     if a.render:
-        render(json.loads(out_json.read_text()))
+        render(merged())
         return
+    # a run limited by --only writes its own file, so parallel shells do not overwrite each other's runs
+    out_json = HERE / ("results_" + a.only.replace(",", "_") + ".json") if a.only else main_json
     cfg = yaml.safe_load(Path(a.config).read_text())
     torch.set_num_threads(cfg["threads"])
     questions = [r["prompt"] for r in read_rows(ROOT / cfg["heldout_file"])]
-    results = json.loads(out_json.read_text()) if out_json.exists() and a.only else {"config": cfg, "runs": {}}
+    results = {"config": cfg, "runs": {}}
     t0 = time.time()
     base, tokenizer = load_model(cfg["model"])
     control = [[{"role": "user", "content": q}] for q in cfg["control_prompts"]]
-    base_answers = greedy_replies(base, tokenizer, control, max_new_tokens=cfg["max_new_tokens"])
+    earlier = json.loads(main_json.read_text()) if main_json.exists() else None
+    if earlier and earlier.get("base", {}).get("base_control_answers") and earlier["config"] == cfg:
+        base_answers = earlier["base"]["base_control_answers"]  # the base model's greedy answers, measured once
+    else:
+        base_answers = greedy_replies(base, tokenizer, control, max_new_tokens=cfg["max_new_tokens"])
     base_logps = answer_logps(base, tokenizer, control, base_answers)
 
     def measure(model, tok) -> dict:
@@ -65,7 +71,11 @@ def main() -> None:
                 "control_logp_change_se": report.control_logp_change_se, "control_tokens": report.control_tokens,
                 "identity_answers": report.identity_answers, "control_answers": report.control_answers}
 
-    results["base"] = {**measure(base, tokenizer), "base_control_answers": base_answers, "seconds": time.time() - t0}
+    if earlier and earlier.get("base", {}).get("base_control_answers") == base_answers:
+        results["base"] = earlier["base"]
+    else:
+        results["base"] = {**measure(base, tokenizer), "base_control_answers": base_answers,
+                           "seconds": time.time() - t0}
     del base
     only = set(a.only.split(",")) if a.only else None
     for seed in cfg["seeds"]:
@@ -91,7 +101,15 @@ def main() -> None:
             out_json.write_text(json.dumps(results, indent=2) + "\n")
             print(name, seed, json.dumps({k: v for k, v in measured.items() if "answers" not in k}), flush=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
-    render(results)
+    render(merged())
+
+
+def merged() -> dict:
+    """results.json plus the runs of any results_<methods>.json written by --only shells."""
+    results = json.loads((HERE / "results.json").read_text())
+    for extra in sorted(HERE.glob("results_*.json")):
+        results["runs"].update(json.loads(extra.read_text())["runs"])
+    return results
 
 
 def _rate(r: dict) -> str:

@@ -40,23 +40,18 @@ from posttrain.recipes.dpo import (
     sequence_logps,
 )
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import (
-    all_reduce_sum,
-    barrier,
-    no_sync,
-    run_distributed,
-    wrap_ddp,
-)
+from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress,
-    prepare_model,
-    restore_training_state,
-    save_final,
-    save_training_checkpoint,
-    seed_everything,
+from posttrain.train.parallel import clip_grad_norm, no_sync, parallelize
+from posttrain.train.sharded import (
+    check_resume_layout,
+    export_final,
+    resume_step,
+    save_step,
+    weights_checkpoint,
 )
+from posttrain.train.state import Progress, prepare_model, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -138,11 +133,13 @@ def run(config: KTOConfig, resume: str | None = None) -> dict[str, Any]:
 def _run(config: KTOConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
+    check_resume_layout(checkpoint, d)
     train_rows = load_unpaired(config.train_file)  # validated before a model is loaded or anything written
     eval_rows = load_unpaired(config.eval_file) if config.eval_file else None
     seed_everything(config.seed)
     model, tokenizer = prepare_model(config.model, device=d.device, **config.model_options(),
-                                     gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint)
+                                     gradient_checkpointing=config.gradient_checkpointing,
+                                     checkpoint=weights_checkpoint(checkpoint))
     examples, dropped = encode_examples(train_rows, tokenizer, config.max_length, config.train_file)
     eval_examples = encode_examples(eval_rows, tokenizer, config.max_length, config.eval_file)[0] if eval_rows else []
     pad_id = tokenizer.pad_token_id
@@ -153,13 +150,13 @@ def _run(config: KTOConfig, resume: str | None, d) -> dict[str, Any]:
     ref_model = None
     if kind == "copy":
         ref_model = load_model(config.model, dtype=config.dtype, device=d.device)[0].requires_grad_(False).eval()
-    logps_fn = wrap_ddp(TokenLogps(model, chunk_size=config.chunk_size), d)
+    logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 kind=config.lr_schedule)
     start_step = 0
     if checkpoint is not None:
-        start_step, _ = restore_training_state(checkpoint, optimizer, scheduler)
+        start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
 
     def seq_logps(fn, seqs: list[Example]) -> torch.Tensor:
         return sequence_logps(fn, sequence_batch(seqs, pad_id, pack_length=pack_length).to(d.device))
@@ -234,8 +231,7 @@ def _run(config: KTOConfig, resume: str | None, d) -> dict[str, Any]:
                 side = sums["chosen" if want else "rejected"]
                 side[0] += r
                 side[1] += 1
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+        grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -253,20 +249,17 @@ def _run(config: KTOConfig, resume: str | None, d) -> dict[str, Any]:
             t_last = now
         progress.update(loss=loss)
         if config.save_steps and done % config.save_steps == 0 and done != total_steps:
-            if d.is_main:
-                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                         scheduler=scheduler, keep_last=config.keep_last)
-            barrier(d)
+            save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      keep_last=config.keep_last)
     progress.close()
     if eval_examples:
         eval_metrics = evaluate()
         logger.log(total_steps, eval_metrics)
         summary.update(eval_metrics)
-    if d.is_main:
-        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, keep_last=config.keep_last)
-        save_final(model, tokenizer, out_dir / "final")
-    barrier(d)
+    save_step(out_dir, total_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+              keep_last=config.keep_last)
+    export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
     logger.close()
     summary["final_dir"] = str(out_dir / "final")
     return summary
