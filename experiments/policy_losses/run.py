@@ -134,7 +134,7 @@ def render(spec: dict, root: Path) -> None:
         sec, _ = mean_se([r["seconds_per_update"] for r in rs])
         lines.append(f"| {loss} | {len(rs)} | {acc:.3f} ± {acc_se:.3f} (n={rs[0]['n']}) | {delta} | {reward:.3f} | "
                      f"{clip:.3f} | {sec:.1f} |")
-    lines += ["", "Reading: at this size (one CPU shared by eight jobs) no difference between the losses is resolvable: "
+    lines += ["", ("Reading: at this size (one CPU shared by eight jobs) no difference between the losses is resolvable: "
               "two seeds of 4 steps each, and the accuracy of one run on 24 prompts has a standard error of ~0.1. "
               "Seed 0 moved every loss from 0.33 to 0.42-0.46, seed 1 left every loss at 0.33 (its rollouts drew "
               "fewer mixed-reward groups). With LoRA at lr 3e-5 the second pass barely moves token ratios, so the "
@@ -143,7 +143,7 @@ def render(spec: dict, root: Path) -> None:
               "here. s/update reflects the machine's load at the time of each run, not the loss "
               "(bench/results/policy_losses.md: every loss costs < 0.1 ms more or less than GRPO's). A run that "
               "could separate the losses needs ~100 steps × 3+ seeds with 8 prompts × 8 samples and 200 held-out "
-              "prompts: about 3 GPU-hours, or days on this CPU."]
+              "prompts: about 3 GPU-hours, or days on this CPU.")]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
