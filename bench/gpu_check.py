@@ -15,6 +15,8 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
 - shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
 - the SFT, DPO, GRPO and PPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
   transformers;
+- the test-time samplers on the device (tiny model, float32): MCMC power sampling with batched KV reuse against the
+  re-encoding reference (same chains), scalable power sampling and particle filtering with exact token counts;
 - throughput of one SFT and one GRPO step on a SmolLM2-shaped model (random weights: the real ones do not travel to
   the GPU machine) in bfloat16;
 - SFT and GRPO with parallelism=fsdp2 end to end, and FSDP2 bf16 (fp32 master weights, bf16 compute, fp32 reduction)
@@ -494,6 +496,36 @@ def fsdp2_throughput():
     if DEV == "cuda":
         figures["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return sft_tps > 0 and generated > 0, figures
+@check("ttc_samplers")
+def ttc_samplers():
+    from posttrain.models import tiny_model
+    from posttrain.ttc.particles import ParticleFilter, ParticleParams
+    from posttrain.ttc.power import PowerParams, PowerSampler
+    from posttrain.ttc.scalable_power import ScalablePowerParams, ScalablePowerSampler
+
+    model = tiny_model(seed=0, init_std=0.25).to(DEV).eval()
+    prompts = [[5, 9, 13], [7, 2], [11, 4, 6, 8]]
+    params = PowerParams(alpha=4.0, max_new_tokens=12, block_size=4, mcmc_steps=2, seed=1)
+    cached = PowerSampler(model, eos_token_ids=[3], batch_size=6).generate(prompts, params, n=2)
+    naive = PowerSampler(model, eos_token_ids=[3], reuse_cache=False).generate(prompts, params, n=2)
+    a = [s.token_ids for row in cached.samples for s in row]
+    b = [s.token_ids for row in naive.samples for s in row]
+    same = sum(x == y for x, y in zip(a, b)) / len(a)
+    sps = ScalablePowerSampler(model, eos_token_ids=[3]).generate(
+        prompts, ScalablePowerParams(alpha=4.0, max_new_tokens=8, top_k=3, rollouts=2, horizon=0, seed=2), n=2)
+    sps_exact = sps.forward_tokens == sum(len(p) * 2 for p in prompts) + sum(
+        len(t) for row in sps.token_ids for t in row)
+    sps2 = ScalablePowerSampler(model, eos_token_ids=[3]).generate(
+        prompts, ScalablePowerParams(alpha=4.0, max_new_tokens=8, top_k=3, rollouts=2, horizon=3, seed=2), n=2)
+    pf = ParticleFilter(model, eos_token_ids=[3]).generate(
+        prompts, lambda p, c: [0.0] * len(c),
+        ParticleParams(num_particles=4, max_new_tokens=8, step_tokens=3, resample="ess", seed=3))
+    pf_exact = pf.forward_tokens == sum(len(p) * 4 for p in prompts) + sum(
+        len(t) for r in pf.results for t in r.token_ids)
+    ok = same >= 0.9 and sps_exact and pf_exact and sps2.rollout_tokens > 0
+    return ok, {"power_identical_chains": same, "power_forward_tokens": cached.forward_tokens,
+                "reencode_forward_tokens": naive.forward_tokens, "scalable_counts_exact": sps_exact,
+                "scalable_rollout_tokens": sps2.rollout_tokens, "particles_counts_exact": pf_exact}
 
 
 def main() -> None:
@@ -509,7 +541,7 @@ def main() -> None:
     RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(RESULTS["device"], RESULTS["versions"], flush=True)
     checks = [fused_logps, fused_logps_fp32_head, policy_losses, sampler_logps, shared_prefix, sft_recipe,
-              dpo_recipe, grpo_recipe, ppo_recipe, fsdp2_recipes, fsdp2_throughput]
+              dpo_recipe, grpo_recipe, ppo_recipe, fsdp2_recipes, fsdp2_throughput, ttc_samplers]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

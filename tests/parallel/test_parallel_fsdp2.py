@@ -67,12 +67,19 @@ def _rel_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """1-process references, a 1-process fsdp2 run (torchrun's env for world size 1), and the 2-process launch."""
+    from posttrain.rewards import REWARDS
+
     root = tmp_path_factory.mktemp("fsdp2")
+    registered = dict(REWARDS)
     register_rewards()
-    data = write_data(root / "data")
-    for name in ONE_STEP + FIVE_STEPS:
-        recipe, keys = job(name, data, root / "one", world_size=1)
-        run_job(recipe, keys)
+    try:
+        data = write_data(root / "data")
+        for name in ONE_STEP + FIVE_STEPS:
+            recipe, keys = job(name, data, root / "one", world_size=1)
+            run_job(recipe, keys)
+    finally:  # other tests in this process see the registry as it was
+        REWARDS.clear()
+        REWARDS.update(registered)
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
     saved = {k: os.environ.get(k) for k in env}

@@ -196,7 +196,27 @@ def gathered(module: nn.Module) -> Iterator[None]:
             m.set_reshard_after_forward(True, recurse=False)
         # reshards every group and forgets the forwards that ran inside (their order differs across ranks and would
         # otherwise steer the next backward's prefetching into mismatched collectives)
-        module.reset_iter_state()  # type: ignore[operator]
+        _reset_iter_state(module, parts)
+
+
+def _reset_iter_state(module: nn.Module, parts: list) -> None:
+    """FSDP2's `reset_iter_state()` (torch >= 2.13); on older torch the same by hand: reshard every group and clear
+    the recorded forward order and iteration root (found on torch 2.11 by bench/gpu_check.py)."""
+    reset = getattr(module, "reset_iter_state", None)
+    if reset is not None:
+        reset()
+        return
+    for m in parts:
+        m.reshard()
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    order = getattr(getattr(state, "_comm_ctx", None), "post_forward_order", None)
+    if order is not None:
+        order.clear()
+    for s in state._state_ctx.all_states:
+        pending = getattr(s, "_modules_to_run_forward", None)
+        if pending is not None:
+            pending.clear()
+    state._state_ctx.iter_forward_root = None
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
