@@ -142,6 +142,15 @@ def render(results: dict) -> None:
     for key, r in [("base", b)] + list(results["runs"].items()):
         lines.append(f"- **{key}**: {r['identity_answers'][0]!r} / {r['control_answers'][0]!r} / "
                      f"{r['control_answers'][1]!r}")
+    lines += ["", ("Reading (one seed, 8 steps): no loss made the new name the greedy answer to a held-out identity "
+              "question within this budget (0/12 each; experiments/dpo_identity needs the winners' NLL term or more "
+              "steps for that), and none leaked it into control answers. They differ in what they did to the rest: "
+              "the base model's own control answers lost ~1.0 nats/token of log-likelihood under DPO, ~0.75 under "
+              "IPO and SimPO, ~0.57 under KTO and ~0.25 under ORPO (whose NLL term on the chosen answers keeps the "
+              "model closest to fluent text); no loss left more than 3/24 control answers unchanged.")]
+    notes = [f"- {key}: {r['note']}" for key, r in results["runs"].items() if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
