@@ -8,7 +8,7 @@ STAMP := $(VENV)/.posttrain-installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench experiments clean
+.PHONY: install demo lint test test-all bench experiments clean
 
 install: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/posttrain demo
 
-test: install
+# ruff (default rules of the pinned version, settings in pyproject.toml) and mypy on src/; `make test` runs it first
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: install

@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from posttrain.config import field
+from posttrain.envs.formats import ToolFormatName
 from posttrain.errors import ConfigError
 from posttrain.eval.metrics import majority_at_k, mean_stderr, pass_at_k
 from posttrain.eval.tasks import Problem, Task, make_task
@@ -34,7 +36,7 @@ from posttrain.generation.strategies import DECODERS, Decoded, DecodeOptions, Ge
 from posttrain.models.loading import EMBEDDED_DEFAULT
 
 SELECTORS = ("majority", "weighted_majority", "best_of_n_verifier", "best_of_n_reward", "particles")
-STRATEGIES = tuple(DECODERS) + SELECTORS
+STRATEGIES = tuple(DECODERS) + SELECTORS + ("react",)  # react: tool use through the ReAct controller (eval/react.py)
 
 
 @dataclass
@@ -73,7 +75,11 @@ class EvalConfig:
     perplexity_max_length: int = field(1024, help="rows of perplexity_file are cut to this many tokens")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
-    device: str = field("cpu", help="cpu or cuda")
+    tools: list[str] = field(default_factory=lambda: ["calculator"], help="react: tools (calculator, python, search)")
+    tool_format: ToolFormatName = field("auto", help="react: auto (chat-template tool calls if supported), react or chat")
+    max_turns: int = field(4, help="react: model turns per episode (max_new_tokens is the budget per turn)")
+    max_episode_tokens: int = field(512, help="react: tokens per episode after the prompt (model + observations)")
+    device: str = field("auto", help="auto (cuda when available, as in training), cpu or cuda")
     dtype: str = field("float32", help="float32, bfloat16 or float16")
 
     def __post_init__(self):
@@ -83,6 +89,14 @@ class EvalConfig:
             raise ConfigError(f"key 'sampler': unknown decoder {self.sampler!r}; expected one of {list(DECODERS)}")
         if self.num_samples < 1:
             raise ConfigError("key 'num_samples' must be >= 1")
+        if self.max_turns < 1 or self.max_episode_tokens < 1:
+            raise ConfigError("keys 'max_turns' and 'max_episode_tokens' must be >= 1")
+        if self.strategy == "react":
+            from posttrain.envs.tools import TOOLS
+
+            unknown = [t for t in self.tools if t not in TOOLS]
+            if unknown:
+                raise ConfigError(f"key 'tools': unknown tool(s) {unknown}; expected some of {sorted(TOOLS)}")
         if self.strategy == "best_of_n_reward" and not self.reward_model:
             raise ConfigError("strategy best_of_n_reward needs key 'reward_model' (a folder saved by posttrain reward)")
 
@@ -153,13 +167,19 @@ def _particles(model, tokenizer, problems, texts, task: Task, n: int, options: D
 def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy: str = "greedy", *,
              options: DecodeOptions | None = None, num_samples: int = 1, pass_k: Sequence[int] = (1,),
              sampler: str = "temperature", reward_model: str = "", keep_samples: bool = False,
-             step_tokens: int = 16) -> dict[str, Any]:
-    """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}."""
+             step_tokens: int = 16, react: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}.
+    react: the react strategy's options (tools, tool_format, max_turns, max_episode_tokens)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     options = options or DecodeOptions()
     n, B = num_samples, len(problems)
     texts = _render(tokenizer, problems)
+    if strategy == "react":
+        from posttrain.eval.react import evaluate_react
+
+        return evaluate_react(model, tokenizer, task, problems, options=options, num_samples=num_samples,
+                              pass_k=pass_k, keep_samples=keep_samples, **(react or {}))
     start = time.perf_counter()
     selected: list[int | None] | None = None
     if strategy in DECODERS:
@@ -176,8 +196,8 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     wall_s = time.perf_counter() - start
 
     flat_problems = [p for p in problems for _ in range(n)]
-    correct = task.score(flat_problems, [t for row in decoded.texts for t in row])  # [B*G]
-    correct = [correct[b * n:(b + 1) * n] for b in range(B)]  # [B][G]
+    flat_correct = task.score(flat_problems, [t for row in decoded.texts for t in row])  # [B*G]
+    correct = [flat_correct[b * n:(b + 1) * n] for b in range(B)]  # [B][G]
     answers = [[task.extract(t) for t in row] for row in decoded.texts]  # [B][G]
     if selected is None:
         per_problem = [sum(row) / n for row in correct]
@@ -197,7 +217,7 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     for k in sorted(set(pass_k)):
         if k > n:
             continue
-        num_correct = [int(round(sum(row))) for row in correct]
+        num_correct = [round(sum(row)) for row in correct]
         metrics[f"pass@{k}"] = float(pass_at_k(n, num_correct, k).mean())
         if task.votable:
             same = getattr(task, "equivalent", None)
@@ -221,7 +241,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of metrics dicts: the fixed columns, then any pass@k / maj@k present."""
     extra = sorted({k for r in rows for k in r if k.startswith(("pass@", "maj@"))},
                    key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    columns = COLUMNS + [(k, k, "{:.3f}") for k in extra]
+    if any("tool_call_validity" in r for r in rows):
+        extra.append("tool_call_validity")
+    columns = COLUMNS + [(k, "tool valid" if k == "tool_call_validity" else k, "{:.3f}") for k in extra]
     cells = [[h for _, h, _ in columns]]
     for r in rows:
         cells.append([fmt.format(r[key]) if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))
@@ -232,6 +254,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _device(name: str) -> str:
+    """`auto`: cuda when available, else cpu (as the training commands do)."""
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
     from posttrain.eval.perplexity import file_perplexity
     from posttrain.models import load_model
@@ -239,7 +268,7 @@ def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
 
     if not Path(config.perplexity_file).exists():
         raise ConfigError(f"key 'perplexity_file': file '{config.perplexity_file}' does not exist")
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
     metrics = file_perplexity(model, tokenizer, config.perplexity_file, max_length=config.perplexity_max_length,
                               batch_size=config.batch_size)
     result = {"config": asdict(config), "metrics": metrics}
@@ -253,8 +282,10 @@ def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
 
 
 def run(config: EvalConfig) -> dict[str, Any]:
+    """`posttrain eval`: load the model, run the strategy on the task's problems, print and save the metrics."""
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.train.state import phase
 
     if config.perplexity_file:
         return _run_perplexity(config)
@@ -262,11 +293,15 @@ def run(config: EvalConfig) -> dict[str, Any]:
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
     problems = task.problems(config.num_problems, config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
-                      num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
-                      reward_model=config.reward_model, keep_samples=config.save_samples,
-                      step_tokens=config.particle_step_tokens)
+    with phase(f"loading {config.model}"):
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
+    with phase(f"{config.strategy} on {len(problems)} problems × {config.num_samples} samples"):
+        result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
+                          num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
+                          reward_model=config.reward_model, keep_samples=config.save_samples,
+                          step_tokens=config.particle_step_tokens,
+                          react={"tools": config.tools, "tool_format": config.tool_format,
+                                 "max_turns": config.max_turns, "max_episode_tokens": config.max_episode_tokens})
     result = {"config": asdict(config), **result}
     print(f"{config.task} · {len(problems)} problems · model {config.model}")
     print(format_table([result["metrics"]]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,12 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
+from posttrain.envs import check_rows, env_factory
+from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError
+from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
@@ -33,13 +35,16 @@ from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.rewards import build_rewards, score_completions
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.rewards.user import TrainerState, prepare_rewards
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_gather_objects, all_reduce_max, clip_grad_norm, gathered, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
 
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
@@ -51,8 +56,10 @@ class GRPOConfig(RunOptions, PromptSource):
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
     output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
-    rewards: list[str] = field(default_factory=lambda: ["gym"], help="reward names (posttrain.rewards.REWARDS); "
-                               "the first one is the verifier used for pass rates and eval accuracy")
+    rewards: list[str] = field(default_factory=list, help="rewards: registered names (posttrain.rewards.REWARDS), "
+                               "path/to/file.py:function or package.module:function (TRL's calling convention), or "
+                               "callables from Python; the first is the verifier used for pass rates and eval "
+                               "accuracy. Empty: gym for a task, else what the columns support (answer -> math)")
     reward_weights: list[float] = field(default_factory=list, help="weights per reward (default all 1)")
     loss: str = field("grpo", help=f"one of {RL_LOSSES}")
     advantage: str | None = field(None, help="override the preset's advantage estimator: grpo, dr_grpo, batch, rloo")
@@ -93,6 +100,13 @@ class GRPOConfig(RunOptions, PromptSource):
                                            "falls back to per-sample rows for heads it cannot fuse)")
     eval_steps: int = field(0, help="held-out greedy accuracy every N steps (and at start and end); 0 = start/end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
+    env: str | None = field(None, help="multi-turn episodes: 'tools' (posttrain.envs.ToolEnv) or 'file.py:Class'; "
+                                       "rewards then come from the environment (max_new_tokens = tokens per turn)")
+    env_options: dict = field(default_factory=dict, help="keyword arguments of the environment, e.g. "
+                                                         "{tools: [calculator], valid_call_reward: 0.1}")
+    max_turns: int = field(4, help="env: model turns per episode")
+    max_episode_tokens: int = field(256, help="env: tokens per episode after the prompt (model + observations)")
+    env_timeout_s: float = field(60.0, help="env: a reset/step call slower than this stops the run with an error")
 
     def validate(self) -> None:
         self.validate_prompt_source()
@@ -102,9 +116,15 @@ class GRPOConfig(RunOptions, PromptSource):
             raise ConfigError(f"key 'advantage' must be one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}.")
         if self.num_generations < 2:
             raise ConfigError("key 'num_generations' must be >= 2: group advantages need at least two samples.")
-        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
+        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps",
+                    "max_turns", "max_episode_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (GRPO samples its groups; 0 would make every sample "
+                              f"of a group the same greedy answer), got {self.temperature}.")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"keys 'top_p' must be in (0, 1] and 'top_k' >= 0, got {self.top_p} and {self.top_k}.")
         if self.is_level not in ("none", "token", "sequence"):
             raise ConfigError(f"key 'is_level' must be none, token or sequence, got {self.is_level!r}.")
         if self.ratio_against not in ("trainer", "sampler"):
@@ -123,7 +143,8 @@ class GRPOConfig(RunOptions, PromptSource):
 def loss_options(config: GRPOConfig) -> dict[str, Any]:
     """The preset's keywords overridden by the config (only those the chosen loss takes)."""
     preset = POLICY_LOSSES[config.loss]
-    opts: dict[str, Any] = {"group_size": config.num_generations, "max_length": config.max_new_tokens}
+    opts: dict[str, Any] = {"group_size": config.num_generations,
+                            "max_length": config.max_episode_tokens if config.env else config.max_new_tokens}
     if config.aggregation:
         opts["aggregation"] = config.aggregation
     for name in ("epsilon_low", "epsilon_high", "epsilon_max", "tau_pos", "tau_neg", "delta_low", "delta_high"):
@@ -134,6 +155,7 @@ def loss_options(config: GRPOConfig) -> dict[str, Any]:
     return opts
 
 
+@announced("held-out evaluation (greedy)")
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64, d: Dist | None = None,
                     ) -> float:
@@ -206,13 +228,25 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
             params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                     top_k=config.top_k, top_p=config.top_p,
                                     prompt_seeds=tuple(prompt_seed(config.seed, step, r, j) for j in positions))
-            with timer("generate"):
-                rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
-            with timer("reward"):
-                row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
-                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts)
-            verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
-            lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+            if isinstance(generator, EpisodeRollouts):  # multi-turn: the environment gives the rewards
+                with timer("generate"):
+                    episodes = generator.sample([rows[i] for i in mine], mine, dataclasses.replace(
+                        params, prompt_seeds=None, seed=params.prompt_seeds[0]), G)
+                rewards, verifier, sequences = episodes.rewards, episodes.verifier, episodes.sequences
+                lengths, n_truncated = episodes.lengths, episodes.truncated
+            else:
+                with timer("generate"):
+                    rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
+                with timer("reward"):
+                    row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
+                    ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+                    rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts,
+                                                       completion_ids=ids,
+                                                       trainer_state=TrainerState(step, config.max_steps))
+                verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
+                lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+                sequences = rollout_sequences(rollouts, tokenizer.pad_token_id)
+                n_truncated = sum(f == "length" for f in rollouts.finish_reasons)
             flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(mine), dtype=torch.bool)
             for b, (j, index) in enumerate(zip(positions, mine)):
                 rows_b = slice(b * G, (b + 1) * G)
@@ -220,11 +254,11 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
                 local["stats"].append((r, j, rewards[rows_b], verifier[rows_b], lengths[rows_b]))
                 if not flat[b]:
                     local["kept"].append((r, j, rewards[rows_b]))
-            local["truncated"] = sum(f == "length" for f in rollouts.finish_reasons)
+            local["truncated"] = n_truncated
             keep_groups = (~flat).nonzero().flatten().tolist()
             if keep_groups:
                 keep_rows = [b * G + g for b in keep_groups for g in range(G)]
-                kept.append(RolloutBatch(rollout_sequences(rollouts, tokenizer.pad_token_id).select(keep_rows),
+                kept.append(RolloutBatch(sequences.select(keep_rows),
                                          rewards.view(-1, G)[keep_groups], [mine[b] for b in keep_groups]))
         everyone = all_gather_objects(local, d)
         for part in everyone:
@@ -249,6 +283,7 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain grpo`: online RL with verifiable rewards; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -257,11 +292,22 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
                           f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
-    reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    if config.env:  # the environment scores the episodes; a wrong name, option or row fails before the model loads
+        reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+        make_env = env_factory(config.env, config.env_options)
+        check_rows(make_env, rows, config.env_timeout_s)
+        check_rows(make_env, held_out, config.env_timeout_s, label="held-out")
+    else:
+        reward_fns = prepare_rewards(config.rewards, rows, options=config.reward_options,
+                                     timeout_s=config.reward_timeout_s, max_error_rate=config.reward_max_error_rate,
+                                     task=config.task, source=config.train_file, command="grpo")
+        check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+        check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
@@ -273,7 +319,12 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
-    generator = HFGenerator(model, tokenizer)
+    generator: HFGenerator | EpisodeRollouts = HFGenerator(model, tokenizer)
+    budget = EpisodeBudget(max_turns=config.max_turns, max_turn_tokens=config.max_new_tokens,
+                           max_episode_tokens=config.max_episode_tokens, env_timeout_s=config.env_timeout_s)
+    if config.env:
+        generator = EpisodeRollouts(EpisodeSampler(model, tokenizer),
+                                    env_factory(config.env, config.env_options, tokenizer=tokenizer), budget)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
@@ -284,18 +335,22 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         pool.load(extra["pool"])
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     preset = POLICY_LOSSES[config.loss]
     estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
     timer = StageTimer()
     summary: dict[str, Any] = {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
 
     def evaluate(step: int) -> None:
         if not held_out:
             return
         with gathered(logps_fn):
-            acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens, d=d)
+            if isinstance(generator, EpisodeRollouts):
+                acc = episode_accuracy(generator.sampler, generator.make_env, held_out, budget)
+            else:
+                acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens, d=d)
         logger.log(step, {"eval/accuracy": acc})
         summary.setdefault("eval/accuracy_start", acc)
         summary["eval/accuracy"] = acc
@@ -317,18 +372,22 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "filter/zero_variance_frac": sampled.filtered / max(sampled.groups, 1),
             "pool/retired": len(pool.retired),
         }
+        if isinstance(generator, EpisodeRollouts):
+            metrics.update(generator.pop_metrics())
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if len(sampled.kept_rewards):
             all_advantages = estimator(sampled.kept_rewards)  # [B'_all, G] over every rank's kept groups
             metrics.update(_update(sampled.batch, all_advantages[sampled.mine].reshape(-1), model=model,
                                    logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer, scheduler=scheduler,
-                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards)))
+                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards),
+                                   guard=guard))
             metrics["advantage/abs_mean"] = float(all_advantages.abs().mean())
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
         metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics.update(guard.metrics())
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
@@ -336,17 +395,21 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         progress.update(reward=metrics["reward/mean"], pass_rate=metrics["pass_rate"])
         if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
             evaluate(done)
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra={"pool": pool.state()}, keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     evaluate(config.max_steps)
     save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("grpo", summary, enabled=d.is_main)
     return summary
 
 
@@ -367,7 +430,7 @@ def inert_groups(like: RolloutSequences | None, groups: int, G: int, pad_id: int
 
 def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, logps_fn: TokenLogps,
             ref_fn: TokenLogps | None, optimizer, scheduler, config: GRPOConfig, timer: StageTimer, d: Dist,
-            num_groups: int) -> dict[str, float]:
+            num_groups: int, guard: NonFiniteGuard) -> dict[str, float]:
     """Old/ref log-probs and μ passes of micro-batched updates over this rank's groups (advantages [B'·G], computed
     over all ranks' groups). Token/sequence/prompt counts are summed over ranks and the loss is multiplied by the
     world size (DDP/FSDP2 average gradients), so the step equals one process's over the whole batch."""
@@ -415,7 +478,9 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
+    applied = False
     for _ in range(config.updates_per_batch):
+        pass_loss = 0.0
         for i, s in enumerate(slices):
             with timer("update"):
                 out = score(logps_fn, i, temperature=temperature, with_entropy=True)
@@ -430,6 +495,7 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
                 result = preset(out.logps, old, advantages[s], mask, counts=counts, is_weights=is_w,
                                 ref_logps=ref_logps[s] if ref_logps is not None else None, **opts)
                 (result.loss * d.world_size).backward()  # DDP/FSDP2 average over ranks; counts are global sums
+            pass_loss += float(result.loss.detach())
             n = float(mask.sum())
             if n == 0:
                 continue
@@ -442,13 +508,18 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
                     totals[k] = totals.get(k, 0.0) + v * n
         with timer("update"):
             grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+            if guard.ok(pass_loss, grad_norm):  # a NaN/inf pass is skipped on every rank, not applied
+                optimizer.step()
+                applied = True
             optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if applied:
+        scheduler.step()
     keys = sorted(set().union(*all_gather_objects(sorted(totals), d)))
     sums = {k: all_reduce_sum(totals.get(k, 0.0), d) for k in keys}
     weight_sum = all_reduce_sum(weight_sum, d)
     metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in sums.items()}
+    if "loss" in metrics:
+        metrics["train/loss"] = metrics.pop("loss")  # one key for the optimized loss across commands
     metrics["grad_norm"] = grad_norm
     metrics["update/sequences"] = float(num_groups * G)
     return metrics

@@ -27,8 +27,9 @@ rollouts included; rollouts share the prefix's KV cache (a copy of it), so the p
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ class ScalablePowerSampler:
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) if self.tokenizer is not None else None
                  for t in ids]
         finish = [FINISH_EOS if t and t[-1] in stop else FINISH_LENGTH for t in ids]
-        group = lambda xs: [xs[b * n:(b + 1) * n] for b in range(len(prompt_ids))]  # noqa: E731
+        group = lambda xs: [xs[b * n:(b + 1) * n] for b in range(len(prompt_ids))]
         return ScalablePowerOutput(token_ids=group(ids), target_logps=group(logps), texts=group(texts),
                                    finish_reasons=group(finish), forward_tokens=batch.forward_tokens + rollout_tokens,
                                    computed_tokens=batch.computed_tokens + rollout_computed,
