@@ -44,9 +44,9 @@ def test_micro_batching_does_not_change_the_update(tmp_path, letters, loss):
     wa, wb = _weights(a["final_dir"]), _weights(b["final_dir"])
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
-    ra = next(r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r)
-    rb = next(r for r in read_metrics(tmp_path / "micro" / "metrics.jsonl") if "loss" in r)
-    assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+    ra = next(r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "train/loss" in r)
+    rb = next(r for r in read_metrics(tmp_path / "micro" / "metrics.jsonl") if "train/loss" in r)
+    assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-6)
     assert ra["ratio/max"] != 1.0 or ra["ratio/min"] != 1.0  # the second pass was off-policy
 
 
