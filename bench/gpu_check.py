@@ -8,6 +8,9 @@ is exercised where no GPU is lent.
 Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the figures:
 - fused LM-head log-probs on CUDA in float32 and bfloat16 against a float64 log_softmax (values and gradients), and
   the peak memory of the fused path against full logits at SmolLM2's vocabulary;
+- a bf16 head gives float32 logits (error vs float64 on the same bf16 values), and the fused path's time and peak
+  memory against plain log_softmax + gather at V = 49152, T = 2048, B = 1 and 4;
+- every policy-loss preset and the SimPO / ORPO / IPO-avg / KTO losses on the device against float64 on the CPU;
 - the KV-cache sampler's log-probs against a teacher-forced forward on CUDA;
 - shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
 - multi-turn episodes (generation/episodes.py, KV cache continued across observations) against a teacher-forced
@@ -110,6 +113,87 @@ def fused_logps():
         del loss
     figures["peak_extra_mb"] = {k: round(v, 1) for k, v in peaks.items()}
     return ok and peaks["fused"] < peaks["full_logits"] / 4, figures
+
+
+@check("fused_logps_fp32_head")
+def fused_logps_fp32_head():
+    """A bf16 head returns float32 logits (no bf16 rounding before the log-softmax); on CUDA also the time and peak
+    memory of the fused path against plain log_softmax + gather at V = 49152, T = 2048, B = 1 and 4 (bf16)."""
+    from posttrain.ops.logps import logps_at_rows, logps_from_hidden
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    n = 512 if DEV == "cuda" else 64
+    hidden = torch.randn(n, 576, device=DEV, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(49152, 576, device=DEV, generator=g) / 8).to(torch.bfloat16)
+    labels = torch.randint(0, 49152, (n,), device=DEV, generator=g)
+    exact = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    err = float((logps_at_rows(hidden, weight, labels).double() - exact).abs().max())
+    rounded = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    figures = {"bf16_head_max_abs_err": err, "bf16_rounded_logits_max_abs_err": float((rounded.double() - exact).abs().max())}
+    ok = err < 1e-4
+    if DEV != "cuda":
+        return ok, figures
+    for B in (1, 4):
+        h = torch.randn(B, 2048, 576, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(49152, 576, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        y = torch.randint(0, 49152, (B, 2048), device=DEV)
+        for name in ("plain", "fused"):
+            def step(name=name, h=h, w=w, y=y):
+                if name == "fused":
+                    out = logps_from_hidden(h, w, y)
+                else:
+                    out = torch.log_softmax((h @ w.t()).float(), -1).gather(-1, y[..., None]).squeeze(-1)
+                out.sum().backward()
+                h.grad = w.grad = None
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            figures[f"B{B}_{name}_ms"] = round((time.perf_counter() - t0) / 5 * 1000, 2)
+            figures[f"B{B}_{name}_peak_extra_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+        figures[f"B{B}_time_ratio"] = round(figures[f"B{B}_fused_ms"] / figures[f"B{B}_plain_ms"], 3)
+        figures[f"B{B}_memory_ratio"] = round(figures[f"B{B}_fused_peak_extra_mb"] / figures[f"B{B}_plain_peak_extra_mb"], 3)
+    return ok, figures
+
+
+@check("policy_losses")
+def policy_losses():
+    """Every POLICY_LOSSES preset and the new preference losses give the same value on DEV as in float64 on CPU."""
+    from posttrain.losses.dpo import DPO_LOSSES
+    from posttrain.losses.kto import kto_loss
+    from posttrain.losses.policy import POLICY_LOSSES
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(12)[None] < torch.randint(1, 13, (16,), generator=g)[:, None]
+    old = -torch.rand(16, 12, generator=g) * 3
+    logps = old + 0.1 * torch.randn(16, 12, generator=g)
+    adv = torch.randn(16, generator=g)
+    figures, ok = {}, True
+    for name, preset in POLICY_LOSSES.items():
+        if name == "ppo":
+            continue
+        cpu = preset(logps.double(), old.double(), adv.double(), mask, group_size=4, max_length=12).loss.item()
+        dev = preset(logps.to(DEV), old.to(DEV), adv.to(DEV), mask.to(DEV), group_size=4, max_length=12).loss.item()
+        figures[name] = abs(cpu - dev)
+        ok &= abs(cpu - dev) < 1e-4
+    pc, pr = -torch.rand(8, generator=g) * 20, -torch.rand(8, generator=g) * 20
+    nc, nr = torch.randint(1, 20, (8,), generator=g), torch.randint(1, 20, (8,), generator=g)
+    for name in ("simpo", "orpo", "ipo_avg"):
+        kw = {"beta": 0.1, "chosen_token_counts": nc, "rejected_token_counts": nr}
+        cpu = DPO_LOSSES[name](pc.double(), pr.double(), pc.double(), pr.double(), **kw).loss.item()
+        kw = {"beta": 0.1, "chosen_token_counts": nc.to(DEV), "rejected_token_counts": nr.to(DEV)}
+        dev = DPO_LOSSES[name](pc.to(DEV), pr.to(DEV), pc.to(DEV), pr.to(DEV), **kw).loss.item()
+        figures[name] = abs(cpu - dev)
+        ok &= abs(cpu - dev) < 1e-4
+    desirable = torch.arange(8) % 2 == 0
+    cpu = kto_loss(pc.double(), pr.double(), desirable, 0.1).loss.item()
+    dev = kto_loss(pc.to(DEV), pr.to(DEV), desirable.to(DEV), 0.1).loss.item()
+    figures["kto"] = abs(cpu - dev)
+    return ok and abs(cpu - dev) < 1e-5, figures
 
 
 @check("sampler_logps")
@@ -545,8 +629,9 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(RESULTS["device"], RESULTS["versions"], flush=True)
-    checks = [fused_logps, sampler_logps, shared_prefix, episodes_multi_turn, sft_recipe, dpo_recipe, grpo_recipe,
-              ppo_recipe, fsdp2_recipes, fsdp2_throughput, ttc_samplers, distill_divergences, distill_recipe]
+    checks = [fused_logps, fused_logps_fp32_head, policy_losses, sampler_logps, shared_prefix, episodes_multi_turn,
+              sft_recipe, dpo_recipe, grpo_recipe, ppo_recipe, fsdp2_recipes, fsdp2_throughput, ttc_samplers,
+              distill_divergences, distill_recipe]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reward": ("posttrain.recipes.reward", "RewardConfig", "run"),
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig", "run"),
     "ppo": ("posttrain.recipes.ppo", "PPOConfig", "run"),
+    "kto": ("posttrain.recipes.kto", "KTOConfig", "run"),
+    "online-dpo": ("posttrain.recipes.online_dpo", "OnlineDPOConfig", "run"),
     "distill": ("posttrain.recipes.distill", "DistillConfig", "run"),
     "eval": ("posttrain.eval.runner", "EvalConfig", "run"),
     "scaling": ("posttrain.eval.scaling_cli", "ScalingConfig", "run"),
@@ -32,10 +34,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 DESCRIPTIONS = {
     "sft": "supervised fine-tuning, loss on completion/assistant tokens only",
-    "dpo": "direct preference optimization and its variants (ipo, hinge, idea0, idea1, TR-DPO)",
+    "dpo": "direct preference optimization and its variants (ipo, ipo_avg, hinge, simpo, orpo, idea0, idea1, TR-DPO)",
     "reward": "Bradley-Terry reward model on preference pairs",
-    "grpo": "online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, ScaleRL/CISPO",
+    "grpo": "online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, ScaleRL/CISPO, GSPO, SAPO, DPPO, RLOO",
     "ppo": "RLHF with PPO, a value head and a learned reward model",
+    "kto": "KTO on unpaired desirable/undesirable answers (or pairs, split)",
+    "online-dpo": "online DPO: two samples per prompt, ranked by a reward model or verifier, a DPO step",
     "distill": "teacher-to-student distillation: off-policy (sequence/token-level) or on-policy (reverse KL, GKD)",
     "eval": "evaluate a model on a task with a decoding / test-time strategy",
     "scaling": "fit ScaleRL's sigmoid compute-performance law to an RL run's metrics.jsonl",

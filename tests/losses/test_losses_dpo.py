@@ -127,8 +127,9 @@ def test_global_pair_count_makes_micro_batches_exact(name):
     rc = -torch.rand(B, generator=g, dtype=torch.float64) * 20
     rr = -torch.rand(B, generator=g, dtype=torch.float64) * 20
     counts = torch.randint(1, 30, (B,), generator=g)
+    rejected_counts = torch.randint(1, 30, (B,), generator=g)
     fn = DPO_LOSSES[name]
-    kw = dict(beta=0.5, chosen_token_counts=counts)
+    kw = dict(beta=0.5, chosen_token_counts=counts, rejected_token_counts=rejected_counts)
     full = fn(pc, pr, rc, rr, **kw).loss
     full_grads = torch.autograd.grad(full, (pc, pr), allow_unused=True, materialize_grads=True)
     for n_micro in (2, 4):
@@ -136,7 +137,8 @@ def test_global_pair_count_makes_micro_batches_exact(name):
         for idx in torch.arange(B).chunk(n_micro):
             total = total + fn(
                 pc[idx], pr[idx], rc[idx], rr[idx], beta=0.5, chosen_token_counts=counts[idx],
-                global_pair_count=B, global_chosen_token_count=counts.sum(),
+                rejected_token_counts=rejected_counts[idx], global_pair_count=B,
+                global_chosen_token_count=counts.sum(),
             ).loss
         grads = torch.autograd.grad(total, (pc, pr), allow_unused=True, materialize_grads=True)
         assert total.item() == pytest.approx(full.item(), abs=1e-6)
@@ -145,5 +147,5 @@ def test_global_pair_count_makes_micro_batches_exact(name):
 
 
 def test_dict_names():
-    assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge", "idea0", "idea1"}
+    assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge", "idea0", "idea1", "ipo_avg", "simpo", "orpo"}
     assert DPO_LOSSES["sigmoid"] is dpo_loss

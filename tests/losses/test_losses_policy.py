@@ -297,7 +297,8 @@ def test_prompt_aggregation_needs_group_info():
 
 
 def test_presets():
-    assert set(POLICY_LOSSES) == {"grpo", "dapo", "dr_grpo", "cispo", "scalerl", "ppo"}
+    assert set(POLICY_LOSSES) == {"grpo", "dapo", "dr_grpo", "cispo", "scalerl", "ppo", "gspo", "sapo", "dppo_tv",
+                                  "dppo_kl", "rloo"}
     base, _old, _ref, _, adv, mask = random_batch()
     for preset in POLICY_LOSSES.values():
         theta = base.clone().requires_grad_()

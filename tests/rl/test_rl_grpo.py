@@ -94,7 +94,7 @@ def test_grpo_raises_a_learnable_reward(tmp_path, letters):
     assert summary["eval/accuracy"] > summary["eval/accuracy_start"]
 
 
-@pytest.mark.parametrize("loss", ["dapo", "dr_grpo", "cispo", "scalerl"])
+@pytest.mark.parametrize("loss", ["dapo", "dr_grpo", "cispo", "scalerl", "gspo", "sapo", "dppo_tv", "dppo_kl", "rloo"])
 def test_every_loss_variant_runs_and_learns(tmp_path, letters, loss):
     run(_config(tmp_path, loss=loss, max_steps=12, pass_rate_cap=1.01))
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]

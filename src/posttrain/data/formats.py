@@ -6,6 +6,7 @@ Formats (TRL's `dataset_formats.md`):
 - `messages`:           {"messages": [{"role", "content"}, ...]}
 - `preference`:         {"prompt": ..., "chosen": ..., "rejected": ...} (plain strings or conversational)
 - `prompt_only`:        {"prompt": ...} plus any extra columns (e.g. "answer") for RL rewards
+- `unpaired_preference`: {"prompt": ..., "completion": ..., "label": bool} (KTO: desirable or not)
 
 Files: .jsonl, .json (a list of rows, or {"data": [...]}) , .parquet, .csv, and folders written by
 `datasets.Dataset.save_to_disk`. Every row is validated before anything trains; the first bad row raises a
@@ -23,13 +24,14 @@ from typing import Any
 
 from posttrain.errors import DataError
 
-FORMATS = ("text", "prompt_completion", "messages", "preference", "prompt_only")
+FORMATS = ("text", "prompt_completion", "messages", "preference", "prompt_only", "unpaired_preference")
 ROLES = ("system", "user", "assistant", "tool")
 
 # What each recipe accepts, in order of detection preference.
 ACCEPTS = {
     "sft": ("messages", "prompt_completion", "text"),
     "dpo": ("preference",),
+    "kto": ("unpaired_preference", "preference"),  # pairs are split into one desirable + one undesirable row
     "reward": ("preference",),
     "rl": ("prompt_only", "prompt_completion", "messages"),
 }
@@ -142,8 +144,11 @@ def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
 def detect_format(row: dict[str, Any], accepts: Iterable[str], source: str) -> str:
     """The format of the first row among those a recipe accepts; an error lists the columns that were expected."""
     keys = set(row)
+    accepts = tuple(accepts)
     if {"chosen", "rejected"} <= keys:
         found = "preference"
+    elif {"prompt", "completion", "label"} <= keys and "unpaired_preference" in accepts:
+        found = "unpaired_preference"  # only where it is accepted: SFT rows may carry an unrelated 'label' column
     elif "messages" in keys:
         found = "messages"
     elif {"prompt", "completion"} <= keys:
@@ -154,10 +159,10 @@ def detect_format(row: dict[str, Any], accepts: Iterable[str], source: str) -> s
         found = "prompt_only"
     else:
         found = None
-    accepts = tuple(accepts)
     if found not in accepts:
         want = {"text": "'text'", "prompt_completion": "'prompt' and 'completion'", "messages": "'messages'",
-                "preference": "'prompt', 'chosen' and 'rejected'", "prompt_only": "'prompt' (plus extra columns)"}
+                "preference": "'prompt', 'chosen' and 'rejected'", "prompt_only": "'prompt' (plus extra columns)",
+                "unpaired_preference": "'prompt', 'completion' and 'label'"}
         expected = " or ".join(want[f] for f in accepts)
         raise DataError(f"{source}: row 1 has columns {sorted(keys)}; this recipe expects {expected}.")
     return found
@@ -223,7 +228,8 @@ def validate_rows(rows: list[dict[str, Any]], accepts: Iterable[str], source: st
     """Check every row; return the detected format. The first problem raises DataError (file, row, column)."""
     fmt = detect_format(rows[0], accepts, source)
     required = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"],
-                "preference": ["chosen", "rejected"], "prompt_only": ["prompt"]}[fmt]
+                "preference": ["chosen", "rejected"], "prompt_only": ["prompt"],
+                "unpaired_preference": ["prompt", "completion", "label"]}[fmt]
     conversational = None
     for i, row in enumerate(rows, start=1):
         for column in required:
@@ -235,7 +241,8 @@ def validate_rows(rows: list[dict[str, Any]], accepts: Iterable[str], source: st
         elif fmt == "messages":
             _check_turns(row["messages"], source, i, "messages", need_assistant=True)
         else:
-            main = "completion" if fmt == "prompt_completion" else ("chosen" if fmt == "preference" else "prompt")
+            main = "completion" if fmt in ("prompt_completion", "unpaired_preference") else (
+                "chosen" if fmt == "preference" else "prompt")
             is_conv = isinstance(row[main], list)
             if conversational is None:
                 conversational = is_conv
@@ -247,8 +254,11 @@ def validate_rows(rows: list[dict[str, Any]], accepts: Iterable[str], source: st
                     pass  # implicit prompt: chosen/rejected carry the whole conversation
                 else:
                     _check_side(row["prompt"], source, i, "prompt", conversational=is_conv, need_assistant=False)
-            if fmt == "prompt_completion":
+            if fmt in ("prompt_completion", "unpaired_preference"):
                 _check_side(row["completion"], source, i, "completion", conversational=is_conv, need_assistant=True)
+            if fmt == "unpaired_preference" and not isinstance(row["label"], bool):
+                raise DataError(f"{source}: row {i}, column 'label': expected true (desirable) or false "
+                                f"(undesirable), got {row['label']!r}.")
             if fmt == "preference":
                 for column in ("chosen", "rejected"):
                     _check_side(row[column], source, i, column, conversational=is_conv, need_assistant=True)
@@ -260,7 +270,18 @@ def validate_rows(rows: list[dict[str, Any]], accepts: Iterable[str], source: st
     return fmt
 
 
+def unpair_preference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference pairs as unpaired rows (TRL's `unpair_preference_dataset`): each pair gives
+    {"prompt", "completion": chosen, "label": True} then {"prompt", "completion": rejected, "label": False}."""
+    out = []
+    for row in rows:
+        prompt = row.get("prompt")
+        out.append({"prompt": prompt, "completion": row["chosen"], "label": True})
+        out.append({"prompt": prompt, "completion": row["rejected"], "label": False})
+    return out
+
+
 def load_dataset_file(path: str | Path, recipe: str) -> tuple[list[dict[str, Any]], str]:
-    """Read and validate a data file for `recipe` ('sft', 'dpo', 'reward', 'rl'); returns (rows, format)."""
+    """Read and validate a data file for `recipe` ('sft', 'dpo', 'reward', 'rl', 'kto'); returns (rows, format)."""
     rows = read_rows(path)
     return rows, validate_rows(rows, ACCEPTS[recipe], str(path))

@@ -101,6 +101,14 @@ def encode_preference(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -
             "rejected_ids": _ids(tokenizer, rejected) + eos}
 
 
+def encode_unpaired(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> dict[str, list[int]]:
+    """prompt_ids, completion_ids for one unpaired-preference (KTO) row: the completion is tokenized exactly as a
+    preference pair's chosen answer would be (same chat template, same EOS rule)."""
+    ids = encode_preference(tokenizer, {"prompt": row.get("prompt"), "chosen": row["completion"],
+                                        "rejected": row["completion"]})
+    return {"prompt_ids": ids["prompt_ids"], "completion_ids": ids["chosen_ids"]}
+
+
 def truncate(example: Example, max_length: int) -> Example:
     """Keep the first `max_length` tokens (the prompt comes first, so the completion is what gets cut)."""
     return {k: v[:max_length] for k, v in example.items()}

@@ -1,5 +1,7 @@
 """Per-token policy-gradient losses: PPO/GRPO clipped surrogate (Schulman et al. 2017; Shao et al. 2024), DAPO
-clip-higher (Yu et al. 2025), CISPO/ScaleRL truncated IS (MiniMax 2025; Khatri et al. 2025), PPO's value loss.
+clip-higher (Yu et al. 2025), CISPO/ScaleRL truncated IS (MiniMax 2025; Khatri et al. 2025), GSPO's sequence ratio
+(Zheng et al. 2025), RLOO (Ahmadian et al. 2024), SAPO's soft gate (Gao et al. 2025), DPPO's binary TV/KL trust
+region (Qi et al. 2026), PPO's value loss.
 
 Every loss is a pure function of per-token tensors of the sampled completions (rows = sequences, i.e. B·G rows for
 B prompts with G samples each, prompt-major; T = completion tokens, right padded):
@@ -419,6 +421,305 @@ def cispo_loss(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Sequence-ratio and trust-region losses: GSPO, RLOO, SAPO, DPPO
+# --------------------------------------------------------------------------------------------------------------------
+
+# GSPO (Zheng et al. 2025), RLOO (Ahmadian et al. 2024, as TRL's RLOOTrainer clips it), SAPO (Gao et al. 2025) and
+# DPPO's binary TV / KL trust regions (Qi et al. 2026, arXiv 2602.04879), on the same tensors as the losses above;
+# each is built the same way: a per-token surrogate ℓ_t, then the shared
+# `_finish` (optional IS weight, optional β·KL term, one aggregation with the step's global counts).
+#
+# Sequence-level ratios (GSPO, RLOO) are written per token with the "token form" of GSPO §4.2:
+#
+#     s_{i,t} = sg(s_i) · exp(c_i (log π_θ(y_t) − sg(log π_θ(y_t))))
+#
+# whose value is s_i on every token and whose gradient is c_i s_i ∇log π_θ(y_t). With the "sample" aggregation
+# (mean over a sequence's tokens, then over sequences) the gradient of the per-sequence mean is
+# c_i s_i (1/|y_i|) Σ_t ∇log π_θ(y_t): c_i = 1 gives ∇s_i for GSPO's geometric mean, c_i = |y_i| gives ∇s_i for the
+# product ratio of RLOO. The value of the aggregate equals the paper's sequence-level objective exactly.
+
+
+def _sequence_advantages(advantages: torch.Tensor, name: str) -> torch.Tensor:
+    """[B] → [B, 1] (one advantage per sequence); per-token [B, T] advantages are refused."""
+    advantages = _per_token_advantages(advantages)
+    if advantages.shape[1] != 1:
+        raise ValueError(f"{name} takes one advantage per sequence ([B]); got shape {tuple(advantages.shape)}")
+    return advantages
+
+
+def _sequence_ratio_tokens(
+    logps: torch.Tensor, old_logps: torch.Tensor, m: torch.Tensor, *, length_normalized: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token form of a sequence importance ratio (see the module docstring).
+
+    length_normalized: s_i = exp(1/|y_i| Σ_t log ρ_t) (GSPO Eq. 7); else s_i = exp(Σ_t log ρ_t) (the product).
+    Returns (s_tokens [B, T] differentiable, value s_i on every token; s [B, 1] detached).
+    """
+    log_ratio = torch.where(m, logps - old_logps.detach(), 0.0)  # [B, T]
+    lengths = m.sum(dim=1, keepdim=True).clamp(min=1).to(log_ratio.dtype)  # [B, 1]
+    log_seq = log_ratio.sum(dim=1, keepdim=True)  # [B, 1]
+    if length_normalized:
+        log_seq = log_seq / lengths
+        scale = torch.ones_like(lengths)
+    else:
+        scale = lengths
+    moving = torch.where(m, logps - logps.detach(), 0.0)  # [B, T]: value 0, gradient ∇log π_θ(y_t)
+    s_tokens = torch.exp(log_seq.detach() + scale * moving)  # [B, T]
+    return s_tokens, torch.exp(log_seq.detach())
+
+
+def _sequence_clipped(
+    logps, old_logps, advantages, mask, *, length_normalized, epsilon_low, epsilon_high, aggregation, group_size,
+    max_length, counts, ref_logps, kl_coef, kl_estimator, is_weights, name,
+) -> PolicyLossOutput:
+    m = mask.bool()
+    adv = _sequence_advantages(advantages, name)  # [B, 1]
+    s_tokens, s = _sequence_ratio_tokens(logps, old_logps, m, length_normalized=length_normalized)
+    per_token_loss = -torch.minimum(s_tokens * adv, s_tokens.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)  # [B, T]
+    low = ((s < 1 - epsilon_low) & (adv < 0)).expand_as(m)  # [B, T]: the whole sequence is clipped
+    high = ((s > 1 + epsilon_high) & (adv > 0)).expand_as(m)
+    return _finish(
+        per_token_loss, logps, m, s.expand_as(m), low, high,
+        aggregation=aggregation, group_size=group_size, max_length=max_length, counts=counts,
+        ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+    )  # fmt: skip
+
+
+def gspo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float = 4e-4,
+    aggregation: str = "sample",
+    group_size: int | None = None,
+    max_length: int | None = None,
+    counts: GlobalCounts | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071, Eqs. 5 and 7; token form §4.2):
+
+        s_i = (π_θ(y_i|x) / π_θold(y_i|x))^{1/|y_i|} = exp(1/|y_i| Σ_t log ρ_{i,t})
+        J   = 1/G Σ_i min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i)
+        ∇J  = 1/G Σ_i s_i Â_i · 1/|y_i| Σ_t ∇log π_θ(y_{i,t})          (unclipped sequences)
+
+    A sequence is clipped as a whole: its gradient is 0 when s_i leaves the band in the direction of Â_i. The
+    paper's clip range is ε_low = 3e-4, ε_high = 4e-4 (§5.1): two orders of magnitude below the token clip, since s_i
+    is a geometric mean. With one token per sequence this is the token-level clipped surrogate. The "sample"
+    aggregation reproduces 1/G Σ_i exactly (other aggregations weight sequences by length, as TRL warns).
+    advantages: [B], one per sequence. The clip fractions count the tokens of clipped sequences.
+    """
+    return _sequence_clipped(
+        logps, old_logps, advantages, mask, length_normalized=True, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, aggregation=aggregation, group_size=group_size, max_length=max_length,
+        counts=counts, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+        name="gspo_loss",
+    )  # fmt: skip
+
+
+def rloo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    aggregation: str = "sample",
+    group_size: int | None = None,
+    max_length: int | None = None,
+    counts: GlobalCounts | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics", Eq. 6) with TRL's sequence-level clip:
+
+        Â_i = r_i − 1/(G−1) Σ_{j≠i} r_j                         (`posttrain.ops.advantages.rloo_advantages`)
+        ρ_i = π_θ(y_i|x) / π_θold(y_i|x) = exp(Σ_t log ρ_{i,t})  (the whole completion is one action)
+        L   = 1/N Σ_i −min(ρ_i Â_i, clip(ρ_i, 1 − ε_low, 1 + ε_high) Â_i)
+
+    On the first update after sampling ρ_i = 1 and ∇L = −1/N Σ_i Â_i ∇log π_θ(y_i|x), the paper's REINFORCE
+    estimator with the leave-one-out baseline (log π of the sequence = the sum of its token log-probs). TRL's
+    RLOOTrainer uses this clip (ε = 0.2) for μ > 1 updates per batch. Use the "sample" aggregation (1/N Σ_i):
+    the per-token form spreads ρ_i's gradient so that each sequence's token mean has gradient ∇ρ_i.
+    advantages: [B], one per sequence.
+    """
+    return _sequence_clipped(
+        logps, old_logps, advantages, mask, length_normalized=False, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, aggregation=aggregation, group_size=group_size, max_length=max_length,
+        counts=counts, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+        name="rloo_loss",
+    )  # fmt: skip
+
+
+def sapo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    aggregation: str = "sample",
+    group_size: int | None = None,
+    max_length: int | None = None,
+    counts: GlobalCounts | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """SAPO, soft adaptive policy optimization (Gao et al. 2025, arXiv 2511.20347, Eqs. 5–6):
+
+        f_τ(ρ) = σ(τ (ρ − 1)) · 4/τ,        τ = τ_pos if Â_t > 0 else τ_neg
+        ℓ_t    = −f_τ(ρ_t) Â_t,             ρ_t = π_θ(y_t) / π_θold(y_t)
+        ∇ℓ_t   = −w_t Â_t ∇log π_θ(y_t),    w_t = 4 σ(τ(ρ_t − 1)) (1 − σ(τ(ρ_t − 1))) ρ_t
+
+    A smooth gate instead of a hard clip: w = 1 on-policy (ρ = 1, so the first update is plain policy gradient) and
+    decays smoothly as ρ leaves 1; no token's gradient is cut to exactly 0. τ_neg > τ_pos makes negative-advantage
+    tokens decay faster (the paper's defaults τ_pos = 1.0, τ_neg = 1.05; TRL and AReaL use the same). Aggregated
+    like GRPO (1/G Σ_i 1/|y_i| Σ_t). The clip fractions are 0: nothing is clipped.
+    """
+    m = mask.bool()
+    ratio = _ratio(logps, old_logps, m)  # [B, T]
+    adv = _per_token_advantages(advantages)  # [B, 1] or [B, T]
+    tau = torch.where(adv > 0, ratio.new_tensor(tau_pos), ratio.new_tensor(tau_neg))  # [B, 1] or [B, T]; exact in f64
+    gate = torch.sigmoid(tau * (ratio - 1)) * (4 / tau)  # [B, T]
+    per_token_loss = -gate * adv
+    never = torch.zeros_like(m)
+    return _finish(
+        per_token_loss, logps, m, ratio, never, never,
+        aggregation=aggregation, group_size=group_size, max_length=max_length, counts=counts,
+        ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+    )  # fmt: skip
+
+
+def binary_tv(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """Binary total variation between π and μ on the sampled token (DPPO §4.2): the TV of the two-outcome
+    distributions {y_t, not y_t}, D = |π(y_t) − μ(y_t)|. Returned signed, π(y_t) − μ(y_t).  [B, T] → [B, T]."""
+    return logps.exp() - old_logps.exp()
+
+
+def binary_kl(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """Binary KL(μ ‖ π) on the sampled token (DPPO §4.2), with p = π(y_t), q = μ(y_t):
+
+        D = q log(q/p) + (1 − q) log((1 − q)/(1 − p))          [B, T] → [B, T], ≥ 0
+
+    log(1 − e^x) is computed as log(−expm1(x)), exact near x = 0 (+∞ when π(y_t) = 1 and μ(y_t) < 1)."""
+    q = old_logps.exp()
+    log1m_p = torch.log(-torch.expm1(logps))
+    log1m_q = torch.log(-torch.expm1(old_logps))
+    rest = torch.where(q < 1, (1 - q) * (log1m_q - log1m_p), 0.0)
+    return q * (old_logps - logps) + rest
+
+
+def _dppo(logps, old_logps, advantages, mask, *, divergence, delta_low, delta_high, ratio_cap, aggregation,
+          group_size, max_length, counts, ref_logps, kl_coef, kl_estimator, is_weights) -> PolicyLossOutput:
+    m = mask.bool()
+    lp = torch.where(m, logps.detach(), 0.0)
+    old = torch.where(m, old_logps.detach(), 0.0)
+    ratio = _ratio(logps, old_logps, m)  # [B, T]
+    adv = _per_token_advantages(advantages)  # [B, 1] or [B, T]
+    up, down = lp > old, lp < old  # [B, T]: did π(y_t) move up or down from μ(y_t)?
+    if divergence == "tv":
+        d = binary_tv(lp, old)
+        out_high, out_low = d > delta_high, d < -delta_low
+    else:
+        d = binary_kl(lp, old)
+        out_high, out_low = (d > delta_high) & up, (d > delta_low) & down
+    masked_high = out_high & (adv > 0)  # would push π(y_t) further up, out of the region
+    masked_low = out_low & ~(adv > 0)  # would push it further down
+    keep = ~(masked_high | masked_low)
+    weight = ratio.clamp(max=ratio_cap).detach()  # [B, T]
+    per_token_loss = -torch.where(keep, weight * adv * logps, 0.0)
+    return _finish(
+        per_token_loss, logps, m, ratio, masked_low, masked_high,
+        aggregation=aggregation, group_size=group_size, max_length=max_length, counts=counts,
+        ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+    )  # fmt: skip
+
+
+def dppo_tv_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    delta_low: float = 0.15,
+    delta_high: float = 0.15,
+    ratio_cap: float = 10.0,
+    aggregation: str = "token",
+    group_size: int | None = None,
+    max_length: int | None = None,
+    counts: GlobalCounts | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """DPPO-Binary-TV (Qi et al. 2026, "Rethinking the Trust Region in LLM RL", arXiv 2602.04879, §4):
+
+        ρ_t = π_θ(y_t) / μ(y_t),   D_t = π_θ(y_t) − μ(y_t)                (binary TV, signed)
+        M_t = 0 if (Â_t > 0 and D_t > δ_high) or (Â_t ≤ 0 and D_t < −δ_low), else 1
+        ℓ_t = −M_t · sg(min(ρ_t, C)) · Â_t · log π_θ(y_t)
+        ∇ℓ_t = −M_t min(ρ_t, C) Â_t ∇log π_θ(y_t)
+
+    PPO masks a token when its *ratio* leaves [1 − ε, 1 + ε], which over-constrains rare tokens (1e-5 → 1e-3 is a
+    ratio of 100 but a negligible divergence) and under-constrains likely ones. DPPO masks it when the divergence
+    between the two policies on that state — estimated on the sampled token's binary distribution — leaves the trust
+    region δ, and only in the direction the advantage pushes. Defaults: δ = 0.15 and C = 10 (the authors' Stable-RL
+    code and verl's example), token-mean aggregation. μ is the behaviour policy: old_logps (the recipe passes the
+    trainer's π_θold, or the sampler's log-probs with ratio_against=sampler). clip_frac_high/low count masked tokens
+    with Â > 0 / Â ≤ 0.
+    """
+    return _dppo(
+        logps, old_logps, advantages, mask, divergence="tv", delta_low=delta_low, delta_high=delta_high,
+        ratio_cap=ratio_cap, aggregation=aggregation, group_size=group_size, max_length=max_length, counts=counts,
+        ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+    )  # fmt: skip
+
+
+def dppo_kl_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    delta_low: float = 0.05,
+    delta_high: float = 0.05,
+    ratio_cap: float = 10.0,
+    aggregation: str = "token",
+    group_size: int | None = None,
+    max_length: int | None = None,
+    counts: GlobalCounts | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """DPPO-Binary-KL (Qi et al. 2026, arXiv 2602.04879, §4): DPPO-Binary-TV with the binary KL as the divergence:
+
+        D_t = μ log(μ/π) + (1 − μ) log((1 − μ)/(1 − π))     at the sampled token (`binary_kl`)
+        M_t = 0 if (Â_t > 0, π > μ, D_t > δ_high) or (Â_t ≤ 0, π < μ, D_t > δ_low), else 1
+        ℓ_t = −M_t · sg(min(ρ_t, C)) · Â_t · log π_θ(y_t)
+
+    Defaults δ = 0.05, C = 10 (Stable-RL / verl example), token-mean aggregation.
+    """
+    return _dppo(
+        logps, old_logps, advantages, mask, divergence="kl", delta_low=delta_low, delta_high=delta_high,
+        ratio_cap=ratio_cap, aggregation=aggregation, group_size=group_size, max_length=max_length, counts=counts,
+        ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator, is_weights=is_weights,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # PPO value loss
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -525,4 +826,13 @@ POLICY_LOSSES: dict[str, PolicyLossPreset] = {
     "scalerl": _preset(cispo_loss, "batch", epsilon_max=5.0, aggregation="prompt"),
     # PPO for RLHF: per-token GAE advantages, token average (plus clipped_value_loss for the critic).
     "ppo": _preset(clipped_surrogate_loss, "gae", epsilon_low=0.2, epsilon_high=0.2, aggregation="token"),
+    # GSPO §5.1: sequence-level clip 3e-4 / 4e-4, 1/G Σ_i over sequences, group-normalized advantages.
+    "gspo": _preset(gspo_loss, "grpo", epsilon_low=3e-4, epsilon_high=4e-4, aggregation="sample"),
+    # SAPO: τ_pos = 1.0, τ_neg = 1.05, GRPO's sample average and advantages.
+    "sapo": _preset(sapo_loss, "grpo", tau_pos=1.0, tau_neg=1.05, aggregation="sample"),
+    # DPPO (Stable-RL / verl example): binary TV δ = 0.15 or binary KL δ = 0.05, ratio cap 10, token mean.
+    "dppo_tv": _preset(dppo_tv_loss, "grpo", delta_low=0.15, delta_high=0.15, ratio_cap=10.0, aggregation="token"),
+    "dppo_kl": _preset(dppo_kl_loss, "grpo", delta_low=0.05, delta_high=0.05, ratio_cap=10.0, aggregation="token"),
+    # RLOO (TRL RLOOTrainer): leave-one-out advantages, sequence ratio clipped at 0.2, mean over sequences.
+    "rloo": _preset(rloo_loss, "rloo", epsilon_low=0.2, epsilon_high=0.2, aggregation="sample"),
 }

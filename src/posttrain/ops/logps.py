@@ -9,7 +9,8 @@ Two entry points:
   padding, which for RL and SFT batches is often most of them). From the final hidden states [B, T, D] and the LM
   head weight [V, D], each chunk's logits are computed, reduced to [rows] and dropped; the backward pass recomputes
   them per chunk. Peak extra memory is one chunk of logits instead of B·T·V floats (trl#3678 is this blow-up).
-The math is done in float32 whatever the model's dtype (ScaleRL's "FP32 logits", Khatri et al. 2025 §4).
+The math is done in float32 whatever the model's dtype (ScaleRL's "FP32 logits", Khatri et al. 2025 §4): the head's
+matmul itself returns float32 logits (a bf16 head is upcast once per call), not bf16 logits upcast afterwards.
 """
 
 from __future__ import annotations
@@ -57,49 +58,79 @@ def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK
     return torch.cat(out).view(B, T)
 
 
-class _FusedLinearLogps(torch.autograd.Function):
-    """log softmax(h Wᵀ / τ)[y] per row, chunked in forward and recomputed chunk-wise in backward.
+def _head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The LM head in the accumulation dtype: a bf16/fp16 head is upcast once per call (V·D floats), so that every
+    chunk's matmul returns float32 logits instead of rounding them to bf16 first (up to 0.007 nats on SmolLM2)."""
+    return weight.to(torch.promote_types(weight.dtype, torch.float32))
 
-    d log p(y) / d z = onehot(y) − softmax(z), so for an upstream gradient g per row:
-    dz = g·(onehot − p)/τ,  dh = dz W,  dW = dzᵀ h.
+
+def _chunk_logits(h: torch.Tensor, weight_acc: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z = h Wᵀ / τ in the accumulation dtype.  h [c, D], weight_acc [V, D] -> [c, V]."""
+    z = h.to(weight_acc.dtype) @ weight_acc.t()
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ / τ)[y] per row, in chunks of rows, never holding more than one chunk of logits.
+
+    d log p(y) / d z = onehot(y) − softmax(z), so for an upstream gradient g per row and S = softmax(z) − onehot(y):
+
+        dh = −(g/τ) · S W            dW = −Σ_rows (g/τ) Sᵀ h
+
+    dh does not depend on g except through a per-row factor, so the forward pass, which holds S for the chunk
+    anyway, computes U = S W [N, D] (one GEMM) and the backward pass only scales it: no logits are recomputed for
+    the hidden-state gradient. dW needs g inside the sum, so when the head itself is trained (full fine-tuning) the
+    backward recomputes each chunk's logits (one GEMM) and accumulates dW in place (one GEMM). Per chunk the
+    softmax is formed in place in the logits buffer (max, exp, sum, divide), so a chunk costs one [c, V] buffer.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size, temperature):  # hidden [N, D], weight [V, D], labels [N]
         N = hidden.shape[0]
-        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        weight_acc = _head_weight(weight)
+        acc_dtype = weight_acc.dtype
+        need_h = ctx.needs_input_grad[0]  # (grad mode is off inside forward; this flag is set from the inputs)
         logps = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         lse = torch.empty(N, dtype=acc_dtype, device=hidden.device)
+        u = torch.empty((N, hidden.shape[1]), dtype=acc_dtype, device=hidden.device) if need_h else None
         for start in range(0, N, chunk_size):
             end = min(start + chunk_size, N)
-            z = _acc(hidden[start:end] @ weight.t()) / temperature  # [c, V]
-            lse[start:end] = torch.logsumexp(z, dim=-1)
-            logps[start:end] = z.gather(-1, labels[start:end, None]).squeeze(-1) - lse[start:end]
-        ctx.save_for_backward(hidden, weight, labels, lse)
+            z = _chunk_logits(hidden[start:end], weight_acc, temperature)  # [c, V]
+            y = labels[start:end, None]
+            picked = z.gather(-1, y).squeeze(-1)  # [c]
+            zmax = z.amax(dim=-1, keepdim=True)  # [c, 1]
+            e = z.sub_(zmax).exp_()  # [c, V], in place
+            total = e.sum(dim=-1, keepdim=True)  # [c, 1]
+            lse[start:end] = (zmax + total.log()).squeeze(-1)
+            logps[start:end] = picked - lse[start:end]
+            if need_h:
+                s = e.div_(total)  # softmax, in place
+                s.scatter_add_(-1, y, torch.full_like(picked[:, None], -1.0))  # S = softmax − onehot
+                torch.mm(s, weight_acc, out=u[start:end])  # U = S W
+        ctx.save_for_backward(hidden, weight, labels, lse, u)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):  # grad_logps [N]
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, lse, u = ctx.saved_tensors
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        rows = torch.arange(min(chunk_size, hidden.shape[0]), device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            h = hidden[start:end]
-            z = _acc(h @ weight.t()) / temperature  # [c, V]
-            g = grad_logps[start:end].to(z.dtype)
-            dz = z.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])  # −g·softmax(z), in place: one [c, V] buffer
-            dz[rows[: end - start], labels[start:end]] += g
-            dz = dz.div_(temperature).to(weight.dtype)
-            if need_h:
-                grad_hidden[start:end] = dz @ weight
-            if need_w:
-                grad_weight += (dz.t() @ h).to(grad_weight.dtype)
-        if grad_weight is not None:
+        scale = grad_logps.to(lse.dtype).mul(-1.0 / temperature)  # [N]: −g/τ
+        grad_hidden = (u * scale[:, None]).to(hidden.dtype) if need_h else None
+        grad_weight = None
+        if need_w:
+            weight_acc = _head_weight(weight)
+            grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = min(start + chunk_size, hidden.shape[0])
+                h = hidden[start:end].to(lse.dtype)
+                z = _chunk_logits(h, weight_acc, temperature)  # [c, V]
+                s = z.sub_(lse[start:end, None]).exp_()  # softmax, in place
+                s.scatter_add_(-1, labels[start:end, None], torch.full((end - start, 1), -1.0, dtype=s.dtype,
+                                                                      device=s.device))  # S = softmax − onehot
+                s.mul_(scale[start:end, None])  # dz = −(g/τ) S
+                grad_weight.addmm_(s.t(), h)  # dW += dzᵀ h, in place
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
 
@@ -164,9 +195,10 @@ def entropy_at_rows(
     hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, temperature: float = 1.0
 ) -> torch.Tensor:
     """Entropy of softmax(h Wᵀ / τ) for rows of hidden states, chunked, no grad.  hidden [N, D] -> [N]."""
-    out = [torch.zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)]
+    weight_acc = _head_weight(weight)
+    out = [torch.zeros(0, dtype=weight_acc.dtype, device=hidden.device)]
     for start in range(0, hidden.shape[0], chunk_size):
-        z = _acc(hidden[start:start + chunk_size] @ weight.t()) / temperature  # [c, V]
+        z = _chunk_logits(hidden[start:start + chunk_size], weight_acc, temperature)  # [c, V]
         out.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
     return torch.cat(out)
 

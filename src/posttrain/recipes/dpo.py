@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
 from posttrain.data.tokenize import encode_preference
 from posttrain.errors import ConfigError, DataError
-from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
+from posttrain.losses.dpo import DEFAULT_BETA, DPO_LOSSES, REFERENCE_FREE, idea1_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
@@ -59,8 +60,11 @@ class DPOConfig(RunOptions):
     model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
     eval_file: str | None = field(None, help="held-out pairs in the same format; default: none")
     output_dir: str = field("runs/dpo", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
-    loss: str = field("sigmoid", help="sigmoid (DPO), ipo, hinge, idea0 (naive log-ratio), idea1 (SFT on winners)")
-    beta: float = field(0.1, help="β: strength of the pull toward π_ref (DPO paper: 0.1)")
+    loss: str = field("sigmoid", help="sigmoid (DPO), ipo, ipo_avg (IPO on length-averaged log-probs, as TRL), "
+                                      "hinge, simpo, orpo (no reference), idea0 (naive log-ratio), idea1 (SFT on winners)")
+    beta: float | None = field(None, help="β: strength of the pull toward π_ref; default: the loss's paper value "
+                                          "(0.1; SimPO 2.0; ORPO's λ 0.1)")
+    simpo_gamma_beta_ratio: float = field(0.5, help="SimPO margin γ as a fraction of β (SimPO's code: 0.5)")
     label_smoothing: float = field(0.0, help="conservative DPO ε, the assumed label-flip rate (sigmoid only)")
     sft_weight: float = field(0.0, help="add w × the token-mean NLL of the chosen answers (RPO, Pang et al. 2024; "
                                         "TRL's rpo_alpha); 0 = the loss alone")
@@ -84,12 +88,18 @@ class DPOConfig(RunOptions):
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
 
+    def __post_init__(self) -> None:
+        if self.beta is None and self.loss in DPO_LOSSES:
+            self.beta = DEFAULT_BETA.get(self.loss, 0.1)
+
     def validate(self) -> None:
         for key in ("max_length", "micro_batch_size", "grad_accum_steps", "ref_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
         if self.loss not in DPO_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {sorted(DPO_LOSSES)}, got {self.loss!r}.")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss, 0.1)
         if self.beta <= 0:
             raise ConfigError(f"key 'beta' must be > 0, got {self.beta}.")
         if not 0 <= self.label_smoothing < 0.5:
@@ -198,6 +208,13 @@ def pair_sequences(pairs: list[dict[str, Example]], index: list[int]) -> list[Ex
 def target_count(example: Example) -> int:
     """Answer tokens that carry a log-prob (the first token has no prediction)."""
     return sum(example["loss_mask"][1:])
+
+
+def preference_loss(config: DPOConfig):
+    """DPO_LOSSES[config.loss], with SimPO's margin ratio from the config."""
+    if config.loss == "simpo":
+        return functools.partial(DPO_LOSSES["simpo"], gamma_beta_ratio=config.simpo_gamma_beta_ratio)
+    return DPO_LOSSES[config.loss]
 
 
 def with_sft_term(loss_fn, sft_weight: float):
@@ -314,8 +331,10 @@ def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, la
         logps = sequence_logps(policy_fn, batch)
         ref_c, ref_r = ref_logps(index, batch)
         counts = torch.tensor([target_count(pairs[i]["chosen"]) for i in index], device=d.device)
+        rejected_counts = torch.tensor([target_count(pairs[i]["rejected"]) for i in index], device=d.device)
         out = loss_fn(logps[:len(index)], logps[len(index):], ref_c, ref_r, beta=beta,
-                      label_smoothing=label_smoothing, chosen_token_counts=counts, global_pair_count=N,
+                      label_smoothing=label_smoothing, chosen_token_counts=counts,
+                      rejected_token_counts=rejected_counts, global_pair_count=N,
                       global_chosen_token_count=total_chosen_targets)
         if j >= len(starts):
             continue
@@ -369,9 +388,10 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     pack_length = config.max_length if config.packing else None
     global_batch = config.micro_batch_size * config.grad_accum_steps * d.world_size
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(train_pairs) / global_batch))
-    loss_fn = with_sft_term(DPO_LOSSES[config.loss], config.sft_weight)
+    loss_fn = with_sft_term(preference_loss(config), config.sft_weight)
+    reference_free = config.loss in REFERENCE_FREE
 
-    kind = reference_kind(precompute=config.precompute_ref_logps, lora=config.lora_r > 0,
+    kind = "none" if reference_free else reference_kind(precompute=config.precompute_ref_logps, lora=config.lora_r > 0,
                           sync_steps=config.ref_sync_steps, sync_alpha=config.ref_sync_alpha)
     ref_model = None
     if kind == "copy":  # the initial network: the same weights the policy started from (LoRA starts at B = 0)
@@ -405,7 +425,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
 
     caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     t_cache = 0.0
-    if config.precompute_ref_logps:
+    if config.precompute_ref_logps and not reference_free:
         if "ref_cache" in extra:
             caches = {k: (c.to(d.device), r.to(d.device)) for k, (c, r) in extra["ref_cache"].items()}
         else:
@@ -416,6 +436,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
 
     def ref_logps_for(split: str):
         def fetch(index: list[int], batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            if reference_free:  # SimPO, ORPO: the loss never reads π_ref
+                zeros = torch.zeros(len(index), device=d.device)
+                return zeros, zeros
             if config.precompute_ref_logps:
                 chosen, rejected = caches[split]
                 return chosen[index], rejected[index]
@@ -431,7 +454,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
 
     def checkpoint_extra() -> dict[str, Any]:
         extra_out: dict[str, Any] = {"ref_syncs": syncs}
-        if config.precompute_ref_logps:
+        if config.precompute_ref_logps and not reference_free:
             extra_out["ref_cache"] = {k: (c.cpu(), r.cpu()) for k, (c, r) in caches.items()}
         if ref_model is not None and config.ref_sync_steps:
             extra_out["ref_state"] = {k: v.cpu() for k, v in ref_model.state_dict().items()}
@@ -447,6 +470,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
                        "ref/cache_seconds": t_cache})
     progress = Progress(total_steps, initial=start_step, enabled=config.progress and d.is_main, desc="dpo")
     chosen_targets = [target_count(p["chosen"]) for p in train_pairs]
+    rejected_targets = [target_count(p["rejected"]) for p in train_pairs]
     train_ref = ref_logps_for("train")
     summary: dict[str, Any] = {"ref/kind": kind, "ref/cache_seconds": t_cache}
     t_last, pairs_since, tokens_since = time.perf_counter(), 0.0, 0.0
@@ -464,10 +488,11 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
             with no_sync(logps_fn, skip=i < len(mine) - 1):
                 logps = sequence_logps(logps_fn, batch)  # [2b]: chosen then rejected
                 counts = torch.tensor([chosen_targets[u] for u in index], device=d.device)
+                rejected_counts = torch.tensor([rejected_targets[u] for u in index], device=d.device)
                 # DDP averages gradients over ranks; dividing the global counts by world_size undoes that average.
                 out = loss_fn(logps[:len(index)], logps[len(index):], ref_c, ref_r, beta=config.beta,
                               label_smoothing=config.label_smoothing, chosen_token_counts=counts,
-                              global_pair_count=global_batch / d.world_size,
+                              rejected_token_counts=rejected_counts, global_pair_count=global_batch / d.world_size,
                               global_chosen_token_count=global_chosen / d.world_size)
                 out.loss.backward()
             loss_sum += float(out.loss.detach())
@@ -484,7 +509,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         if config.ref_sync_steps and done % config.ref_sync_steps == 0 and done < total_steps:
             if ref_model is not None:
                 sync_reference(ref_model, model, config.ref_sync_alpha)
-            if config.precompute_ref_logps:
+            if config.precompute_ref_logps and not reference_free:
                 caches = build_caches()
             syncs += 1
 

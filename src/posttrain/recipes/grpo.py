@@ -1,4 +1,5 @@
-"""Online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, CISPO and ScaleRL, chosen by name (`loss=`).
+"""Online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, CISPO, ScaleRL, GSPO, SAPO, DPPO (TV/KL) and RLOO,
+chosen by name (`loss=`).
 
     posttrain grpo --config configs/grpo_chain_sum.yaml [key=value ...] [--resume]
 
@@ -65,6 +66,10 @@ class GRPOConfig(RunOptions, PromptSource):
     epsilon_low: float | None = field(None, help="clip ε (lower); default: the preset's")
     epsilon_high: float | None = field(None, help="clip ε_high (DAPO clip-higher); default: the preset's")
     epsilon_max: float | None = field(None, help="CISPO/ScaleRL truncation cap ε_max; default: the preset's (5.0)")
+    tau_pos: float | None = field(None, help="SAPO gate temperature for Â > 0; default: the preset's (1.0)")
+    tau_neg: float | None = field(None, help="SAPO gate temperature for Â ≤ 0; default: the preset's (1.05)")
+    delta_low: float | None = field(None, help="DPPO trust region δ for tokens pushed down; default: the preset's")
+    delta_high: float | None = field(None, help="DPPO trust region δ for tokens pushed up; default: the preset's")
     aggregation: str | None = field(None, help="override: token, sample, prompt or constant")
     num_generations: int = field(8, help="G: samples per prompt")
     prompts_per_step: int = field(4, help="B: prompts per optimizer step")
@@ -142,9 +147,8 @@ def loss_options(config: GRPOConfig) -> dict[str, Any]:
                             "max_length": config.max_episode_tokens if config.env else config.max_new_tokens}
     if config.aggregation:
         opts["aggregation"] = config.aggregation
-    names = ("epsilon_low", "epsilon_high") if "epsilon_low" in preset.defaults else ("epsilon_max",)
-    for name in names:
-        if getattr(config, name) is not None:
+    for name in ("epsilon_low", "epsilon_high", "epsilon_max", "tau_pos", "tau_neg", "delta_low", "delta_high"):
+        if name in preset.defaults and getattr(config, name) is not None:
             opts[name] = getattr(config, name)
     if config.kl_coef:
         opts.update(kl_coef=config.kl_coef, kl_estimator=config.kl_estimator)

@@ -1,0 +1,158 @@
+"""Experiment: DPO vs IPO (length-averaged, as TRL) vs KTO vs ORPO vs SimPO on the identity pairs with the
+control-preservation measure (posttrain.eval.preservation), SmolLM2-135M-Instruct with LoRA, same budget.
+
+    python experiments/preference_losses/run.py [--config experiments/preference_losses/config.yaml] [--only dpo,kto]
+
+For the base model and after each method: the identity rate on the 12 held-out identity phrasings, the identity
+leak on 24 unrelated control prompts, and the change of the per-token log-likelihood of the base model's own
+control answers (each with n and a standard error). Writes results.json (after every method) and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from posttrain.config import build_config
+from posttrain.data.formats import read_rows
+from posttrain.data.preference import greedy_replies
+from posttrain.eval.preservation import answer_logps, preservation_report
+from posttrain.models.loading import load_model
+from posttrain.recipes.dpo import DPOConfig
+from posttrain.recipes.dpo import run as run_dpo
+from posttrain.recipes.kto import KTOConfig
+from posttrain.recipes.kto import run as run_kto
+from posttrain.train.logging import read_metrics
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default=str(HERE / "config.yaml"))
+    p.add_argument("--only", default=None, help="comma list of methods (default: all)")
+    p.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
+    a = p.parse_args()
+    main_json = HERE / "results.json"
+    if a.render:
+        render(merged())
+        return
+    # a run limited by --only writes its own file, so parallel shells do not overwrite each other's runs
+    out_json = HERE / ("results_" + a.only.replace(",", "_") + ".json") if a.only else main_json
+    cfg = yaml.safe_load(Path(a.config).read_text())
+    torch.set_num_threads(cfg["threads"])
+    questions = [r["prompt"] for r in read_rows(ROOT / cfg["heldout_file"])]
+    results = {"config": cfg, "runs": {}}
+    t0 = time.time()
+    base, tokenizer = load_model(cfg["model"])
+    control = [[{"role": "user", "content": q}] for q in cfg["control_prompts"]]
+    earlier = json.loads(main_json.read_text()) if main_json.exists() else None
+    if earlier and earlier.get("base", {}).get("base_control_answers") and earlier["config"] == cfg:
+        base_answers = earlier["base"]["base_control_answers"]  # the base model's greedy answers, measured once
+    else:
+        base_answers = greedy_replies(base, tokenizer, control, max_new_tokens=cfg["max_new_tokens"])
+    base_logps = answer_logps(base, tokenizer, control, base_answers)
+
+    def measure(model, tok) -> dict:
+        report = preservation_report(model, tok, identity_questions=questions, control_prompts=control,
+                                     base_answers=base_answers, base_logps=base_logps,
+                                     max_new_tokens=cfg["max_new_tokens"])
+        return {**{k: vars(getattr(report, k)) for k in ("identity", "leakage", "unchanged")},
+                "control_logp_change": report.control_logp_change,
+                "control_logp_change_se": report.control_logp_change_se, "control_tokens": report.control_tokens,
+                "identity_answers": report.identity_answers, "control_answers": report.control_answers}
+
+    if earlier and earlier.get("base", {}).get("base_control_answers") == base_answers:
+        results["base"] = earlier["base"]
+    else:
+        results["base"] = {**measure(base, tokenizer), "base_control_answers": base_answers,
+                           "seconds": time.time() - t0}
+    del base
+    only = set(a.only.split(",")) if a.only else None
+    for seed in cfg["seeds"]:
+        for name, method in cfg["methods"].items():
+            if only and name not in only:
+                continue
+            t0 = time.time()
+            values = {k: v for k, v in {**cfg["common"], **method}.items() if k != "recipe"}
+            values.update(model=cfg["model"], train_file=str(ROOT / cfg["train_file"]), seed=seed,
+                          output_dir=str(ROOT / cfg["output_root"] / f"{name}_s{seed}"))
+            cls, run = (KTOConfig, run_kto) if method["recipe"] == "kto" else (DPOConfig, run_dpo)
+            config = build_config(cls, values, source=f"{a.config}:{name}")
+            summary = run(config)
+            train_seconds = time.time() - t0
+            model, tok = load_model(summary["final_dir"])
+            measured = measure(model, tok)
+            rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")
+            losses = [r["train/loss"] for r in rows if "train/loss" in r]
+            results["runs"][f"{name}_s{seed}"] = {
+                "method": name, "seed": seed, **measured, "loss_first": losses[0], "loss_last": losses[-1],
+                "train_seconds": train_seconds, "seconds": time.time() - t0,
+            }
+            out_json.write_text(json.dumps(results, indent=2) + "\n")
+            print(name, seed, json.dumps({k: v for k, v in measured.items() if "answers" not in k}), flush=True)
+    out_json.write_text(json.dumps(results, indent=2) + "\n")
+    render(merged())
+
+
+def merged() -> dict:
+    """results.json plus the runs of any results_<methods>.json written by --only shells."""
+    results = json.loads((HERE / "results.json").read_text())
+    for extra in sorted(HERE.glob("results_*.json")):
+        results["runs"].update(json.loads(extra.read_text())["runs"])
+    return results
+
+
+def _rate(r: dict) -> str:
+    return f"{r['value']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def render(results: dict) -> None:
+    """results.md from results.json."""
+    cfg = results["config"]
+    b = results["base"]
+    lines = ["# DPO vs IPO vs KTO vs ORPO vs SimPO on the identity pairs, with control preservation\n",
+             (f"Rerun: `python experiments/preference_losses/run.py` (config `config.yaml`). {cfg['model']}, LoRA "
+             f"r={cfg['common']['lora_r']}, lr {cfg['common']['lr']}, {cfg['common']['max_steps']} steps of 12 "
+             f"sequences (6 pairs; 12 unpaired rows for KTO), each loss at its paper's β, seeds {cfg['seeds']}, "
+             f"{cfg['threads']} CPU thread. Measures from `posttrain.eval.preservation`: identity rate on "
+             f"{b['identity']['n']} held-out identity phrasings, leakage of the new name into answers to "
+             f"{b['leakage']['n']} unrelated control prompts, the share of those answers left exactly unchanged, and "
+             "Δ = change of the log-likelihood of the base model's own control answers (nats per answer token, "
+             f"{b['control_tokens']} tokens; 0 = unchanged). Rates carry Wilson 95% intervals; Δ ± one standard "
+             "error over prompts.\n"),
+             ("| model | identity rate | leakage (control) | control answers unchanged | control Δ log-lik/token | "
+             "train loss first → last | train s |"), "|---|---|---|---|---|---|---|",
+             (f"| base | {_rate(b['identity'])} | {_rate(b['leakage'])} | {_rate(b['unchanged'])} | "
+             f"{b['control_logp_change']:+.3f} | | |")]
+    for key, r in results["runs"].items():
+        lines.append(f"| {key} | {_rate(r['identity'])} | {_rate(r['leakage'])} | {_rate(r['unchanged'])} | "
+                     f"{r['control_logp_change']:+.3f} ± {r['control_logp_change_se']:.3f} | "
+                     f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['train_seconds']:.0f} |")
+    lines += ["", "## Greedy answers to the first held-out identity question and the first two control prompts", ""]
+    for key, r in [("base", b)] + list(results["runs"].items()):
+        lines.append(f"- **{key}**: {r['identity_answers'][0]!r} / {r['control_answers'][0]!r} / "
+                     f"{r['control_answers'][1]!r}")
+    lines += ["", ("Reading (one seed, 8 steps): no loss made the new name the greedy answer to a held-out identity "
+              "question within this budget (0/12 each; experiments/dpo_identity needs the winners' NLL term or more "
+              "steps for that), and none leaked it into control answers. They differ in what they did to the rest: "
+              "the base model's own control answers lost ~1.0 nats/token of log-likelihood under DPO, ~0.75 under "
+              "IPO and SimPO, ~0.57 under KTO and ~0.25 under ORPO (whose NLL term on the chosen answers keeps the "
+              "model closest to fluent text); no loss left more than 3/24 control answers unchanged.")]
+    notes = [f"- {key}: {r['note']}" for key, r in results["runs"].items() if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
