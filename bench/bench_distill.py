@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import run_sides, step_clock  # noqa: E402
+from common import run_sides, step_clock
 
 TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."

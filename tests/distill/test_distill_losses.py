@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from posttrain.losses.distill import (
-    forward_kl, forward_kl_topk, generalized_jsd, reverse_kl, reverse_kl_sampled_loss, row_divergence,
+    forward_kl,
+    forward_kl_topk,
+    generalized_jsd,
+    reverse_kl,
+    reverse_kl_sampled_loss,
+    row_divergence,
     token_divergence_loss,
 )
 
