@@ -24,12 +24,14 @@ import torch
 
 from posttrain.config import RunOptions, field
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
 from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
+from posttrain.ops.mismatch import Mismatch
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
@@ -45,7 +47,7 @@ RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(RunOptions, PromptSource):
+class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
     model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
@@ -91,6 +93,7 @@ class GRPOConfig(RunOptions, PromptSource):
 
     def validate(self) -> None:
         self.validate_prompt_source()
+        self.validate_generation()
         if self.loss not in RL_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {RL_LOSSES}, got {self.loss!r}.")
         if self.advantage is not None and self.advantage not in ADVANTAGE_ESTIMATORS:
@@ -221,7 +224,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
     ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
-    generator = HFGenerator(model, tokenizer)
+    generator = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
@@ -267,8 +270,10 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if sampled["kept"]:
+            sleep_engine(generator)
             metrics.update(_update(sampled["kept"], model, logps_fn, ref_fn, optimizer, scheduler, config, estimator,
                                    preset, opts, G, timer))
+            metrics.update(sync_weights(generator, model, timer))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
@@ -289,6 +294,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
                              scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
     save_final(model, tokenizer, out_dir / "final")
     logger.close()
+    close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
     return summary
 
@@ -331,11 +337,14 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
-    for _ in range(config.updates_per_batch):
+    mismatch = Mismatch()  # sampler vs trainer log-probs at θ_old: the first pass's forward
+    for epoch in range(config.updates_per_batch):
         for i, s in enumerate(slices):
             with timer("update"):
                 out = score(logps_fn, i, temperature=temperature, with_entropy=True)
                 mask = batch.mask[s]
+                if epoch == 0:
+                    mismatch.add(out.logps, batch.gen_logps[s], mask)
                 old = old_logps[s] if old_logps is not None else out.logps.detach()
                 is_w = None
                 stats = importance_sampling_weights(old, batch.gen_logps[s], mask,
@@ -361,6 +370,7 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
             optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in totals.items()}
+    metrics.update(mismatch.metrics())
     metrics["grad_norm"] = float(grad_norm)
     metrics["advantage/abs_mean"] = float(advantages.abs().mean())
     metrics["update/sequences"] = float(N)

@@ -22,13 +22,15 @@ import torch
 
 from posttrain.config import RunOptions, field
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
+from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.sampler import SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.value import ValueModel
 from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
+from posttrain.ops.mismatch import logprob_mismatch
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
@@ -42,7 +44,7 @@ from posttrain.train.state import (
 
 
 @dataclass(kw_only=True)
-class PPOConfig(RunOptions, PromptSource):
+class PPOConfig(RunOptions, PromptSource, GenerationOptions):
     model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
     reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
     rewards: list[str] = field(default_factory=list, help="or verifier rewards by name (posttrain.rewards.REWARDS)")
@@ -68,6 +70,7 @@ class PPOConfig(RunOptions, PromptSource):
 
     def validate(self) -> None:
         self.validate_prompt_source()
+        self.validate_generation()
         if (self.reward_model is None) == (not self.rewards):
             raise ConfigError("set exactly one of 'reward_model' (a `posttrain reward` folder) or 'rewards' (names).")
         for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
@@ -100,7 +103,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         critic.load(checkpoint / "critic.safetensors")
     logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
     ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
-    generator = HFGenerator(model, tokenizer)
+    generator = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     optimizer = build_optimizer(model.parameters(), lr=config.lr)
     optimizer.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad], "lr": config.critic_lr,
                                "weight_decay": 0.0})
@@ -142,6 +145,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                 ref_logps = (ref_fn or logps_fn)(batch.input_ids, batch.labels, batch.position_ids,
                                                  temperature=config.temperature).logps
             old_values = critic(batch.input_ids, batch.position_ids)
+        mismatch = logprob_mismatch(old_logps, batch.gen_logps, batch.mask)  # trainer vs sampler at θ_old
         old_logps_c, ref_logps_c = completion_view(old_logps, batch), completion_view(ref_logps, batch)
         old_values_c = completion_view(old_values, batch)
         token_rewards = kl_penalized_token_rewards(scores, old_logps_c, ref_logps_c, mask, kl_coef=config.kl_coef,
@@ -153,6 +157,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         totals: dict[str, float] = {}
         updates = 0
         g = torch.Generator().manual_seed(config.seed * 31 + step)
+        sleep_engine(generator)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(N, generator=g)
             for i in range(0, N, config.minibatch_size):
@@ -179,6 +184,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                              "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
                              "grad_norm": float(grad_norm)}.items():
                     totals[k] = totals.get(k, 0.0) + v
+        metrics_sync = sync_weights(generator, model, timer)
         kl_seq = (torch.where(mask, old_logps_c - ref_logps_c, 0.0)).sum(1)  # [N] sequence KL (k1)
         metrics = {k: v / updates for k, v in totals.items()}
         metrics.update({
@@ -186,7 +192,7 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
             "reward/non_score_mean": float(torch.where(mask, token_rewards, 0.0).sum(1).mean() - scores.mean()),
             "kl/sequence_mean": float(kl_seq.mean()), "value/explained_variance": float(vf.explained_variance),
             "completion/mean_length": float(batch.completion_lengths.float().mean()),
-            "train/lr": scheduler.get_last_lr()[0], **timer.pop(),
+            "train/lr": scheduler.get_last_lr()[0], **mismatch, **metrics_sync, **timer.pop(),
         })
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
@@ -203,5 +209,6 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                              modules={"critic": critic})
     save_final(model, tokenizer, out_dir / "final")
     logger.close()
+    close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
     return summary
