@@ -76,7 +76,8 @@ def _params_from_json(d: dict[str, Any]) -> SamplingParams:
     unknown = set(d) - set(SAMPLING_FIELDS)
     if unknown:
         raise ValueError(f"unknown sampling fields {sorted(unknown)}; expected {list(SAMPLING_FIELDS)}")
-    return SamplingParams(**{k: (tuple(v) if k == "stop" else v) for k, v in d.items()})
+    values: dict[str, Any] = {k: (tuple(v) if k == "stop" else v) for k, v in d.items()}
+    return SamplingParams(**values)
 
 
 def _make_handler(engine, model_name: str):
@@ -97,13 +98,13 @@ def _make_handler(engine, model_name: str):
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             if self.path == "/health":
                 self._send(200, {"status": "ok", "version": engine.version, "model": model_name})
             else:
                 self._send(404, {"error": f"no such endpoint {self.path}"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             try:
                 if self.path == "/generate":
                     self._send(*self._generate(json.loads(self._body())))
@@ -227,7 +228,7 @@ class VLLMServerClient:
             except ValueError:
                 pass
             raise ServerError(f"vLLM server {self.url} refused {path} (HTTP {e.code}): {detail}") from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             died = self._died()
             raise ServerError(f"vLLM server {self.url} did not answer {path} ({reason}){died}; the run stops here "
@@ -259,7 +260,8 @@ class VLLMServerClient:
         log = self.log_path
         if not log or not os.path.exists(log):
             return ""
-        lines = [ln for ln in open(log, errors="replace").read().splitlines() if ln.strip()]
+        with open(log, errors="replace") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
         return "; its last output: " + " | ".join(lines[-3:]) if lines else ""
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, n: int = 1) -> Rollouts:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -89,10 +89,11 @@ def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     deltas: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and not getattr(module, "merged", False):
+            lora: Any = module
             delta = None
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    d = module.get_delta_weight(adapter)
+            for adapter in lora.active_adapters:
+                if adapter in lora.lora_A:
+                    d = lora.get_delta_weight(adapter)
                     delta = d if delta is None else delta + d
             if delta is not None:
                 deltas[f"{name}.weight"] = delta
@@ -206,7 +207,7 @@ class VLLMEngine:
                                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
         self.eos_token_ids = (tuple(eos_token_ids) if eos_token_ids is not None
-                              else eos_ids_of(_ConfigView(folder), self.tokenizer))
+                              else eos_ids_of(cast(Any, _ConfigView(folder)), self.tokenizer))
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0))
         self.version = 0
@@ -285,9 +286,13 @@ class _ConfigView:
     def __init__(self, folder: str):
         import json
 
-        self.config = _Attrs(json.loads(open(os.path.join(folder, "config.json")).read()))
+        with open(os.path.join(folder, "config.json")) as f:
+            self.config = _Attrs(json.load(f))
         gen = os.path.join(folder, "generation_config.json")
-        self.generation_config = _Attrs(json.loads(open(gen).read())) if os.path.isfile(gen) else None
+        self.generation_config = None
+        if os.path.isfile(gen):
+            with open(gen) as f:
+                self.generation_config = _Attrs(json.load(f))
 
 
 class _Attrs:
