@@ -110,12 +110,12 @@ def sampler_logps():
     from posttrain.generation.sampler import HFGenerator, SamplingParams
     from posttrain.models import tiny_model, tiny_tokenizer
     from posttrain.models.forward import TokenLogps
-    from posttrain.train.rl import rollout_batch
+    from posttrain.generation.rollout import rollout_sequences
 
     model, tok = tiny_model(seed=4).to(DEV), tiny_tokenizer()
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hello", "a longer prompt", "x")]
     rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.7, seed=1), n=4)
-    batch = rollout_batch(rollouts, tok.pad_token_id).to(DEV)
+    batch = rollout_sequences(rollouts, tok.pad_token_id).to(DEV)
     out = TokenLogps(model)(batch.input_ids, batch.labels, batch.position_ids, temperature=0.7)
     err = float((out.logps - batch.gen_logps)[batch.mask].abs().max())
     return err < 1e-4, {"max_abs_err": err, "tokens": int(batch.mask.sum())}
@@ -126,14 +126,14 @@ def shared_prefix():
     from posttrain.generation.sampler import HFGenerator, SamplingParams
     from posttrain.models import tiny_model, tiny_tokenizer
     from posttrain.models.forward import TokenLogps
-    from posttrain.train.rl import rollout_batch
+    from posttrain.generation.rollout import rollout_sequences
 
     figures, ok = {}, True
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
         model, tok = tiny_model(seed=5, dtype=dtype).to(DEV), tiny_tokenizer()
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hi", "a much longer prompt here", "mid")]
         rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=10, seed=3), n=4)
-        batch = rollout_batch(rollouts, tok.pad_token_id)
+        batch = rollout_sequences(rollouts, tok.pad_token_id)
         fn = TokenLogps(model)
         rows = slice(0, 12)
         packed = batch.shared_prefix(rows, pad_id=0).to(DEV)
@@ -228,7 +228,7 @@ def throughput():
     from posttrain.models.forward import TokenLogps
     from posttrain.models.loading import load_model
     from posttrain.train.optim import build_optimizer
-    from posttrain.train.rl import rollout_batch
+    from posttrain.generation.rollout import rollout_sequences
 
     model, tok = load_model(SMOL, dtype="bfloat16", device=DEV)
     model.train()
@@ -262,7 +262,7 @@ def throughput():
     torch.cuda.synchronize()
     gen_s = time.perf_counter() - t
     model.train()
-    batch = rollout_batch(rollouts, 0)
+    batch = rollout_sequences(rollouts, 0)
     t = time.perf_counter()
     for i in range(0, 64, 16):
         packed = batch.shared_prefix(slice(i, i + 16), pad_id=0).to(DEV)

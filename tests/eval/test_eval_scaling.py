@@ -208,3 +208,39 @@ def test_bad_inputs():
         fit_sigmoid([1, 2, 3], [0.1, 0.2])
     with pytest.raises(ValueError, match="uncertainty"):
         fit_sigmoid(COMPUTE, sigmoid_law(COMPUTE, **TRUE), uncertainty="jackknife")
+
+
+def test_flat_noisy_early_halves_never_give_a_degenerate_midpoint():
+    """Flat, noisy curves (a run that has not started to rise) used to send ln C_mid to -inf in the refinement:
+    C_mid = 0.0, and predict() then raised a math domain error. C_mid must stay a positive value inside the
+    grid's range, predictions finite, and a fit whose B is stuck at its bound must say so."""
+    compute = np.arange(1, 21) * 10.0
+    flagged = 0
+    for seed in range(40):
+        rate = np.clip(0.3 + np.random.default_rng(seed).normal(0.0, 0.05, compute.size), 0.0, 1.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check = extrapolation_check(compute, rate)
+        fit = check.fit
+        assert compute[:10].min() / 10 * (1 - 1e-9) <= fit.C_mid <= compute[:10].max() * 10 * (1 + 1e-9)
+        assert np.all(np.isfinite(check.predicted))
+        if fit.B > 0.99 * 100.0:
+            assert "B" in fit.at_bounds and fit.degenerate
+        assert fit.degenerate == any("bound of the search" in str(w.message) for w in caught)
+        flagged += fit.degenerate
+    assert flagged >= 20  # pure noise: most fits are steps, and every one of them is flagged
+
+
+def test_a_clean_sigmoid_is_not_flagged():
+    compute = np.geomspace(1.0, 1000.0, 30)
+    rate = sigmoid_law(compute, A=0.8, B=1.5, C_mid=30.0, R0=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bound warning may be raised
+        fit = fit_sigmoid(compute, rate)
+    assert fit.at_bounds == () and not fit.degenerate
+    assert fit.to_dict()["at_bounds"] == []
+
+
+def test_sigmoid_law_refuses_a_nonpositive_midpoint():
+    with pytest.raises(ValueError, match="C_mid"):
+        sigmoid_law(np.array([1.0]), A=0.5, B=1.0, C_mid=0.0, R0=0.1)

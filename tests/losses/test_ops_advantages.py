@@ -138,3 +138,19 @@ def test_masked_whiten():
     assert torch.equal(w[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
     kept = masked_whiten(x, mask, shift_mean=False)
     assert kept[mask].mean().item() == pytest.approx(x[mask].mean().item(), abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_equal_rewards_give_exactly_zero_in_any_dtype(name, dtype):
+    # eight float32 0.7 average to 0.7 + 6e-8: without the exact-zero rule GRPO gave each sample +0.06
+    flat = torch.full((1, 8), 0.7, dtype=dtype)
+    assert flat.float().mean(dim=1).item() != flat[0, 0].float().item() or dtype != torch.float32
+    adv = ADVANTAGE_ESTIMATORS[name](flat, 8)
+    assert adv.dtype == dtype and adv.shape == (1, 8)
+    assert (adv == 0).all(), adv
+    # next to a group with signal, the flat group still gets exact zeros and the other group its usual values
+    mixed = torch.tensor([[0.7] * 8, [1.0, 0.0] * 4], dtype=dtype)
+    out = ADVANTAGE_ESTIMATORS[name](mixed.reshape(-1), 8).view(2, 8)
+    assert (out[0] == 0).all()
+    assert (out[1][0::2] > 0).all() and (out[1][1::2] < 0).all()

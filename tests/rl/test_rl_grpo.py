@@ -13,7 +13,9 @@ from posttrain.models.forward import TokenLogps
 from posttrain.recipes.grpo import GRPOConfig, run
 from posttrain.rewards import REWARDS
 from posttrain.train.logging import read_metrics
-from posttrain.train.rl import PromptPool, compute_rewards, rollout_batch
+from posttrain.data.prompts import PromptPool
+from posttrain.generation.rollout import RolloutBatch, rollout_sequences
+from posttrain.rewards import score_completions
 
 LETTERS = set("abcdefghijklmnopqrstuvwxyz")
 
@@ -47,7 +49,7 @@ def test_rollout_batch_aligns_sampler_logps_with_teacher_forcing():
     model, tok = tiny_model(seed=4), tiny_tokenizer()
     prompts = [tok("hello", add_special_tokens=False)["input_ids"], tok("a longer prompt", add_special_tokens=False)["input_ids"]]
     rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, seed=1), n=3)
-    batch = rollout_batch(rollouts, tok.pad_token_id)
+    batch = rollout_sequences(rollouts, tok.pad_token_id)
     assert batch.mask.sum(1).tolist() == rollouts.lengths
     out = TokenLogps(model)(batch.input_ids, batch.labels, batch.position_ids, temperature=0.7)
     torch.testing.assert_close(out.logps[batch.mask], batch.gen_logps[batch.mask], atol=1e-5, rtol=1e-5)
@@ -70,11 +72,11 @@ def test_prompt_pool_order_and_retirement():
     assert clone.take(6) == pool.take(6)
 
 
-def test_compute_rewards_weights_and_none():
+def test_score_completions_weights_and_none():
     rows = [{"prompt": "p", "answer": "1"}] * 3
     a = lambda prompts, completions, **kw: [1.0, None, 0.0]  # noqa: E731
     b = lambda prompts, completions, answer, **kw: [0.5, None, 1.0]  # noqa: E731
-    total, parts = compute_rewards([a, b], [2.0, 1.0], rows, ["x", "y", "z"])
+    total, parts = score_completions([a, b], [2.0, 1.0], rows, ["x", "y", "z"])
     assert total.tolist() == [2.5, 0.0, 1.0]
 
 
@@ -127,3 +129,37 @@ def test_config_errors():
         load_config(GRPOConfig, None, ["task=chain_sum", "loss=reinforce"])
     with pytest.raises(ConfigError, match="multiple of 'num_generations'"):
         load_config(GRPOConfig, None, ["task=chain_sum", "loss=scalerl", "micro_batch_size=12"])
+
+
+def test_reference_logps_use_the_sampling_temperature(tmp_path, letters):
+    """At step 0 the policy is the reference: with temperature 0.7 the logged KL is exactly 0 and the k3 term adds no
+    gradient (its derivative 1 − π_ref/π_θ vanishes), so the step equals the kl_coef = 0 step."""
+    with_kl = _config(tmp_path, temperature=0.7, kl_coef=0.1, max_steps=1, output_dir=str(tmp_path / "kl"))
+    without = _config(tmp_path, temperature=0.7, kl_coef=0.0, max_steps=1, output_dir=str(tmp_path / "nokl"))
+    run(with_kl)
+    run(without)
+    a = [r for r in read_metrics(tmp_path / "kl" / "metrics.jsonl") if "kl" in r]
+    b = [r for r in read_metrics(tmp_path / "nokl" / "metrics.jsonl") if "grad_norm" in r]
+    assert a[0]["kl"] == 0.0
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-6)
+
+
+def test_rollout_batch_concat_and_shape_check():
+    model, tok = tiny_model(seed=4), tiny_tokenizer()
+    gen = HFGenerator(model, tok)
+    prompts = [tok("hello", add_special_tokens=False)["input_ids"], tok("a longer prompt", add_special_tokens=False)["input_ids"]]
+    parts = []
+    for seed, p in enumerate(prompts):
+        seqs = rollout_sequences(gen.generate([p], SamplingParams(max_new_tokens=4 + 3 * seed, seed=seed), n=2), 0)
+        parts.append(RolloutBatch(seqs, torch.tensor([[1.0, 0.0]]) + seed, [seed]))
+    both = RolloutBatch.concat(parts)
+    assert (both.num_groups, both.group_size, len(both)) == (2, 2, 4) and both.prompt_index == [0, 1]
+    assert both.rewards.tolist() == [[1.0, 0.0], [2.0, 1.0]]
+    L = both.sequences.input_ids.shape[1]
+    assert L == max(p.sequences.input_ids.shape[1] for p in parts)
+    # rows keep their tokens and labels; the shorter part is right-padded
+    first = parts[0].sequences
+    assert torch.equal(both.sequences.labels[:2, :first.labels.shape[1]], first.labels)
+    assert (both.sequences.labels[:2, first.labels.shape[1]:] == -100).all()
+    with pytest.raises(ValueError, match="B'·G"):
+        RolloutBatch(first, torch.zeros(1, 3), [0])

@@ -16,14 +16,14 @@ from posttrain.models.value import ValueModel  # noqa: E402
 from posttrain.recipes.ppo import PPOConfig, run  # noqa: E402
 from posttrain.rewards import REWARDS  # noqa: E402
 from posttrain.train.logging import read_metrics  # noqa: E402
-from posttrain.train.rl import completion_view, rollout_batch  # noqa: E402
+from posttrain.generation.rollout import completion_view, rollout_sequences  # noqa: E402
 
 
 def test_completion_view_recovers_sampler_logps():
     model, tok = tiny_model(seed=5), tiny_tokenizer()
     prompts = [tok("hi", add_special_tokens=False)["input_ids"], tok("hello there", add_special_tokens=False)["input_ids"]]
     rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=5, seed=3), n=2)
-    batch = rollout_batch(rollouts, tok.pad_token_id)
+    batch = rollout_sequences(rollouts, tok.pad_token_id)
     view = completion_view(batch.gen_logps, batch)
     T = view.shape[1]
     torch.testing.assert_close(view, rollouts.logps[:, :T].float() * rollouts.completion_mask[:, :T])

@@ -18,7 +18,7 @@ from posttrain.models.forward import TokenLogps
 from posttrain.recipes.grpo import GRPOConfig, run
 from posttrain.rewards import REWARDS
 from posttrain.train.logging import read_metrics
-from posttrain.train.rl import rollout_batch
+from posttrain.generation.rollout import rollout_sequences
 
 
 def test_pack_shared_prefix_by_hand():
@@ -53,7 +53,7 @@ def test_shared_prefix_logps_and_gradients_equal_per_sample(attn):
     model.config._attn_implementation = attn
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hi", "a much longer prompt here", "mid one")]
     rollouts = HFGenerator(model, tok).generate(prompts, SamplingParams(max_new_tokens=7, temperature=1.0, seed=3), n=4)
-    batch = rollout_batch(rollouts, tok.pad_token_id)
+    batch = rollout_sequences(rollouts, tok.pad_token_id)
     fn = TokenLogps(model, chunk_size=5)
     weights = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for rows in (slice(0, 12), slice(2, 7)):  # all groups; a micro-batch that splits two groups

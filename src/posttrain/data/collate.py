@@ -87,7 +87,7 @@ class SharedPrefixBatch:
     input_ids, position_ids [R, S]; attention [R, 1, S, S] bool (True = may attend); pads attend to themselves only.
     src [M]: for each scored completion token, the flat index (into R·S) of the hidden state that predicts it (the
     prompt's last position for a completion's first token); labels [M]: that token; dst [M]: its flat index in the
-    per-sample label layout [n, L] (`train.rl.SequenceBatch`: the log-prob of token t+1 sits at position t).
+    per-sample label layout [n, L] (`generation.rollout.RolloutSequences`: the log-prob of token t+1 sits at position t).
     """
 
     input_ids: torch.Tensor

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +55,8 @@ B_BOUNDS = (1e-3, 100.0)
 
 def sigmoid_law(compute: np.ndarray | float, A: float, B: float, C_mid: float, R0: float) -> np.ndarray:
     """R_C of Eq. 1 at each compute value ([N] -> [N]); C = 0 gives R0."""
+    if not (math.isfinite(C_mid) and C_mid > 0):
+        raise ValueError(f"C_mid must be a positive finite compute value, got {C_mid!r}")
     compute = np.asarray(compute, dtype=np.float64)
     with np.errstate(divide="ignore"):
         z = B * (np.log(compute) - math.log(C_mid))  # -inf at C = 0
@@ -79,7 +82,10 @@ class SigmoidFit:
     """The fitted law with one standard error per parameter (R0_err is None when R0 was not fitted).
 
     uncertainty: how the errors were obtained ("covariance" or "bootstrap"); sse: sum of squared residuals on the
-    fitted points; n_points: how many points were fitted; r0_mode: "initial", "fixed" or "fit"."""
+    fitted points; n_points: how many points were fitted; r0_mode: "initial", "fixed" or "fit".
+    at_bounds: the parameters that ended on a bound of the search ("B" at 1e-3 or 100, "C_mid" at the edge of its
+    range, "A" at A_max or at R0): the data do not determine them, and `fit_sigmoid` warns. A flat, noisy curve
+    typically ends with B at its upper bound, a step somewhere among the points."""
 
     A: float
     B: float
@@ -93,12 +99,20 @@ class SigmoidFit:
     sse: float
     n_points: int
     r0_mode: str
+    at_bounds: tuple[str, ...] = ()
+
+    @property
+    def degenerate(self) -> bool:
+        """True when some parameter sits on a bound of the search (see `at_bounds`)."""
+        return bool(self.at_bounds)
 
     def predict(self, compute: np.ndarray | float) -> np.ndarray:
         return sigmoid_law(compute, self.A, self.B, self.C_mid, self.R0)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["at_bounds"] = list(self.at_bounds)
+        return out
 
 
 def _fit_b_on_grid(log_c: np.ndarray, rate: np.ndarray, A_grid: np.ndarray, log_c_mid_grid: np.ndarray, R0: float,
@@ -171,9 +185,11 @@ def _model_and_jac(theta: np.ndarray, log_c: np.ndarray, R0_fixed: float | None)
 
 
 def _refine(theta0: np.ndarray, log_c: np.ndarray, rate: np.ndarray, R0_fixed: float | None,
-            A_max: float) -> np.ndarray:
-    lower = [-np.inf, B_BOUNDS[0], -np.inf] + ([-np.inf] if R0_fixed is None else [])
-    upper = [A_max, B_BOUNDS[1], np.inf] + ([np.inf] if R0_fixed is None else [])
+            A_max: float, log_c_mid_range: tuple[float, float]) -> np.ndarray:
+    """Joint least squares from theta0 = (A, B, ln C_mid[, R0]). ln C_mid stays inside `log_c_mid_range` (the
+    grid's range): unbounded, a flat curve sends it to -inf, where C_mid = exp(ln C_mid) underflows to 0."""
+    lower = [-np.inf, B_BOUNDS[0], log_c_mid_range[0]] + ([-np.inf] if R0_fixed is None else [])
+    upper = [A_max, B_BOUNDS[1], log_c_mid_range[1]] + ([np.inf] if R0_fixed is None else [])
     theta0 = np.clip(theta0, np.array(lower) + 1e-12, np.array(upper) - 1e-12)
     result = least_squares(
         lambda th: _model_and_jac(th, log_c, R0_fixed)[0] - rate,
@@ -244,10 +260,11 @@ def fit_sigmoid(
     i, j = np.unravel_index(np.argmin(sse_grid), sse_grid.shape)
     theta = np.array([A_grid[i], b_grid[i, j], log_c_mid_grid[j]] + ([R0] if r0_mode == "fit" else []))
     R0_fixed = None if r0_mode == "fit" else R0
+    log_c_mid_range = (float(log_c_mid_grid.min()), float(log_c_mid_grid.max()))
 
     # 3. joint refinement
     if refine:
-        refined = _refine(theta, log_c, y, R0_fixed, A_max)
+        refined = _refine(theta, log_c, y, R0_fixed, A_max, log_c_mid_range)
         if _sse(refined, log_c, y, R0_fixed) <= _sse(theta, log_c, y, R0_fixed):
             theta = refined
     sse = _sse(theta, log_c, y, R0_fixed)
@@ -264,21 +281,42 @@ def fit_sigmoid(
             idx = rng.integers(0, c.size, size=c.size)
             if np.unique(c[idx]).size < num_params:
                 continue  # too few distinct points to determine the curve
-            th = _refine(theta, log_c[idx], y[idx], R0_fixed, A_max)
-            if not np.isfinite(th).all() or th[2] > 700:
-                continue  # a degenerate resample sent C_mid off to infinity (noisy, flat curves do this)
+            th = _refine(theta, log_c[idx], y[idx], R0_fixed, A_max, log_c_mid_range)
+            if not np.isfinite(th).all():
+                continue
             draws.append(np.concatenate([th[:2], [math.exp(th[2])], th[3:]]))
         if len(draws) < 2:
             raise ValueError("bootstrap: too few usable resamples; use uncertainty='covariance'")
         errors = np.std(np.stack(draws), axis=0, ddof=1)  # [P]
 
+    R0_final = float(theta[3]) if r0_mode == "fit" else R0
+    at_bounds = _at_bounds(theta, R0_final, A_max, log_c_mid_range)
+    if at_bounds:
+        warnings.warn(f"sigmoid fit: {', '.join(at_bounds)} ended on a bound of the search (A={theta[0]:.4g}, "
+                      f"B={theta[1]:.4g}, C_mid={math.exp(theta[2]):.4g}): the points do not determine the curve "
+                      "(too flat or too noisy); treat its extrapolation as unreliable", stacklevel=2)
     return SigmoidFit(
-        A=float(theta[0]), B=float(theta[1]), C_mid=float(math.exp(theta[2])),
-        R0=float(theta[3]) if r0_mode == "fit" else R0,
+        A=float(theta[0]), B=float(theta[1]), C_mid=float(math.exp(theta[2])), R0=R0_final,
         A_err=float(errors[0]), B_err=float(errors[1]), C_mid_err=float(errors[2]),
         R0_err=float(errors[3]) if r0_mode == "fit" else None,
-        uncertainty=uncertainty, sse=float(sse), n_points=int(c.size), r0_mode=r0_mode,
+        uncertainty=uncertainty, sse=float(sse), n_points=int(c.size), r0_mode=r0_mode, at_bounds=at_bounds,
     )
+
+
+def _at_bounds(theta: np.ndarray, R0: float, A_max: float, log_c_mid_range: tuple[float, float],
+               *, rtol: float = 1e-4) -> tuple[str, ...]:
+    """Names of the parameters within `rtol` (relative, in ln B / ln C_mid / A units) of a search bound."""
+    A, B, log_c_mid = float(theta[0]), float(theta[1]), float(theta[2])
+    hits = []
+    if A >= A_max - rtol or abs(A - R0) <= rtol:
+        hits.append("A")
+    log_b, (b_lo, b_hi) = math.log(B), (math.log(B_BOUNDS[0]), math.log(B_BOUNDS[1]))
+    if min(log_b - b_lo, b_hi - log_b) <= rtol * (b_hi - b_lo):
+        hits.append("B")
+    lo, hi = log_c_mid_range
+    if min(log_c_mid - lo, hi - log_c_mid) <= rtol * max(hi - lo, 1.0):
+        hits.append("C_mid")
+    return tuple(hits)
 
 
 def _sse(theta: np.ndarray, log_c: np.ndarray, rate: np.ndarray, R0_fixed: float | None) -> float:

@@ -55,4 +55,8 @@ def run(config: ScalingConfig) -> dict[str, Any]:
           f"C_mid = {fit.C_mid:.4g} ± {fit.C_mid_err:.2g}   (R0 = {fit.R0:.3f}, {fit.n_points} points)")
     print(f"fit on the early half predicts the later half with mean |error| {check.mean_abs_error:.3f} "
           f"(max {check.max_abs_error:.3f}); wrote {prefix.with_suffix('.json')} and .png")
+    for name, f in (("full", fit), ("early-half", check.fit)):
+        if f.degenerate:
+            print(f"warning: the {name} fit has {', '.join(f.at_bounds)} on a bound of the search: the points do "
+                  "not determine the curve (too flat, too noisy or not yet saturating); do not trust its forecast")
     return result

@@ -39,15 +39,26 @@ def _need_two(groups: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} needs at least 2 samples per prompt (a group std or leave-one-out mean)")
 
 
+def _centered(groups: torch.Tensor) -> torch.Tensor:
+    """r_i − mean(r) per group, exactly 0 for a group whose rewards are all equal.
+
+    The mean of G equal floats is not always that float (eight float32 0.7 average to 0.7 + 6e-8), and dividing the
+    rounding residue by a std of the same size would turn "no signal" into advantages near ±1. groups: [B, G].
+    """
+    flat = (groups == groups[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    centered = groups - groups.mean(dim=1, keepdim=True)  # [B, G]
+    return torch.where(flat, torch.zeros((), dtype=centered.dtype, device=centered.device), centered)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int | None = None, *, eps: float = 1e-6) -> torch.Tensor:
     """GRPO outcome advantage (DeepSeekMath §4.1.2): Â_i = (r_i − mean(r)) / (std(r) + ε).
 
     std is the unbiased (Bessel-corrected) sample std over the group, as in TRL and veRL. A group whose rewards are
-    all equal gets Â = 0 exactly (numerator 0). rewards: [B, G] or [B*G] → same shape.
+    all equal gets Â = 0 exactly in any float dtype (numerator set to 0). rewards: [B, G] or [B*G] → same shape.
     """
     groups = _as_groups(rewards, group_size)  # [B, G]
     _need_two(groups, "grpo_advantages")
-    centered = groups - groups.mean(dim=1, keepdim=True)  # [B, G]
+    centered = _centered(groups)  # [B, G]
     adv = centered / (groups.std(dim=1, keepdim=True) + eps)  # [B, G]
     return adv.view_as(rewards)
 
@@ -56,7 +67,7 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_size: int | None = None) -> 
     """Dr. GRPO (Liu et al. 2025, §3.2): Â_i = r_i − mean(r); the std division is removed (it up-weights
     too-easy and too-hard prompts). rewards: [B, G] or [B*G] → same shape."""
     groups = _as_groups(rewards, group_size)  # [B, G]
-    return (groups - groups.mean(dim=1, keepdim=True)).view_as(rewards)
+    return _centered(groups).view_as(rewards)
 
 
 def batch_normalized_advantages(
@@ -69,7 +80,7 @@ def batch_normalized_advantages(
     zeros shrink Â_std. rewards: [B, G] or [B*G] → same shape.
     """
     groups = _as_groups(rewards, group_size)  # [B, G]
-    centered = groups - groups.mean(dim=1, keepdim=True)  # [B, G]
+    centered = _centered(groups)  # [B, G]
     std = centered.std() if centered.numel() > 1 else centered.new_zeros(())
     return (centered / (std + eps)).view_as(rewards)
 
@@ -82,8 +93,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int | None = None) -> tor
     groups = _as_groups(rewards, group_size)  # [B, G]
     _need_two(groups, "rloo_advantages")
     G = groups.shape[1]
-    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (G - 1)  # [B, G]
-    return (groups - baseline).view_as(rewards)
+    return (_centered(groups) * (G / (G - 1))).view_as(rewards)  # the G/(G−1)·(r_i − mean) form: exact 0 when flat
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int | None = None) -> torch.Tensor:

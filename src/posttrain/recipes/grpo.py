@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,25 +22,25 @@ from typing import Any
 import torch
 
 from posttrain.config import RunOptions, field
+from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.rollout import RolloutBatch, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
 from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
-from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import Mismatch
+from posttrain.rewards import build_rewards, score_completions
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.rl import (
-    PromptPool, PromptSource, SequenceBatch, StageTimer, build_rewards, compute_rewards, rollout_batch,
-)
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
 )
+from posttrain.train.timing import StageTimer
 
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
 
@@ -144,20 +143,38 @@ def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batc
         chunk = rows[i:i + batch]
         out = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in chunk]),
                                  SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        values, _ = compute_rewards([reward_fn], [1.0], chunk, out.texts)
+        values, _ = score_completions([reward_fn], [1.0], chunk, out.texts)
         scores += values.tolist()
     return sum(scores) / len(scores)
 
 
+@dataclass
+class SampledStep:
+    """One step's sampling: the groups kept for the update (None when every group was filtered) and the statistics
+    of everything sampled, kept or not.
+
+    rewards, verifier, lengths: [N_sampled] over all rounds; groups / filtered: groups sampled / dropped as flat.
+    """
+
+    batch: RolloutBatch | None
+    rewards: torch.Tensor
+    verifier: torch.Tensor
+    lengths: torch.Tensor
+    groups: int
+    filtered: int
+    truncated: int
+
+
 def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, config: GRPOConfig, reward_fns,
-                weights, step: int, timer: StageTimer) -> dict[str, Any]:
+                weights, step: int, timer: StageTimer) -> SampledStep:
     """Generate, score and (optionally) filter one step's groups; DAPO dynamic sampling draws more rounds."""
     G, B = config.num_generations, config.prompts_per_step
-    kept: list[dict[str, Any]] = []
-    stats = {"groups": 0, "filtered": 0, "rewards": [], "verifier": [], "lengths": [], "truncated": 0}
+    kept: list[RolloutBatch] = []
+    rewards_all, verifier_all, lengths_all = [], [], []
+    groups = filtered = truncated = 0
     rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
     for r in range(rounds):
-        need = B - sum(len(k["prompt_index"]) for k in kept) if config.dynamic_sampling else B
+        need = B - sum(k.num_groups for k in kept) if config.dynamic_sampling else B
         if need <= 0:
             break
         indices = pool.take(need)
@@ -167,40 +184,25 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
             rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
         with timer("reward"):
             row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
-            rewards, parts = compute_rewards(reward_fns, weights, row_of, rollouts.texts)
-        verifier = parts[reward_fns[0].__name__].nan_to_num(0.0)
+            rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts)
+        verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
         for b, index in enumerate(indices):
             pool.report(index, float((verifier[b * G:(b + 1) * G] >= 1.0).float().mean()))
         flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(indices), dtype=torch.bool)
-        stats["groups"] += len(indices)
-        stats["filtered"] += int(flat.sum())
-        stats["rewards"].append(rewards)
-        stats["verifier"].append(verifier)
-        stats["lengths"].append(torch.tensor(rollouts.lengths, dtype=torch.float32))
-        stats["truncated"] += sum(f == "length" for f in rollouts.finish_reasons)
+        groups += len(indices)
+        filtered += int(flat.sum())
+        rewards_all.append(rewards)
+        verifier_all.append(verifier)
+        lengths_all.append(torch.tensor(rollouts.lengths, dtype=torch.float32))
+        truncated += sum(f == "length" for f in rollouts.finish_reasons)
         keep_groups = (~flat).nonzero().flatten().tolist()
         if keep_groups:
             keep_rows = [b * G + g for b in keep_groups for g in range(G)]
-            kept.append({"batch": rollout_batch(rollouts, tokenizer.pad_token_id).select(keep_rows),
-                         "rewards": rewards.view(-1, G)[keep_groups], "prompt_index": [indices[b] for b in keep_groups]})
-    return {"kept": kept, **stats}
-
-
-def _merge(parts: list[SequenceBatch]) -> SequenceBatch:
-    L = max(p.input_ids.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=value)
-
-    return SequenceBatch(
-        input_ids=torch.cat([pad(p.input_ids, 0) for p in parts]),
-        position_ids=torch.cat([torch.arange(L).expand(len(p), L) for p in parts]),
-        labels=torch.cat([pad(p.labels, IGNORE_INDEX) for p in parts]),
-        mask=torch.cat([pad(p.mask, False) for p in parts]),
-        gen_logps=torch.cat([pad(p.gen_logps, 0.0) for p in parts]),
-        completion_lengths=torch.cat([p.completion_lengths for p in parts]),
-        prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
-    )
+            kept.append(RolloutBatch(rollout_sequences(rollouts, tokenizer.pad_token_id).select(keep_rows),
+                                     rewards.view(-1, G)[keep_groups], [indices[b] for b in keep_groups]))
+    return SampledStep(batch=RolloutBatch.concat(kept) if kept else None, rewards=torch.cat(rewards_all),
+                       verifier=torch.cat(verifier_all), lengths=torch.cat(lengths_all), groups=groups,
+                       filtered=filtered, truncated=truncated)
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
@@ -236,10 +238,6 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
-    preset = POLICY_LOSSES[config.loss]
-    estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
-    opts = loss_options(config)
-    G = config.num_generations
     timer = StageTimer()
     summary: dict[str, Any] = {}
 
@@ -256,23 +254,21 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc=f"grpo[{config.loss}]")
     for step in range(start_step, config.max_steps):
         sampled = sample_step(generator, tokenizer, pool, rows, prompt_ids_all, config, reward_fns, weights, step, timer)
-        all_rewards = torch.cat(sampled["rewards"])
-        verifier = torch.cat(sampled["verifier"])
-        lengths = torch.cat(sampled["lengths"])
+        all_rewards, verifier, lengths = sampled.rewards, sampled.verifier, sampled.lengths
         metrics: dict[str, float] = {
             "reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
             "pass_rate": float((verifier >= 1.0).float().mean()),
             "completion/mean_length": float(lengths.mean()), "completion/max_length": float(lengths.max()),
-            "completion/truncated_frac": sampled["truncated"] / len(lengths),
-            "filter/zero_variance_frac": sampled["filtered"] / max(sampled["groups"], 1),
+            "completion/truncated_frac": sampled.truncated / len(lengths),
+            "filter/zero_variance_frac": sampled.filtered / max(sampled.groups, 1),
             "pool/retired": len(pool.retired),
         }
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
-        if sampled["kept"]:
+        if sampled.batch is not None:
             sleep_engine(generator)
-            metrics.update(_update(sampled["kept"], model, logps_fn, ref_fn, optimizer, scheduler, config, estimator,
-                                   preset, opts, G, timer))
+            metrics.update(_update(sampled.batch, model=model, logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer,
+                                   scheduler=scheduler, config=config, timer=timer))
             metrics.update(sync_weights(generator, model, timer))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
@@ -299,12 +295,15 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOConfig, estimator, preset, opts, G,
-            timer) -> dict[str, float]:
-    """Advantages, old/ref log-probs, and μ passes of micro-batched updates over the kept groups."""
-    batch = _merge([k["batch"] for k in kept])
-    rewards = torch.cat([k["rewards"] for k in kept])  # [B', G]
-    advantages = estimator(rewards).reshape(-1)  # [B'*G]
+def _update(rollout: RolloutBatch, *, model, logps_fn: TokenLogps, ref_fn: TokenLogps | None, optimizer, scheduler,
+            config: GRPOConfig, timer: StageTimer) -> dict[str, float]:
+    """Advantages, old/ref log-probs, and μ passes of micro-batched updates over the rollout's groups."""
+    preset = POLICY_LOSSES[config.loss]
+    estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
+    opts = loss_options(config)
+    G = rollout.group_size
+    batch = rollout.sequences
+    advantages = estimator(rollout.rewards).reshape(-1)  # [B'*G]
     N = len(batch)
     counts = GlobalCounts.from_mask(batch.mask, G)
     mb = config.micro_batch_size
@@ -332,8 +331,8 @@ def _update(kept, model, logps_fn, ref_fn, optimizer, scheduler, config: GRPOCon
         if config.kl_coef:
             ctx = model.disable_adapter() if ref_fn is None else nullcontext()
             fn = ref_fn or logps_fn
-            with ctx:
-                ref_logps = torch.cat([score(fn, i).logps for i in range(len(slices))])
+            with ctx:  # at the sampling temperature, like the policy's log-probs: KL is 0 while policy == reference
+                ref_logps = torch.cat([score(fn, i, temperature=temperature).logps for i in range(len(slices))])
 
     totals: dict[str, float] = {}
     weight_sum = 0.0

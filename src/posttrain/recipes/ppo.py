@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from posttrain.config import RunOptions, field
+from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.rollout import completion_view, rollout_sequences
 from posttrain.generation.sampler import SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
 from posttrain.models.forward import TokenLogps
@@ -31,16 +33,15 @@ from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import logprob_mismatch
+from posttrain.rewards import build_rewards, score_completions
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.rl import (
-    PromptPool, PromptSource, StageTimer, build_rewards, completion_view, compute_rewards, rollout_batch,
-)
 from posttrain.train.state import (
     Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
 )
+from posttrain.train.timing import StageTimer
 
 
 @dataclass(kw_only=True)
@@ -134,8 +135,8 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         G = config.num_generations
         with timer("reward"):
             row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
-            scores, _ = compute_rewards(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
-        batch = rollout_batch(rollouts, tokenizer.pad_token_id).to(d.device)
+            scores, _ = score_completions(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
+        batch = rollout_sequences(rollouts, tokenizer.pad_token_id).to(d.device)
         scores = scores.to(d.device)
         mask = completion_view(batch.mask, batch)  # [N, Tc]
 

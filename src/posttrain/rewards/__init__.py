@@ -15,7 +15,7 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.rewards.code import CodeReward, code_reward, humaneval_rows
-from posttrain.rewards.combine import CombinedReward, combine_rewards
+from posttrain.rewards.combine import CombinedReward, combine_rewards, score_completions
 from posttrain.rewards.format import (
     answer_line_format_reward,
     make_answer_line_format_reward,
@@ -43,9 +43,14 @@ def build_reward(name: str, **options: Any) -> Callable[..., list]:
     return REWARDS[name](**options)
 
 
+def build_rewards(names: list[str], options: dict[str, dict[str, Any]], timeout_s: float) -> list:
+    """Reward functions by name, each guarded: errors and timeouts are counted, not fatal."""
+    return [GuardedReward(build_reward(name, **options.get(name, {})), timeout_s=timeout_s, name=name) for name in names]
+
+
 __all__ = [
     "REWARDS", "CodeReward", "CombinedReward", "GuardedReward", "SandboxConfig", "SandboxResult",
-    "answer_line_format_reward", "build_reward", "call_reward", "code_reward", "combine_rewards", "completion_text",
+    "answer_line_format_reward", "build_reward", "build_rewards", "call_reward", "code_reward", "combine_rewards", "completion_text", "score_completions",
     "gym_reward", "gym_rows", "gym_score", "humaneval_rows", "make_answer_line_format_reward", "make_gym_reward",
     "make_math_reward", "math_reward", "run_many", "run_sandboxed", "think_answer_format_reward",
 ]

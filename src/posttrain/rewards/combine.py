@@ -7,8 +7,11 @@ completion is the weighted sum over the functions that did return a number; when
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 RewardFunc = Callable[..., list]
 
@@ -46,7 +49,9 @@ class CombinedReward:
         self.last_components = dict(zip(self.names, columns))
         combined: list[float | None] = []
         for i in range(len(completions)):
-            terms = [w * float(col[i]) for w, col in zip(self.weights, columns) if col[i] is not None]
+            # NaN counts as "not applicable" like None (TRL maps None to NaN and takes a nansum)
+            terms = [w * float(col[i]) for w, col in zip(self.weights, columns)
+                     if col[i] is not None and not math.isnan(float(col[i]))]
             combined.append(sum(terms) if terms else self.all_none)
         return combined
 
@@ -55,3 +60,19 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None
                     all_none: float | None = 0.0, name: str = "combined_reward") -> CombinedReward:
     """One TRL-style reward function computing sum_k w_k r_k over the functions k that scored the completion."""
     return CombinedReward(funcs, weights, all_none=all_none, name=name)
+
+
+def score_completions(
+    reward_fns: Sequence[RewardFunc], weights: Sequence[float], rows: list[dict[str, Any]], completions: list[str],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards of an RL rollout: the weighted sum of `CombinedReward` (None entries skipped, all-None gives 0).
+
+    rows: the dataset row of each completion (its columns other than `prompt` are passed as keywords). Returns
+    ([N] float32 rewards, each function's [N] float64 values with NaN for None, in the order of `reward_fns`).
+    """
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    combined = CombinedReward(reward_fns, weights)
+    total = combined(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    parts = {name: torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+             for name, values in combined.last_components.items()}
+    return torch.tensor(total, dtype=torch.float64).float(), parts
