@@ -57,7 +57,8 @@ def grpo_config(tmp_path, **kw):
 
     base = dict(train_file=str(_prompts(tmp_path)), model=TINY, rewards=["letters"], output_dir=str(tmp_path / "run"),
                 num_generations=4, prompts_per_step=2, max_new_tokens=8, micro_batch_size=8, lr=1e-2, max_steps=3,
-                progress=False, tensorboard=False, seed=0, generation_backend="vllm", is_level="token")
+                progress=False, tensorboard=False, seed=0, generation_backend="vllm", is_level="token",
+                vllm_kv_cache_gib=0.125)
     base.update(kw)
     return GRPOConfig(**base)
 
@@ -78,7 +79,8 @@ def server(tmp_path_factory):
                 tiny_tokenizer(), str(folder))
     port = free_port()
     log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", f"model={folder}", f"port={port}"],
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", f"model={folder}", f"port={port}",
+                             "kv_cache_gib=0.125"],
                             stdout=log, stderr=subprocess.STDOUT, env=env())
     url = f"http://127.0.0.1:{port}"
     yield proc, url
@@ -134,7 +136,7 @@ def test_ppo_colocated_logs_mismatch_and_sync(tmp_path, letters):
 
     run(PPOConfig(train_file=str(_prompts(tmp_path)), model=TINY, rewards=["letters"], output_dir=str(tmp_path / "ppo"),
                   prompts_per_step=4, max_new_tokens=6, ppo_epochs=1, minibatch_size=4, max_steps=2, lr=1e-3,
-                  progress=False, tensorboard=False, generation_backend="vllm"))
+                  progress=False, tensorboard=False, generation_backend="vllm", vllm_kv_cache_gib=0.125))
     check_rl_metrics(read_metrics(tmp_path / "ppo" / "metrics.jsonl"), 2)
 
 
@@ -166,7 +168,7 @@ def test_eval_decoders_and_selection_on_vllm_match_the_torch_engine(tmp_path):
                        init_std=0.25).eval()
     tok, task = tiny_tokenizer(), FirstCharTask()
     problems = task.problems(6, 0)
-    engine = rollout_engine(EvalConfig(generation_backend="vllm"), model, tok)
+    engine = rollout_engine(EvalConfig(generation_backend="vllm", vllm_kv_cache_gib=0.125), model, tok)
     try:
         greedy = DecodeOptions(max_new_tokens=6, batch_size=4, temperature=0.0)
         ours = evaluate(model, tok, task, problems, "greedy", options=greedy, keep_samples=True)

@@ -38,7 +38,7 @@ class GenerationOptions:
     vllm_url: str = field("", help="vllm server mode: http://host:port of a running `posttrain serve`; empty: "
                                    "start one locally for the run")
     vllm_timeout_s: float = field(120.0, help="vllm server mode: longest wait for the server to answer")
-    vllm_kv_cache_gib: float = field(1.0, help="vllm on a CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_kv_cache_gib: float = field(1.0, help="vllm on a CPU: KV-cache size in GiB")
     vllm_gpu_memory_utilization: float = field(0.4, help="vllm on a GPU: fraction of its memory vLLM may take")
     vllm_max_model_len: int = field(0, help="vllm: prompt + completion tokens reserved per sequence (0: the model's)")
     vllm_sleep: bool = field(True, help="vllm colocate on a GPU: free the KV cache during updates (no-op on CPU)")

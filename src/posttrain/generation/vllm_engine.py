@@ -19,7 +19,7 @@ Differences: vLLM draws with its own RNG (a seed gives reproducible but differen
 its batched kernels round differently from a transformers forward (tests bound the log-prob gap).
 
 Environment: the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before vLLM is
-imported); on a CPU the KV cache size is `kv_cache_gib` (vLLM's `VLLM_CPU_KVCACHE_SPACE`). Install: see
+imported); on a CPU the KV cache takes `kv_cache_gib` GiB (vLLM's `kv_cache_memory_bytes`). Install: see
 `INSTALL_HINT`.
 """
 
@@ -172,7 +172,8 @@ class VLLMEngine:
     model_path: a local Hugging Face folder (config.json + weights + tokenizer). tokenizer: decodes texts (default:
     the engine's). eos_token_ids: default stop tokens (default: the tokenizer's / config's, as HFGenerator).
     max_model_len: prompt + completion budget the engine reserves (default: the model's). kv_cache_gib: KV-cache
-    size on a CPU (VLLM_CPU_KVCACHE_SPACE); gpu_memory_utilization: the fraction of a GPU vLLM may take.
+    size on a CPU (vLLM's kv_cache_memory_bytes; fractions allowed); gpu_memory_utilization: the fraction of a GPU
+    vLLM may take.
     sleep_between_steps: on a GPU, `sleep()` frees the KV cache (and offloads weights) during the update.
     """
 
@@ -187,15 +188,16 @@ class VLLMEngine:
                                      f"config.json (save the model with save_pretrained first).")
         self._vllm = vllm
         self.cpu = on_cpu()
-        if self.cpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
+        if self.cpu:  # do not pin threads to cores (the machine may be shared); the KV cache is sized explicitly
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self.sleep_supported = not self.cpu and sleep_between_steps
         kwargs: dict[str, Any] = dict(model=folder, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                                       logprobs_mode="processed_logprobs", max_logprobs=1)
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        if not self.cpu:
+        if self.cpu:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if self.sleep_supported:
             kwargs["enable_sleep_mode"] = True
@@ -276,8 +278,11 @@ class VLLMEngine:
             self.asleep = False
 
     def close(self) -> None:
-        """Release the engine (its memory goes back when the object is collected)."""
+        """Release the engine and its KV cache."""
+        import gc
+
         self.llm = None  # type: ignore[assignment]
+        gc.collect()
 
 
 class _ConfigView:
