@@ -310,7 +310,8 @@ def vllm_exactness():
     figures, ok = {}, True
     with tempfile.TemporaryDirectory() as tmp:
         save_policy(model, tok, tmp)
-        engine = VLLMEngine(tmp, tokenizer=tok, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3)
+        engine = VLLMEngine(tmp, tokenizer=tok, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3,
+                            kv_cache_gib=0.125)
         for phase in ("before", "after"):
             if phase == "after":
                 with torch.no_grad():
@@ -339,7 +340,8 @@ def vllm_grpo():
         run(GRPOConfig(train_file=data, model="tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128",
                        rewards=["vowels"], output_dir=f"{tmp}/run", device=DEV, num_generations=4,
                        prompts_per_step=2, max_new_tokens=8, max_steps=3, lr=1e-2, progress=False,
-                       tensorboard=False, generation_backend="vllm", vllm_gpu_memory_utilization=0.3))
+                       tensorboard=False, generation_backend="vllm", vllm_gpu_memory_utilization=0.3,
+                       vllm_kv_cache_gib=0.125))
         rows = read_metrics(f"{tmp}/run/metrics.jsonl")
     last = rows[-1]
     figures = {k: last[k] for k in ("mismatch/logp_abs_mean", "mismatch/logp_abs_max", "mismatch/seq_ratio_mean",

@@ -212,6 +212,16 @@ def test_missing_engine_names_the_install_command_and_writes_nothing(tmp_path, l
     assert not (tmp_path / "run").exists()
 
 
+@needs_vllm
+def test_serve_refuses_a_folder_it_cannot_load(tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["serve", f"model={tmp_path}", "port=1"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["serve", f"model={tmp_path}", "port=0"]) == 2  # checked before anything is loaded
+    assert "port" in capsys.readouterr().err
+
+
 def test_unreachable_server_stops_after_a_bounded_wait(tmp_path):
     from posttrain.generation.server import free_port
 

@@ -148,11 +148,11 @@ def serve(config: ServeConfig) -> dict[str, Any]:
     from posttrain.generation.vllm_engine import VLLMEngine, import_vllm
     from posttrain.models.loading import resolve
 
-    import_vllm()
-    folder = resolve(config.model)
+    folder = resolve(config.model)  # a bad folder is reported before the (slow) engine import
     if isinstance(folder, str):
         raise ConfigError(f"key 'model': the server loads a saved folder, not {config.model!r}; save the model with "
                           f"save_pretrained and pass its path.")
+    import_vllm()
     engine = VLLMEngine(folder, dtype=config.dtype, max_model_len=config.max_model_len or None,
                         kv_cache_gib=config.kv_cache_gib, gpu_memory_utilization=config.gpu_memory_utilization,
                         seed=config.seed)
