@@ -8,7 +8,6 @@ it on purpose), one colocated engine for GRPO, one for PPO, one for eval.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rl_grpo import _prompts as grpo_prompts  # noqa: E402
+from test_rl_grpo import letters_reward  # noqa: E402
 
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
@@ -34,22 +37,15 @@ pytestmark = pytest.mark.xdist_group("vllm_rl")
 # head_dim 32: the CPU attention kernels reject the default tiny model's head_dim 8
 TINY = "tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128"
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-LETTERS = set("abcdefghijklmnopqrstuvwxyz")
 
 
-def letters_reward(prompts, completions, **kwargs):
-    return [sum(ch in LETTERS for ch in c) / max(len(c), 1) for c in completions]
+def _prompts(tmp_path, n=8):
+    return grpo_prompts(tmp_path, n)
 
 
 @pytest.fixture
 def letters(monkeypatch):
     monkeypatch.setitem(REWARDS, "letters", lambda: letters_reward)
-
-
-def _prompts(tmp_path, n=8):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Say something #{i}"}) + "\n" for i in range(n)))
-    return path
 
 
 def grpo_config(tmp_path, **kw):
