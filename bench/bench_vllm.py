@@ -37,7 +37,8 @@ from common import model_folder  # noqa: E402
 G = 8
 
 
-def generation(model_name: str, sizes: list[int], tokens: int, rounds: int) -> dict:
+def generation(model_name: str, sizes: list[int], tokens: int, rounds: int, save=lambda partial: None) -> dict:
+    """Tokens/s of both engines per size; `save(partial)` is called after each size (a killed run keeps those)."""
     import torch
 
     from posttrain.generation.backends import GenerationOptions, rollout_engine
@@ -73,6 +74,7 @@ def generation(model_name: str, sizes: list[int], tokens: int, rounds: int) -> d
         entry["vllm_tokens_per_s"] = max(entry["vllm"])
         entry["vllm_over_own"] = entry["vllm_tokens_per_s"] / entry["own_tokens_per_s"]
         out["sizes"][str(n_seq)] = entry
+        save(out)
     # weight sync of the whole model into the engine (what every RL step pays)
     syncs = []
     for _ in range(3):
@@ -150,9 +152,11 @@ def main() -> None:
     result: dict = {"model": a.model, "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
                                                  f"at start (shared)"}
     if not a.skip_generation:
-        result["generation"] = generation(a.model, [int(s) for s in a.sizes.split(",")], a.tokens, a.rounds)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        def save(partial: dict) -> None:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps({**result, "generation": partial}, indent=2) + "\n")
+
+        result["generation"] = generation(a.model, [int(s) for s in a.sizes.split(",")], a.tokens, a.rounds, save)
     if not a.skip_grpo:
         sides = ["posttrain_vllm", "posttrain", "trl"] + (["trl_vllm"] if a.trl_vllm else [])
         result["grpo"] = grpo(a.model, a.steps, a.grpo_rounds, sides)
