@@ -293,19 +293,22 @@ class VLLMServerClient:
         return time.perf_counter() - start
 
     def close(self) -> None:
-        """Stop a server this client started (no-op for an external one)."""
+        """Stop a server this client started and remove its log (no-op for an external one)."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        try:
-            self._request("/shutdown", data=b"{}", timeout=5.0)
-            proc.wait(timeout=10)
-        except (ServerError, subprocess.TimeoutExpired):
-            proc.terminate()
+        if proc.poll() is None:
             try:
+                self._request("/shutdown", data=b"{}", timeout=5.0)
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            except (ServerError, subprocess.TimeoutExpired):
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if self.log_path and os.path.exists(self.log_path):
+            os.remove(self.log_path)
 
 
 def free_port() -> int:
