@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,10 +121,14 @@ def test_grpo_server_mode_three_steps_and_lora_sync(tmp_path, letters, server):
     check_rl_metrics(rows, 3)
     # the first sync (version 1) replaced the server's model with the trainer's; then one per step
     assert [r["vllm/weights_version"] for r in rows] == [2.0, 3.0, 4.0]
-    # LoRA: the server receives merged weights, so sampler and trainer still agree
-    run(grpo_config(tmp_path, vllm_mode="server", vllm_url=url, vllm_timeout_s=180, lora_r=4, lora_alpha=8,
-                    lr=5e-2, output_dir=str(tmp_path / "lora")))
+    # LoRA, with no vllm_url: the run starts its own local server and stops it at the end; the server receives
+    # merged weights, so sampler and trainer still agree
+    before = set(os.listdir(tempfile.gettempdir()))
+    run(grpo_config(tmp_path, vllm_mode="server", vllm_timeout_s=180, lora_r=4, lora_alpha=8, lr=5e-2,
+                    output_dir=str(tmp_path / "lora")))
     check_rl_metrics(read_metrics(tmp_path / "lora" / "metrics.jsonl"), 3)
+    left = {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith("posttrain-")}
+    assert not left  # the policy folder and the server's log are gone
 
 
 @needs_vllm
