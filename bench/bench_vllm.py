@@ -8,7 +8,8 @@
     KV-cache sampler (HFGenerator) and the in-process vLLM engine alternate, `--rounds` times per size; the best of
     the rounds is reported (the machine is shared, the best is the least disturbed).
 (b) GRPO step time, each side in its own subprocess, alternating: posttrain with the own sampler, posttrain with
-    the colocated vLLM engine (weights synced after every step), and TRL's GRPOTrainer, in the setting of
+    the colocated vLLM engine (weights synced after every step; 0.25 GiB KV cache, enough for 32 sequences of ≤ 100
+    tokens), and TRL's GRPOTrainer, in the setting of
     bench_grpo.py (B = 4 prompts × G = 8, ≤ 32 new tokens, fp32, full fine-tuning). TRL runs with `use_vllm=True,
     vllm_mode="colocate"` when `--trl-vllm` is given and it runs with this engine; otherwise without vLLM (its own
     transformers generate), and the JSON says which. The median step time over steps 2..N is compared.
@@ -93,7 +94,8 @@ def grpo_child(side: str, model: str, steps: int) -> None:
             result = run_trl(model, steps, Path(tmp), use_vllm=True, vllm_mode="colocate",
                              vllm_gpu_memory_utilization=0.3, vllm_max_model_length=512)
         else:
-            result = run_posttrain(model, steps, Path(tmp), generation_backend="vllm" if side == "posttrain_vllm" else "hf")
+            extra = {"generation_backend": "vllm", "vllm_kv_cache_gib": 0.25} if side == "posttrain_vllm" else {}
+            result = run_posttrain(model, steps, Path(tmp), **extra)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
