@@ -340,6 +340,7 @@ def vllm_grpo():
         run(GRPOConfig(train_file=data, model="tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128",
                        rewards=["vowels"], output_dir=f"{tmp}/run", device=DEV, num_generations=4,
                        prompts_per_step=2, max_new_tokens=8, max_steps=3, lr=1e-2, progress=False,
+                       zero_variance_filter=False,
                        tensorboard=False, generation_backend="vllm", vllm_gpu_memory_utilization=0.3,
                        vllm_kv_cache_gib=0.125))
         rows = read_metrics(f"{tmp}/run/metrics.jsonl")
