@@ -94,7 +94,8 @@ def grpo_child(side: str, model: str, steps: int) -> None:
             result = run_trl(model, steps, Path(tmp), use_vllm=True, vllm_mode="colocate",
                              vllm_gpu_memory_utilization=0.3, vllm_max_model_length=512)
         else:
-            extra = {"generation_backend": "vllm", "vllm_kv_cache_gib": 0.25} if side == "posttrain_vllm" else {}
+            extra = ({"generation_backend": "vllm", "vllm_kv_cache_gib": 0.25, "vllm_max_model_len": 512}
+                     if side == "posttrain_vllm" else {})
             result = run_posttrain(model, steps, Path(tmp), **extra)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
