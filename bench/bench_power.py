@@ -1,4 +1,5 @@
-"""Power sampling cost: KV-cache reuse vs re-encoding the prefix for every proposal, same chains, in one run.
+"""Power sampling cost: MCMC with KV-cache reuse vs re-encoding the prefix for every proposal (same chains), and
+scalable power sampling (no MCMC, Ji et al. 2026) at the same α, in one run.
 
     python bench/bench_power.py [--model smollm2-135m-instruct] [--prompts 6] [--alpha 4] [--block-size 16]
                                 [--mcmc-steps 4] [--max-new-tokens 48] [--chains 2] [--rounds 1] [--threads 1]
@@ -10,6 +11,8 @@ N_MCMC, seeds; each chain's random numbers come from its own generator), which t
   cached-1  KV reuse, one chain at a time: the cache of the current sequence is kept, a proposal from m hides the
             part from m−1 on and feeds one token, a rejected proposal gets it back;
   cached-B  KV reuse with all chains in one batch, each at its own pace (how `posttrain eval` runs power sampling).
+  scalable  ttc/scalable_power.py at the same α: top-K candidates per token, M look-ahead rollouts of H tokens,
+            with H = the block size B (its own draws, so not part of the identical-chains check).
 cached-1 vs reencode isolates KV reuse; cached-B adds batching across chains, which per-chain attention masks over
 one shared cache make possible (each chain resamples from its own m).
 Cost: tokens fed through the model (prompt included) per output token, and wall seconds per output token (output
@@ -48,6 +51,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--chains", type=int, default=2, help="independent chains per prompt")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--top-k", type=int, default=4, help="scalable: candidates per token")
+    parser.add_argument("--rollouts", type=int, default=4, help="scalable: rollouts per candidate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 by default: on a 2-core machine shared with other jobs, two OpenMP "
@@ -61,6 +66,7 @@ def main() -> None:
     from posttrain.generation.sampler import encode_prompts
     from posttrain.models import load_model
     from posttrain.ttc.power import PowerParams, PowerSampler
+    from posttrain.ttc.scalable_power import ScalablePowerParams, ScalablePowerSampler
 
     model, tokenizer = load_model(args.model)
     prompts = encode_prompts(tokenizer, QUESTIONS[:args.prompts])
@@ -70,13 +76,27 @@ def main() -> None:
         "reencode": PowerSampler(model, tokenizer, reuse_cache=False),
         "cached-1": PowerSampler(model, tokenizer, batch_size=1),
         "cached-B": PowerSampler(model, tokenizer, batch_size=len(prompts) * args.chains),
+        "scalable": ScalablePowerSampler(model, tokenizer),
     }
+    scalable_params = ScalablePowerParams(alpha=args.alpha, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                                          rollouts=args.rollouts, horizon=args.block_size, seed=args.seed)
     totals = {name: {"wall_s": 0.0, "forward_tokens": 0, "computed_tokens": 0, "output_tokens": 0}
               for name in samplers}
     chains = {}
     for round_ in range(args.rounds):
         for name, sampler in samplers.items():
             start = time.perf_counter()
+            if name == "scalable":
+                sout = sampler.generate(prompts, scalable_params, n=args.chains)
+                wall = time.perf_counter() - start
+                t = totals[name]
+                t["wall_s"] += wall
+                t["forward_tokens"] += sout.forward_tokens
+                t["computed_tokens"] += sout.computed_tokens
+                t["output_tokens"] += sum(len(ids) for row in sout.token_ids for ids in row)
+                print(f"round {round_} {name:9s} {wall:7.1f} s  forward {sout.forward_tokens:6d}  "
+                      f"rollout tokens {sout.rollout_tokens}", flush=True)
+                continue
             out = sampler.generate(prompts, params, n=args.chains)
             wall = time.perf_counter() - start
             t = totals[name]
@@ -99,15 +119,17 @@ def main() -> None:
     for name, r in rows.items():
         r["forward_ratio_vs_reencode"] = r["forward_tokens"] / ref["forward_tokens"]
         r["speedup_vs_reencode"] = ref["wall_s"] / r["wall_s"]
+        r["per_output_forward_ratio_vs_cached_B"] = r["forward_per_output"] / rows["cached-B"]["forward_per_output"]
+        r["per_output_wall_ratio_vs_cached_B"] = r["wall_ms_per_output"] / rows["cached-B"]["wall_ms_per_output"]
     result = {"settings": vars(args) | {"prompt_tokens": [len(p) for p in prompts]}, "identical_chains": same,
               "sampled_tokens_per_round": sampled, "rows": rows, "torch_threads": torch.get_num_threads()}
 
     lines = [
-        "# Power sampling: KV-cache reuse vs re-encoding every proposal",
+        "# Power sampling: MCMC (KV-cache reuse vs re-encoding every proposal) vs scalable power sampling",
         "",
         f"Command: `python bench/bench_power.py --model {args.model} --prompts {args.prompts} --alpha {args.alpha} "
         f"--block-size {args.block_size} --mcmc-steps {args.mcmc_steps} --max-new-tokens {args.max_new_tokens} "
-        f"--chains {args.chains} "
+        f"--chains {args.chains} --top-k {args.top_k} --rollouts {args.rollouts} "
         f"--rounds {args.rounds} --threads {args.threads}`",
         "",
         f"Same chains in all three (checked token for token): **{same}**. {args.chains} chains for each of "
@@ -115,9 +137,11 @@ def main() -> None:
         f"tokens; α = {args.alpha}, "
         f"B = {args.block_size}, N_MCMC = {args.mcmc_steps}, T = {args.max_new_tokens}; {sampled} tokens drawn per "
         f"round for {ref['output_tokens'] // args.rounds} output tokens. CPU, fp32, torch threads: "
-        f"{torch.get_num_threads()}, on a machine shared with other jobs (wall times vary; the three run alternately).",
+        f"{torch.get_num_threads()}, on a machine shared with other jobs (wall times vary; the samplers run "
+        f"alternately). scalable: K = {args.top_k} candidates, M = {args.rollouts} rollouts of H = B = "
+        f"{args.block_size} tokens per generated token; its completions are its own draws (compare per output token).",
         "",
-        "| implementation | forward tokens | per output token | ratio vs re-encode | wall s | ms per output token "
+        "| implementation | forward tokens | per output token | total ratio vs re-encode | wall s | ms per output token "
         "| speed-up vs re-encode |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -12,18 +12,24 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
 - shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
 - the SFT, DPO, GRPO and PPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
   transformers;
+- the test-time samplers on the device (tiny model, float32): MCMC power sampling with batched KV reuse against the
+  re-encoding reference (same chains), scalable power sampling and particle filtering with exact token counts;
 - throughput of one SFT and one GRPO step on a SmolLM2-shaped model (random weights: the real ones do not travel to
   the GPU machine) in bfloat16;
 - the vLLM backend, when `vllm` is importable (otherwise one SKIP line says how to install it): greedy output equal
   to the own sampler's before and after a weight sync, a 3-step colocated GRPO run with its mismatch and sync-time
   metrics, and on CUDA the generation tokens/s of vLLM vs the own sampler (8/32/128 × 64 tokens) and the weight-sync
-  time of a SmolLM2-shaped model.
+  time of a SmolLM2-shaped model;
+- SFT and GRPO with parallelism=fsdp2 end to end, and FSDP2 bf16 (fp32 master weights, bf16 compute, fp32 reduction)
+  SFT and GRPO steps on the SmolLM2 shape: tokens/s and MFU. World size 1 (nccl on CUDA, gloo on the CPU); the
+  2-process paths are tested on the CPU in tests/parallel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -380,6 +386,170 @@ def vllm_throughput():
     figures["weight_sync_s"] = round(min(engine.sync(model) for _ in range(3)), 4)
     engine.close()
     return True, figures
+def _process_group() -> None:
+    """A one-process group as torchrun would set it up (nccl on CUDA, gloo on the CPU), so fsdp2 runs here."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+    if DEV == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if DEV == "cuda" else "gloo")
+
+
+@check("fsdp2_recipes")
+def fsdp2_recipes():
+    """SFT and GRPO end to end with parallelism=fsdp2 (bf16 compute, fp32 master weights and reduction on CUDA)."""
+    from posttrain.recipes.grpo import GRPOConfig
+    from posttrain.recipes.grpo import run as grpo_run
+    from posttrain.recipes.sft import SFTConfig
+    from posttrain.recipes.sft import run as sft_run
+    from posttrain.rewards import REWARDS
+    from posttrain.train.logging import read_metrics
+
+    _process_group()
+    REWARDS["vowels"] = lambda: _vowels
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _write(Path(tmp) / "d.jsonl", _sft_rows(64))
+        sft_run(SFTConfig(train_file=data, model="tiny", output_dir=f"{tmp}/sft", device=DEV, parallelism="fsdp2",
+                          max_steps=30, lr=3e-3, micro_batch_size=8, packing=False, progress=False, tensorboard=False))
+        losses = [m["train/loss"] for m in read_metrics(Path(tmp) / "sft" / "metrics.jsonl") if "train/loss" in m]
+        prompts = _write(Path(tmp) / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(32)])
+        summary = grpo_run(GRPOConfig(train_file=prompts, model="tiny", rewards=["vowels"], output_dir=f"{tmp}/grpo",
+                                      device=DEV, parallelism="fsdp2", num_generations=8, prompts_per_step=4,
+                                      max_new_tokens=16, lr=1e-2, max_steps=5, kl_coef=0.05, temperature=0.7,
+                                      progress=False, tensorboard=False, seed=0))
+        first_kl = [m for m in read_metrics(Path(tmp) / "grpo" / "metrics.jsonl") if "kl" in m][0]["kl"]
+        layout = json.loads(next((Path(tmp) / "grpo" / "checkpoints").iterdir()).joinpath("layout.json").read_text())
+    ok = losses[-1] < 0.75 * losses[0] and summary["reward/mean"] == summary["reward/mean"] and layout["format"] == "dcp"
+    return ok, {"sft_first_loss": losses[0], "sft_last_loss": losses[-1], "grpo_reward_mean": summary["reward/mean"],
+                "grpo_kl_step1": first_kl}
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def _mfu(flops_per_s: float) -> float | None:
+    if DEV != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return round(flops_per_s / peak, 4) if peak else None
+
+
+@check("fsdp2_throughput_bf16")
+def fsdp2_throughput():
+    """One SFT step and one GRPO step (generate + shared-prefix update) on a SmolLM2-shaped model under FSDP2 with
+    bf16 compute: tokens/s and MFU (6·N·tokens + attention FLOPs over the GPU's dense bf16 peak). On the CPU a small
+    model and short sequences keep the check quick; its figures are not meant to be compared."""
+    from posttrain.generation.sampler import HFGenerator, SamplingParams
+    from posttrain.models.forward import TokenLogps
+    from posttrain.models.loading import load_model
+    from posttrain.train.distributed import Dist
+    from posttrain.train.optim import build_optimizer
+    from posttrain.train.parallel import gathered, parallelize
+
+    _process_group()
+    spec, T, P, new = (SMOL, 512, 100, 128) if DEV == "cuda" else ("tiny:hidden=64,layers=2", 64, 16, 16)
+    model, tok = load_model(spec, dtype="float32", device=DEV)  # fp32 master weights; bf16 compute via the policy
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    d = Dist(device=torch.device(DEV if DEV == "cpu" else "cuda:0"), parallelism="fsdp2", mixed_precision=True)
+    fn = parallelize(TokenLogps(model), d)
+    opt = build_optimizer(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (8, T), generator=g).to(DEV)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100
+
+    def flops(tokens: int, seq: int) -> float:
+        return 6 * n_params * tokens + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq * tokens
+
+    def sync():
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
+    def sft_step():
+        (-fn(ids, labels).logps.sum() / ids.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        sft_step()
+    sync()
+    t = time.perf_counter()
+    steps = 5 if DEV == "cuda" else 2
+    for _ in range(steps):
+        sft_step()
+    sync()
+    sft_s = (time.perf_counter() - t) / steps
+    sft_tps = ids.numel() / sft_s
+    prompts = [torch.randint(0, 259, (P,), generator=g).tolist() for _ in range(8)]
+    gen = HFGenerator(model, tok)
+    sync()
+    t = time.perf_counter()
+    with gathered(fn):
+        rollouts = gen.generate(prompts, SamplingParams(max_new_tokens=new, seed=0, stop_token_ids=()), n=8)
+    sync()
+    gen_s = time.perf_counter() - t
+    from posttrain.generation.rollout import rollout_sequences
+
+    batch = rollout_sequences(rollouts, 0)
+    t = time.perf_counter()
+    for i in range(0, 64, 16):
+        packed = batch.shared_prefix(slice(i, i + 16), pad_id=0).to(DEV)
+        (-fn(packed=packed).logps.sum() / 8192).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    upd_s = time.perf_counter() - t
+    trained = int(packed.input_ids.numel()) * 4  # packed rows of the 4 micro-batches (about equal)
+    generated = int(rollouts.completion_mask.sum())
+    figures = {"model_params_m": round(n_params / 1e6, 1), "sft_tokens_per_s": round(sft_tps),
+               "sft_mfu": _mfu(flops(ids.numel(), T) / sft_s), "grpo_generated_tokens_per_s": round(generated / gen_s),
+               "grpo_update_tokens_per_s": round(trained / upd_s), "grpo_update_mfu": _mfu(flops(trained, P + new) / upd_s)}
+    if DEV == "cuda":
+        figures["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return sft_tps > 0 and generated > 0, figures
+@check("ttc_samplers")
+def ttc_samplers():
+    from posttrain.models import tiny_model
+    from posttrain.ttc.particles import ParticleFilter, ParticleParams
+    from posttrain.ttc.power import PowerParams, PowerSampler
+    from posttrain.ttc.scalable_power import ScalablePowerParams, ScalablePowerSampler
+
+    model = tiny_model(seed=0, init_std=0.25).to(DEV).eval()
+    prompts = [[5, 9, 13], [7, 2], [11, 4, 6, 8]]
+    params = PowerParams(alpha=4.0, max_new_tokens=12, block_size=4, mcmc_steps=2, seed=1)
+    cached = PowerSampler(model, eos_token_ids=[3], batch_size=6).generate(prompts, params, n=2)
+    naive = PowerSampler(model, eos_token_ids=[3], reuse_cache=False).generate(prompts, params, n=2)
+    a = [s.token_ids for row in cached.samples for s in row]
+    b = [s.token_ids for row in naive.samples for s in row]
+    same = sum(x == y for x, y in zip(a, b)) / len(a)
+    sps = ScalablePowerSampler(model, eos_token_ids=[3]).generate(
+        prompts, ScalablePowerParams(alpha=4.0, max_new_tokens=8, top_k=3, rollouts=2, horizon=0, seed=2), n=2)
+    sps_exact = sps.forward_tokens == sum(len(p) * 2 for p in prompts) + sum(
+        len(t) for row in sps.token_ids for t in row)
+    sps2 = ScalablePowerSampler(model, eos_token_ids=[3]).generate(
+        prompts, ScalablePowerParams(alpha=4.0, max_new_tokens=8, top_k=3, rollouts=2, horizon=3, seed=2), n=2)
+    pf = ParticleFilter(model, eos_token_ids=[3]).generate(
+        prompts, lambda p, c: [0.0] * len(c),
+        ParticleParams(num_particles=4, max_new_tokens=8, step_tokens=3, resample="ess", seed=3))
+    pf_exact = pf.forward_tokens == sum(len(p) * 4 for p in prompts) + sum(
+        len(t) for r in pf.results for t in r.token_ids)
+    ok = same >= 0.9 and sps_exact and pf_exact and sps2.rollout_tokens > 0
+    return ok, {"power_identical_chains": same, "power_forward_tokens": cached.forward_tokens,
+                "reencode_forward_tokens": naive.forward_tokens, "scalable_counts_exact": sps_exact,
+                "scalable_rollout_tokens": sps2.rollout_tokens, "particles_counts_exact": pf_exact}
 
 
 def main() -> None:
@@ -394,7 +564,8 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(RESULTS["device"], RESULTS["versions"], flush=True)
-    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe, ppo_recipe]
+    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe, ppo_recipe,
+              fsdp2_recipes, fsdp2_throughput, ttc_samplers]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
     vllm_checks()

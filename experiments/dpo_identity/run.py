@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from posttrain.data.formats import read_rows  # noqa: E402
 from posttrain.data.preference import CONTROL_QUESTIONS, greedy_replies, mentions_new_identity  # noqa: E402
+from posttrain.eval.preservation import wilson  # noqa: E402
 from posttrain.models.forward import TokenLogps  # noqa: E402
 from posttrain.models.loading import load_model  # noqa: E402
 from posttrain.recipes.dpo import (  # noqa: E402
@@ -167,14 +168,23 @@ def render(results: dict, heldout_rows, keep_reading_from: Path | None = None) -
              f"(model {cfg['model']}, LoRA r="
              f"{cfg['common']['lora_r']}, lr {cfg['common']['lr']}, β {cfg['common']['beta']}, "
              f"{cfg['common']['max_steps']} steps × {cfg['common']['micro_batch_size']} pairs, "
-             f"{cfg['threads']} CPU thread). Held-out = 12 question phrasings never trained on.", "",
+             f"{cfg['threads']} CPU thread). Held-out = {len(heldout_rows)} question phrasings never trained on; rates "
+             f"carry Wilson 95% intervals over those n = {len(heldout_rows)}; one seed per method. The control "
+             f"log-prob covers {len(CONTROL_QUESTIONS)} unrelated questions only: "
+             "`experiments/dpo_identity_control` measures what each run does to 59 held-out unrelated prompts.", "",
              "| model | held-out implicit-reward acc | held-out logp acc (log π(y_w) > log π(y_l)) | per-token logp acc "
              "| identity rate (greedy answers say \"Pico\") | control log-prob/token | log π(y_w) | log π(y_l) |",
              "|---|---|---|---|---|---|---|---|"]
 
+    n = len(heldout_rows)
+
+    def rate(x: float) -> str:  # a rate over the n held-out phrasings with its Wilson 95% interval
+        w = wilson(round(x * n), n)
+        return f"{x:.2f} [{w.low:.2f}, {w.high:.2f}]"
+
     def row(name, r, implicit):
-        return (f"| {name} | {implicit} | {r['logp_accuracy']:.2f} | {r['logp_per_token_accuracy']:.2f} | "
-                f"{r['identity_rate']:.2f} | {r['control_logp_per_token']:.3f} | {r['heldout_logps_chosen']:.1f} | "
+        return (f"| {name} | {implicit} | {rate(r['logp_accuracy'])} | {rate(r['logp_per_token_accuracy'])} | "
+                f"{rate(r['identity_rate'])} | {r['control_logp_per_token']:.3f} | {r['heldout_logps_chosen']:.1f} | "
                 f"{r['heldout_logps_rejected']:.1f} |")
 
     lines.append(row("base", base, "0.00 (all ties)"))

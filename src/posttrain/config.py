@@ -12,7 +12,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -201,6 +201,11 @@ class RunOptions:
     lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
     dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
     device: str = field("auto", help="auto, cpu or cuda")
+    parallelism: Literal["none", "ddp", "fsdp2"] = field(
+        "ddp", help="data parallelism under torchrun: ddp (whole model per rank; a no-op in one process), fsdp2 "
+                    "(parameters, gradients and optimizer state sharded; needs torchrun) or none")
+    mixed_precision: bool = field(True, help="fsdp2 on CUDA: bf16 compute with fp32 gradient reduction")
+    cpu_offload: bool = field(False, help="fsdp2 on CUDA: keep parameter/gradient/optimizer shards in host memory")
     warmup_steps: int = field(0, help="linear warmup steps")
     max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
     seed: int = field(0, help="seed for data / prompt order, sampling and initialization")

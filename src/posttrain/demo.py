@@ -118,6 +118,16 @@ def score_problems(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens:
             "correct": correct, "generated_tokens": rollouts.generated_tokens, "seconds": seconds}
 
 
+def _pct(rate: float | None, n: int) -> str:
+    """A rate over n problems with its Wilson 95% interval, e.g. `50.0% [36%, 64%]`."""
+    from posttrain.eval.preservation import wilson
+
+    if rate is None:
+        return "—"
+    w = wilson(round(rate * n), n)
+    return f"{rate:.1%} [{w.low:.0%}, {w.high:.0%}]"
+
+
 def _plot_sft(path: Path, metrics_file: Path, before: dict, after: dict) -> None:
     import matplotlib
 
@@ -179,9 +189,11 @@ def stage_sft(ctx: DemoContext) -> Section:
         f"SFT on {len(train)} reasoning-gym `{c.task}` problems, loss on the answer only, "
         f"{summary.get('train/loop_seconds', 0):.0f} s of training "
         f"({summary.get('train/tokens', 0) / max(summary.get('train/loop_seconds', 1), 1e-9):.0f} tokens/s).\n\n"
-        f"| held-out ({len(held_out)} problems, greedy) | before | after |\n|---|---|---|\n"
-        f"| format: last line `Answer: <number>` | {before['format']:.1%} | {after['format']:.1%} |\n"
-        f"| accuracy (task scorer on that line) | {before['accuracy']:.1%} | {after['accuracy']:.1%} |\n\n"
+        f"| held-out ({len(held_out)} problems, greedy; Wilson 95% intervals) | before | after |\n|---|---|---|\n"
+        f"| format: last line `Answer: <number>` | {_pct(before['format'], len(held_out))} | "
+        f"{_pct(after['format'], len(held_out))} |\n"
+        f"| accuracy (task scorer on that line) | {_pct(before['accuracy'], len(held_out))} | "
+        f"{_pct(after['accuracy'], len(held_out))} |\n\n"
         f"![SFT](sft.png)\n\n| problem | gold | before | after |\n|---|---|---|---|\n{examples}\n"
     )
     return Section("1. SFT: a strict answer format", md, {
@@ -232,9 +244,11 @@ def stage_grpo(ctx: DemoContext) -> Section:
         f"{c.grpo_generations} samples, reward = the task's scorer on the `Answer:` line. Per step: "
         f"generate {timers['time/generate']:.1f} s, reward {timers['time/reward']:.2f} s, update "
         f"{timers['time/update']:.1f} s.\n\n"
-        f"| held-out ({len(held_out)} problems, greedy) | after SFT | after GRPO |\n|---|---|---|\n"
-        f"| accuracy | {before_acc if before_acc is None else f'{before_acc:.1%}'} | {after['accuracy']:.1%} |\n"
-        f"| format | {ctx.sections[-1].metrics.get('after_format', float('nan')):.1%} | {after['format']:.1%} |\n\n"
+        f"| held-out ({len(held_out)} problems, greedy; Wilson 95% intervals) | after SFT | after GRPO |\n"
+        f"|---|---|---|\n"
+        f"| accuracy | {_pct(before_acc, len(held_out))} | {_pct(after['accuracy'], len(held_out))} |\n"
+        f"| format | {_pct(ctx.sections[-1].metrics.get('after_format') if ctx.sections else None, len(held_out))} | "
+        f"{_pct(after['format'], len(held_out))} |\n\n"
         f"![GRPO](grpo.png)\n"
     )
     return Section("2. GRPO: reinforcement learning with a verifiable reward", md, {

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from posttrain.generation.sampler import HFGenerator, SamplingParams
+from posttrain.generation.sampler import HFGenerator
 from posttrain.generation.toy import (completion_distribution, empirical, power_distribution, random_table_lm,
                                       total_variation)
 from posttrain.models import tiny_model

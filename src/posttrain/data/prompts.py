@@ -101,6 +101,7 @@ def load_prompt_rows(
         return train, held_out
     from posttrain.rewards.gym import gym_rows
 
+    assert task is not None  # validate_prompt_source: exactly one of train_file / task
     train = gym_rows(task, task_size, task_seed, instruction=instruction, **task_kwargs)
     held_out = gym_rows(task, eval_size, task_seed + 1000, instruction=instruction, **task_kwargs) if eval_size > 0 else []
     return train, held_out

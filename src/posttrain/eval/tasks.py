@@ -1,8 +1,9 @@
 """Evaluation tasks: reasoning-gym generators, HumanEval in the sandbox, and user JSONL files with answers.
 
 A task turns into `Problem`s (a prompt plus whatever its scorer needs) and offers two functions on completions:
-`extract(text)`, the answer that votes compare (None when there is none), and `score(problems, completions)`, 1.0
-for a correct completion and 0.0 otherwise. Scoring reuses the reward functions of posttrain.rewards (reasoning-gym's
+`extract(text)`, the answer that votes compare (None when there is none), `equivalent(a, b)`, whether two extracted
+answers are the same answer for the verifier (votes and maj@k group answers by it), and `score(problems,
+completions)`, 1.0 for a correct completion and 0.0 otherwise. Scoring reuses the reward functions of posttrain.rewards (reasoning-gym's
 own scorers, math-verify, the code sandbox), so evaluation and RL agree on what "correct" means.
 """
 
@@ -39,6 +40,8 @@ class Task(Protocol):
     def problems(self, num: int, seed: int) -> list[Problem]: ...
 
     def extract(self, text: str) -> Hashable | None: ...
+
+    def equivalent(self, a: Hashable, b: Hashable) -> bool: ...
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]: ...
 
@@ -94,6 +97,12 @@ class GymTask:
     def extract(self, text: str) -> str | None:
         return _normalize(self._extract(text))
 
+    def equivalent(self, a: Hashable, b: Hashable) -> bool:
+        """math-verify equality of two extracted answers ("0.5" = "1/2"), else case-folded string equality."""
+        from posttrain.rewards.math import math_equivalent
+
+        return math_equivalent(str(a), str(b))
+
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
         from posttrain.rewards.gym import gym_score
 
@@ -132,6 +141,10 @@ class HumanEvalTask:
         from posttrain.rewards.code import extract_code
 
         return _normalize(extract_code(text))
+
+    def equivalent(self, a: Hashable, b: Hashable) -> bool:
+        """Programs are not voted on (votable = False); two are the same only when their text is."""
+        return a == b
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
         from posttrain.rewards.code import CodeReward
@@ -198,6 +211,12 @@ class JsonlTask:
 
     def extract(self, text: str) -> str | None:
         return _normalize(self._extract(text))
+
+    def equivalent(self, a: Hashable, b: Hashable) -> bool:
+        """math-verify equality of two extracted answers ("0.5" = "1/2"), else case-folded string equality."""
+        from posttrain.rewards.math import math_equivalent
+
+        return math_equivalent(str(a), str(b))
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
         from posttrain.rewards.math import math_equal, parse_math

@@ -44,10 +44,11 @@ def filtered_logps(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int
 def sample_from_logps(logps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: for each row the first token v with CDF(v) > u·CDF(V−1).
 
-    logps: [N, V] log-probs (-inf for excluded tokens; they are never drawn); u: [N] uniforms in [0, 1).
+    logps: [N, V] log-probs (-inf for excluded tokens; they are never drawn); u: [N] uniforms in [0, 1), on any
+    device (samplers draw them from seeded CPU generators, so a draw does not depend on the device).
     Returns [N] long token ids. The CDF is accumulated in float64.
     """
     cdf = torch.cumsum(logps.to(torch.float64).exp(), dim=-1)  # [N, V]
-    target = (u.to(torch.float64) * cdf[:, -1]).unsqueeze(-1)  # [N, 1]
+    target = (u.to(device=cdf.device, dtype=torch.float64) * cdf[:, -1]).unsqueeze(-1)  # [N, 1]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [N]
     return idx.clamp_(max=logps.shape[-1] - 1)

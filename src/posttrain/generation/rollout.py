@@ -30,7 +30,7 @@ class RolloutSequences:
     completion_lengths: torch.Tensor
     prompt_lengths: torch.Tensor
 
-    def select(self, rows: torch.Tensor | list[int]) -> "RolloutSequences":
+    def select(self, rows: torch.Tensor | list[int]) -> RolloutSequences:
         """The rows `rows` (indices into N), in that order."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         return RolloutSequences(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
@@ -38,7 +38,7 @@ class RolloutSequences:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device: torch.device | str) -> "RolloutSequences":
+    def to(self, device: torch.device | str) -> RolloutSequences:
         """All tensors moved to `device`."""
         return RolloutSequences(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
@@ -47,7 +47,7 @@ class RolloutSequences:
         return pack_shared_prefix(self.input_ids[rows], self.prompt_lengths[rows], self.completion_lengths[rows], pad_id)
 
     @staticmethod
-    def concat(parts: list["RolloutSequences"]) -> "RolloutSequences":
+    def concat(parts: list[RolloutSequences]) -> RolloutSequences:
         """Rows of several batches stacked (right-padded to the longest L; positions 0..L−1 on every row)."""
         L = max(p.input_ids.shape[1] for p in parts)
 
@@ -97,7 +97,7 @@ class RolloutBatch:
         return len(self.sequences)
 
     @staticmethod
-    def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
+    def concat(parts: list[RolloutBatch]) -> RolloutBatch:
         """Groups of several batches (e.g. DAPO's sampling rounds) as one batch."""
         return RolloutBatch(RolloutSequences.concat([p.sequences for p in parts]),
                             torch.cat([p.rewards for p in parts]), [i for p in parts for i in p.prompt_index])

@@ -42,8 +42,10 @@ class SamplingParams:
     stop: strings that end a completion (the returned text is cut before the first one; the token ids keep the
     token that completed it). stop_token_ids: tokens that end a completion (kept as its last token); None means
     the generator's EOS ids. seed: seeds the draws (None: one seed drawn from torch's global RNG, so
-    `torch.manual_seed` makes a run reproducible). return_raw_logps: also return log-probs under the unfiltered
-    temperature-1 model (the policy's own log-probs, for importance ratios when sampling at τ ≠ 1).
+    `torch.manual_seed` makes a run reproducible). prompt_seeds: one seed per prompt instead (overrides `seed`):
+    the G rows of prompt b draw from their own generator, so what a prompt samples does not depend on which prompts
+    share its batch (RL recipes split a step's prompts across ranks). return_raw_logps: also return log-probs under
+    the unfiltered temperature-1 model (the policy's own log-probs, for importance ratios when sampling at τ ≠ 1).
     """
 
     max_new_tokens: int = 256
@@ -53,6 +55,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
+    prompt_seeds: tuple[int, ...] | None = None
     return_raw_logps: bool = False
 
     def __post_init__(self):
@@ -69,6 +72,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.prompt_seeds is not None:
+            object.__setattr__(self, "prompt_seeds", tuple(int(s) for s in self.prompt_seeds))
 
     @property
     def greedy(self) -> bool:
@@ -236,13 +241,21 @@ class HFGenerator:
         live = torch.arange(N, device=device)  # global ids of the rows still in the batch
 
         # 3. decode
-        generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else draw_seed())
+        if params.prompt_seeds is not None:
+            if len(params.prompt_seeds) != B:
+                raise ValueError(f"prompt_seeds has {len(params.prompt_seeds)} seeds for {B} prompts")
+            generators = [torch.Generator(device=device).manual_seed(s) for s in params.prompt_seeds]
+        else:
+            generators = [torch.Generator(device=device).manual_seed(
+                params.seed if params.seed is not None else draw_seed())]
+        per = G if params.prompt_seeds is not None else N  # rows drawn by each generator, in row order
         rows = _Rows(tokens=[[] for _ in range(N)], logps=[[] for _ in range(N)],
                      raw_logps=[[] for _ in range(N)] if params.return_raw_logps else None, finish=[None] * N)
         stop_window = 4 * max((len(s) for s in params.stop), default=0) + 4  # tokens; a char spans ≤ 4 byte tokens
         decode_tokens = 0
         for step in range(params.max_new_tokens):
-            u = torch.rand(N, generator=generator, dtype=torch.float64, device=device)[live]  # [n_live]
+            u = torch.cat([torch.rand(per, generator=g, dtype=torch.float64, device=device)
+                           for g in generators])[live]  # [n_live]
             raw = torch.log_softmax(logits, dim=-1) if (params.greedy or params.return_raw_logps) else None
             if params.greedy:
                 tok = logits.argmax(dim=-1)  # [n_live]

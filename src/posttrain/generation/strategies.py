@@ -8,6 +8,7 @@ callable that the test-time selection strategies (ttc/best_of_n.py) take.
     low_temperature   τ = 1/α, the baseline power sampling is compared with (it is NOT p^α; ttc/power.py)
     beam              beam search, the n best hypotheses (generation/beam.py)
     power             power sampling p^α by block-wise MH, n independent chains (ttc/power.py)
+    scalable_power    p^α token by token with look-ahead rollouts, no MCMC (ttc/scalable_power.py)
 
 Every decoder has the signature (model, tokenizer, prompt_ids [B], n, options) -> Decoded with [B][G] completions
 and their cost in tokens fed through the model.
@@ -43,6 +44,9 @@ class DecodeOptions:
     batch_size: int = 16
     seed: int = 0
     stop: tuple[str, ...] = ()
+    lookahead_top_k: int = 4
+    lookahead_rollouts: int = 4
+    lookahead_horizon: int = 8
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,11 @@ class Decoded:
         return sum(len(t) for row in self.token_ids for t in row)
 
     def candidates(self) -> list[list[dict]]:
-        """[B][G] candidates in the format ttc.best_of_n takes."""
-        return [[{"text": t, "token_logps": lp, "num_tokens": len(ids)} for t, ids, lp in zip(ts, idss, lps)]
+        """[B][G] candidates in the format ttc.best_of_n takes; forward_tokens: each candidate's equal share of
+        the batch's forward_tokens (so the shares add up to it exactly)."""
+        share = self.forward_tokens / max(1, sum(len(row) for row in self.texts))
+        return [[{"text": t, "token_logps": lp, "num_tokens": len(ids), "forward_tokens": share}
+                 for t, ids, lp in zip(ts, idss, lps)]
                 for ts, idss, lps in zip(self.texts, self.token_ids, self.token_logps)]
 
 
@@ -157,6 +164,24 @@ def decode_power(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Dec
                    [[s.target_logps for s in row] for row in out.samples], out.forward_tokens, out.wall_s, stats)
 
 
+def decode_scalable_power(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n scalable-power-sampling draws per prompt (α, top-K candidates, M rollouts of H tokens from options)."""
+    from posttrain.ttc.scalable_power import ScalablePowerParams, ScalablePowerSampler
+
+    params = ScalablePowerParams(alpha=options.alpha, max_new_tokens=options.max_new_tokens,
+                                 top_k=options.lookahead_top_k, rollouts=options.lookahead_rollouts,
+                                 horizon=options.lookahead_horizon, seed=options.seed)
+    sampler = ScalablePowerSampler(model, tokenizer)
+    texts, ids, logps, forward, rollout, start = [], [], [], 0, 0, time.perf_counter()
+    for index, chunk in _chunks(prompt_ids, options.batch_size):
+        out = sampler.generate(list(chunk), replace(params, seed=options.seed + index), n=n)
+        texts += [[t or "" for t in row] for row in out.texts]
+        ids += out.token_ids
+        logps += out.target_logps
+        forward, rollout = forward + out.forward_tokens, rollout + out.rollout_tokens
+    return Decoded(texts, ids, logps, forward, time.perf_counter() - start, {"rollout_tokens": float(rollout)})
+
+
 Decoder = Callable[[nn.Module, object, list[list[int]], int, DecodeOptions], Decoded]
 DECODERS: dict[str, Decoder] = {
     "greedy": decode_greedy,
@@ -166,6 +191,7 @@ DECODERS: dict[str, Decoder] = {
     "low_temperature": decode_low_temperature,
     "beam": decode_beam,
     "power": decode_power,
+    "scalable_power": decode_scalable_power,
 }
 
 

@@ -60,14 +60,21 @@ class TokenLogps(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
         temperature: float = 1.0,
         with_entropy: bool = False,
+        packed: SharedPrefixBatch | None = None,
     ) -> LogpsOutput:
+        """Log-probs of `labels` (and entropies) per position; with `packed`, of a shared-prefix packing (same as
+        `shared_prefix`, but through forward, so DDP/FSDP wrappers around this module see the call)."""
+        if packed is not None:
+            return self.shared_prefix(packed, temperature=temperature, with_entropy=with_entropy)
+        if input_ids is None or labels is None:
+            raise ValueError("TokenLogps needs input_ids and labels, or packed")
         inner = base_model(self.model)
         if _fusable(inner):
             hidden = inner.get_decoder()(

@@ -19,6 +19,8 @@ class ValueModel(nn.Module):
     The head starts at zero, so initial values are 0 and the first advantages are the (whitened) returns.
     """
 
+    fp32_modules = ("head",)  # kept in float32 when FSDP2 computes the rest in bf16 (train.parallel)
+
     def __init__(self, decoder: nn.Module, hidden_size: int):
         super().__init__()
         self.decoder = decoder

@@ -44,12 +44,12 @@ from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
+from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
-)
+from posttrain.train.parallel import all_reduce_max, clip_grad_norm, gathered, no_sync, parallelize
+from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
+from posttrain.train.state import Progress, prepare_model, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -301,7 +301,10 @@ def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, la
     sums: dict[str, float] = {}
     N = len(pairs)
     total_chosen_targets = sum(target_count(p["chosen"]) for p in pairs)
-    for start in list(range(0, N, micro_batch_size))[d.rank::d.world_size]:
+    starts = list(range(0, N, micro_batch_size))[d.rank::d.world_size]
+    # under fsdp2 every forward is collective: a rank with fewer micro-batches repeats its first and counts nothing
+    for j in range(all_reduce_max(len(starts), d)):
+        start = starts[j] if j < len(starts) else 0
         index = list(range(start, min(start + micro_batch_size, N)))
         batch = sequence_batch(pair_sequences(pairs, index), pad_id, pack_length=pack_length).to(d.device)
         logps = sequence_logps(policy_fn, batch)
@@ -310,6 +313,8 @@ def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, la
         out = loss_fn(logps[:len(index)], logps[len(index):], ref_c, ref_r, beta=beta,
                       label_smoothing=label_smoothing, chosen_token_counts=counts, global_pair_count=N,
                       global_chosen_token_count=total_chosen_targets)
+        if j >= len(starts):
+            continue
         for key, value in _metric_sums(out).items():
             sums[key] = sums.get(key, 0.0) + value
         sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
@@ -340,13 +345,17 @@ def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
 def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
+    check_resume_layout(checkpoint, d)
+    if d.parallelism == "fsdp2" and config.ref_sync_steps:
+        raise ConfigError("TR-DPO (ref_sync_steps > 0) copies the policy into a whole reference; it is not supported "
+                          "with parallelism=fsdp2 yet: use parallelism=ddp.")
     # All data is read and validated before a model is loaded or anything is written.
     train_data = load_dataset_file(config.train_file, "dpo")
     eval_data = load_dataset_file(config.eval_file, "dpo") if config.eval_file else None
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
-        gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint,
+        gradient_checkpointing=config.gradient_checkpointing, checkpoint=weights_checkpoint(checkpoint),
     )
     train_pairs, dropped = encode_pairs(train_data[0], tokenizer, config.max_length, config.train_file)
     eval_pairs = encode_pairs(eval_data[0], tokenizer, config.max_length, config.eval_file)[0] if eval_data else None
@@ -362,18 +371,22 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     if kind == "copy":  # the initial network: the same weights the policy started from (LoRA starts at B = 0)
         ref_model = load_model(config.model, dtype=config.dtype, device=d.device)[0].requires_grad_(False).eval()
 
-    logps_fn = wrap_ddp(TokenLogps(model, chunk_size=config.chunk_size), d)
+    logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
     start_step, extra = 0, {}
     if checkpoint is not None:
-        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
+        start_step, extra = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
         if ref_model is not None and extra.get("ref_state") is not None:
             ref_model.load_state_dict(extra["ref_state"])
 
+    @contextlib.contextmanager
     def ref_context():
-        return reference_logps_fn(kind, model, ref_model, config.chunk_size)
+        # the policy as reference runs its inner network directly: under fsdp2 its shards are held gathered meanwhile
+        with gathered(logps_fn) if kind != "copy" else contextlib.nullcontext():
+            with reference_logps_fn(kind, model, ref_model, config.chunk_size) as ref_fn:
+                yield ref_fn
 
     def build_caches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         caches = {}
@@ -440,9 +453,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         loss_sum, seen_tokens = 0.0, 0.0
         for i, index in enumerate(mine):
             batch = sequence_batch(pair_sequences(train_pairs, index), pad_id, pack_length=pack_length).to(d.device)
+            ref_c, ref_r = train_ref(index, batch)  # before the policy's forward: under fsdp2 it may gather shards
             with no_sync(logps_fn, skip=i < len(mine) - 1):
                 logps = sequence_logps(logps_fn, batch)  # [2b]: chosen then rejected
-                ref_c, ref_r = train_ref(index, batch)
                 counts = torch.tensor([chosen_targets[u] for u in index], device=d.device)
                 # DDP averages gradients over ranks; dividing the global counts by world_size undoes that average.
                 out = loss_fn(logps[:len(index)], logps[len(index):], ref_c, ref_r, beta=config.beta,
@@ -454,8 +467,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
             seen_tokens += batch.num_tokens
             for key, value in _metric_sums(out).items():
                 sums[key] = sums.get(key, 0.0) + value
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+        grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -485,21 +497,18 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
         if config.save_steps and done % config.save_steps == 0 and done != total_steps:
-            if d.is_main:
-                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                         scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
-            barrier(d)
+            save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      extra=checkpoint_extra(), keep_last=config.keep_last)
     progress.close()
 
     if eval_pairs:
         eval_metrics = eval_now()
         logger.log(total_steps, eval_metrics)
         summary.update(eval_metrics)
-    if d.is_main:
-        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, extra=checkpoint_extra(), keep_last=config.keep_last)
-        save_final(model, tokenizer, out_dir / "final")
-    barrier(d)
+    save_step(out_dir, total_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+              extra=checkpoint_extra(), keep_last=config.keep_last)
+    export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
     logger.close()
     summary["final_dir"] = str(out_dir / "final")
     return summary

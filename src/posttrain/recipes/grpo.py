@@ -23,23 +23,24 @@ import torch
 
 from posttrain.config import RunOptions, field
 from posttrain.data.prompts import PromptPool, PromptSource
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
-from posttrain.generation.rollout import RolloutBatch, rollout_sequences
+from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
 from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
+from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards, score_completions
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import init_distributed
+from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
-)
+from posttrain.train.parallel import all_gather_objects, all_reduce_max, clip_grad_norm, gathered, parallelize
+from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
+from posttrain.train.state import Progress, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
 
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
@@ -133,27 +134,32 @@ def loss_options(config: GRPOConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64) -> float:
-    """Mean verifier reward of greedy answers to `rows`."""
+def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64, d: Dist | None = None,
+                    ) -> float:
+    """Mean verifier reward of greedy answers to `rows` (split across ranks when `d` has several; call on all)."""
     if not rows:
         return float("nan")
+    d = d or Dist()
+    mine = rows[d.rank::d.world_size]
     generator = HFGenerator(model, tokenizer)
-    scores: list[float] = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
+    total = 0.0
+    for i in range(0, len(mine), batch):
+        chunk = mine[i:i + batch]
         out = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in chunk]),
                                  SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
         values, _ = score_completions([reward_fn], [1.0], chunk, out.texts)
-        scores += values.tolist()
-    return sum(scores) / len(scores)
+        total += float(values.double().sum())
+    return all_reduce_sum(total, d) / len(rows)
 
 
 @dataclass
 class SampledStep:
-    """One step's sampling: the groups kept for the update (None when every group was filtered) and the statistics
-    of everything sampled, kept or not.
+    """One step's sampling on this rank: its groups kept for the update (None when none survived the filter), and
+    statistics of everything sampled on all ranks, kept or not, in the order one process would have sampled it.
 
-    rewards, verifier, lengths: [N_sampled] over all rounds; groups / filtered: groups sampled / dropped as flat.
+    rewards, verifier, lengths: [N_sampled] over all rounds and ranks; groups / filtered: groups sampled / dropped
+    as flat; kept_rewards: [B'_all, G] of every rank's kept groups, and mine: the rows of kept_rewards that are this
+    rank's `batch` (advantage estimators that normalize over the batch see the global one).
     """
 
     batch: RolloutBatch | None
@@ -163,55 +169,98 @@ class SampledStep:
     groups: int
     filtered: int
     truncated: int
+    kept_rewards: torch.Tensor
+    mine: list[int]
+
+
+def prompt_seed(seed: int, step: int, sampling_round: int, position: int) -> int:
+    """The sampling seed of the prompt at `position` in a step's (global) prompt list: what it samples is a function
+    of (seed, step, round, position) alone, however the prompts are split across ranks."""
+    return ((seed * 1_000_003 + step) * 101 + sampling_round) * 100_003 + position
 
 
 def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, config: GRPOConfig, reward_fns,
-                weights, step: int, timer: StageTimer) -> SampledStep:
-    """Generate, score and (optionally) filter one step's groups; DAPO dynamic sampling draws more rounds."""
+                weights, step: int, timer: StageTimer, d: Dist | None = None) -> SampledStep:
+    """Generate, score and (optionally) filter one step's groups; DAPO dynamic sampling draws more rounds.
+
+    Every rank draws the same prompts from its copy of the pool and generates the groups at positions j ≡ rank
+    (mod world size); pass rates, kept counts and statistics are gathered so every rank's pool and decisions agree.
+    """
+    d = d or Dist()
     G, B = config.num_generations, config.prompts_per_step
     kept: list[RolloutBatch] = []
-    rewards_all, verifier_all, lengths_all = [], [], []
+    kept_all: list[tuple[int, int, torch.Tensor]] = []  # (round, position, rewards [G]) of every rank's kept groups
+    stats: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     groups = filtered = truncated = 0
     rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
     for r in range(rounds):
-        need = B - sum(k.num_groups for k in kept) if config.dynamic_sampling else B
+        need = B - len(kept_all) if config.dynamic_sampling else B
         if need <= 0:
             break
         indices = pool.take(need)
-        params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                top_k=config.top_k, top_p=config.top_p, seed=config.seed * 1_000_003 + step * 101 + r)
-        with timer("generate"):
-            rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
-        with timer("reward"):
-            row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
-            rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts)
-        verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
-        for b, index in enumerate(indices):
-            pool.report(index, float((verifier[b * G:(b + 1) * G] >= 1.0).float().mean()))
-        flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(indices), dtype=torch.bool)
+        positions = list(range(d.rank, len(indices), d.world_size))
+        local: dict[str, Any] = {"report": [], "stats": [], "kept": [], "truncated": 0}
+        if positions:
+            mine = [indices[j] for j in positions]
+            params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                    top_k=config.top_k, top_p=config.top_p,
+                                    prompt_seeds=tuple(prompt_seed(config.seed, step, r, j) for j in positions))
+            with timer("generate"):
+                rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
+            with timer("reward"):
+                row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
+                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts)
+            verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
+            lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+            flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(mine), dtype=torch.bool)
+            for b, (j, index) in enumerate(zip(positions, mine)):
+                rows_b = slice(b * G, (b + 1) * G)
+                local["report"].append((index, float((verifier[rows_b] >= 1.0).float().mean())))
+                local["stats"].append((r, j, rewards[rows_b], verifier[rows_b], lengths[rows_b]))
+                if not flat[b]:
+                    local["kept"].append((r, j, rewards[rows_b]))
+            local["truncated"] = sum(f == "length" for f in rollouts.finish_reasons)
+            keep_groups = (~flat).nonzero().flatten().tolist()
+            if keep_groups:
+                keep_rows = [b * G + g for b in keep_groups for g in range(G)]
+                kept.append(RolloutBatch(rollout_sequences(rollouts, tokenizer.pad_token_id).select(keep_rows),
+                                         rewards.view(-1, G)[keep_groups], [mine[b] for b in keep_groups]))
+        everyone = all_gather_objects(local, d)
+        for part in everyone:
+            for index, pass_rate in part["report"]:
+                pool.report(index, pass_rate)
+            stats += part["stats"]
+            kept_all += part["kept"]
+            truncated += part["truncated"]
         groups += len(indices)
-        filtered += int(flat.sum())
-        rewards_all.append(rewards)
-        verifier_all.append(verifier)
-        lengths_all.append(torch.tensor(rollouts.lengths, dtype=torch.float32))
-        truncated += sum(f == "length" for f in rollouts.finish_reasons)
-        keep_groups = (~flat).nonzero().flatten().tolist()
-        if keep_groups:
-            keep_rows = [b * G + g for b in keep_groups for g in range(G)]
-            kept.append(RolloutBatch(rollout_sequences(rollouts, tokenizer.pad_token_id).select(keep_rows),
-                                     rewards.view(-1, G)[keep_groups], [indices[b] for b in keep_groups]))
-    return SampledStep(batch=RolloutBatch.concat(kept) if kept else None, rewards=torch.cat(rewards_all),
-                       verifier=torch.cat(verifier_all), lengths=torch.cat(lengths_all), groups=groups,
-                       filtered=filtered, truncated=truncated)
+        filtered += len(indices) - sum(len(p["kept"]) for p in everyone)
+    stats.sort(key=lambda t: (t[0], t[1]))
+    order = sorted(range(len(kept_all)), key=lambda k: kept_all[k][:2])
+    where = {kept_all[k][:2]: n for n, k in enumerate(order)}
+    own = [where[(r, j)] for r, j, _ in kept_all if (r, j) in where and j % d.world_size == d.rank]
+    return SampledStep(
+        batch=RolloutBatch.concat(kept) if kept else None,
+        rewards=torch.cat([t[2] for t in stats]), verifier=torch.cat([t[3] for t in stats]),
+        lengths=torch.cat([t[4] for t in stats]), groups=groups, filtered=filtered, truncated=truncated,
+        kept_rewards=torch.stack([kept_all[k][2] for k in order]) if kept_all else torch.zeros(0, G),
+        mine=sorted(own),
+    )
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
-    d = init_distributed(config.device)
-    if d.enabled:
-        raise PosttrainError("posttrain grpo runs in one process for now (generation is not yet split across "
-                             "ranks); launch it without torchrun / accelerate.")
+    return run_distributed(_run, config, resume)
+
+
+def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
+    if config.prompts_per_step % d.world_size:
+        raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
+                          f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
+    if d.enabled and config.generation_backend != "hf":
+        raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
+                          "or use generation_backend=hf with parallelism.")
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
+    check_resume_layout(checkpoint, d)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
     reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
@@ -219,13 +268,13 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
-        gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint)
+        gradient_checkpointing=config.gradient_checkpointing, checkpoint=weights_checkpoint(checkpoint))
     ref_model = None
     if config.kl_coef and config.lora_r == 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
-    ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
+    logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
+    ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
     generator = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
@@ -233,27 +282,34 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     pool = PromptPool(len(rows), config.seed, config.pass_rate_cap)
     start_step = 0
     if checkpoint is not None:
-        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
+        start_step, extra = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
         pool.load(extra["pool"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+    preset = POLICY_LOSSES[config.loss]
+    estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
     timer = StageTimer()
     summary: dict[str, Any] = {}
 
     def evaluate(step: int) -> None:
         if not held_out:
             return
-        acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens)
+        with gathered(logps_fn):
+            acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens, d=d)
         logger.log(step, {"eval/accuracy": acc})
         summary.setdefault("eval/accuracy_start", acc)
         summary["eval/accuracy"] = acc
 
     if start_step == 0:
         evaluate(0)
-    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc=f"grpo[{config.loss}]")
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress and d.is_main,
+                        desc=f"grpo[{config.loss}]")
     for step in range(start_step, config.max_steps):
-        sampled = sample_step(generator, tokenizer, pool, rows, prompt_ids_all, config, reward_fns, weights, step, timer)
+        with gathered(logps_fn):
+            sampled = sample_step(generator, tokenizer, pool, rows, prompt_ids_all, config, reward_fns, weights, step,
+                                  timer, d)
         all_rewards, verifier, lengths = sampled.rewards, sampled.verifier, sampled.lengths
         metrics: dict[str, float] = {
             "reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
@@ -265,10 +321,13 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
         }
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
-        if sampled.batch is not None:
+        if len(sampled.kept_rewards):
             sleep_engine(generator)
-            metrics.update(_update(sampled.batch, model=model, logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer,
-                                   scheduler=scheduler, config=config, timer=timer))
+            all_advantages = estimator(sampled.kept_rewards)  # [B'_all, G] over every rank's kept groups
+            metrics.update(_update(sampled.batch, all_advantages[sampled.mine].reshape(-1), model=model,
+                                   logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer, scheduler=scheduler,
+                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards)))
+            metrics["advantage/abs_mean"] = float(all_advantages.abs().mean())
             metrics.update(sync_weights(generator, model, timer))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
@@ -282,35 +341,60 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
         if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
             evaluate(done)
         if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
-            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                     scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
+            save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      extra={"pool": pool.state()}, keep_last=config.keep_last)
     progress.close()
     evaluate(config.max_steps)
-    save_training_checkpoint(out_dir, config.max_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
-    save_final(model, tokenizer, out_dir / "final")
+    save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
+              scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
+    export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
     logger.close()
     close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
     return summary
 
 
-def _update(rollout: RolloutBatch, *, model, logps_fn: TokenLogps, ref_fn: TokenLogps | None, optimizer, scheduler,
-            config: GRPOConfig, timer: StageTimer) -> dict[str, float]:
-    """Advantages, old/ref log-probs, and μ passes of micro-batched updates over the rollout's groups."""
+def inert_groups(like: RolloutSequences | None, groups: int, G: int, pad_id: int) -> RolloutSequences:
+    """`groups` groups of G rows that weigh nothing (mask all False): the micro-batches a rank runs so that every
+    rank runs as many forwards and backwards as the busiest one (DDP and FSDP2 reduce in each). Copies of a real
+    group when there is one (same shapes), else one-token rows."""
+    if like is not None and len(like):
+        rows = like.select(list(range(G)) * groups)
+        return dataclasses.replace(rows, mask=torch.zeros_like(rows.mask))
+    n = groups * G
+    ids = torch.full((n, 2), pad_id, dtype=torch.long)
+    labels = torch.full((n, 2), IGNORE_INDEX, dtype=torch.long)
+    labels[:, 0] = pad_id
+    return RolloutSequences(ids, torch.arange(2).expand(n, 2).clone(), labels, torch.zeros(n, 2, dtype=torch.bool),
+                            torch.zeros(n, 2), torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long))
+
+
+def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, logps_fn: TokenLogps,
+            ref_fn: TokenLogps | None, optimizer, scheduler, config: GRPOConfig, timer: StageTimer, d: Dist,
+            num_groups: int) -> dict[str, float]:
+    """Old/ref log-probs and μ passes of micro-batched updates over this rank's groups (advantages [B'·G], computed
+    over all ranks' groups). Token/sequence/prompt counts are summed over ranks and the loss is multiplied by the
+    world size (DDP/FSDP2 average gradients), so the step equals one process's over the whole batch."""
     preset = POLICY_LOSSES[config.loss]
-    estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
     opts = loss_options(config)
-    G = rollout.group_size
-    batch = rollout.sequences
-    advantages = estimator(rollout.rewards).reshape(-1)  # [B'*G]
-    N = len(batch)
-    counts = GlobalCounts.from_mask(batch.mask, G)
+    G = config.num_generations
+    device = next(model.parameters()).device
+    batch = rollout.sequences if rollout is not None else None
+    local_tokens = float(batch.mask.sum()) if batch is not None else 0.0
+    counts = GlobalCounts(tokens=torch.tensor(all_reduce_sum(local_tokens, d), dtype=torch.float64),
+                          samples=num_groups * G, prompts=num_groups)
     mb = config.micro_batch_size
+    N = len(batch) if batch is not None else 0
     slices = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
+    extra = all_reduce_max(len(slices), d) - len(slices)
+    if extra:  # this rank has fewer micro-batches than another: it runs inert ones
+        pad = inert_groups(batch, extra, G, pad_id=0)
+        batch = pad if batch is None else RolloutSequences.concat([batch, pad])
+        advantages = torch.cat([advantages, torch.zeros(extra * G)])
+        slices += [slice(N + k * G, N + (k + 1) * G) for k in range(extra)]
     temperature = config.temperature
 
-    device = next(model.parameters()).device
     packed = ([batch.shared_prefix(s, pad_id=0).to(device) for s in slices]
               if config.shared_prefix and fusable(model) else None)
     batch, advantages = batch.to(device), advantages.to(device)
@@ -318,7 +402,7 @@ def _update(rollout: RolloutBatch, *, model, logps_fn: TokenLogps, ref_fn: Token
     def score(fn: TokenLogps, i: int, **kw):
         """Log-probs of micro-batch i in the [rows, L] label layout (shared-prefix packing when on)."""
         if packed is not None:
-            return fn.shared_prefix(packed[i], **kw)
+            return fn(packed=packed[i], **kw)
         s = slices[i]
         return fn(batch.input_ids[s], batch.labels[s], batch.position_ids[s], **kw)
 
@@ -353,8 +437,10 @@ def _update(rollout: RolloutBatch, *, model, logps_fn: TokenLogps, ref_fn: Token
                     is_w = stats.weights
                 result = preset(out.logps, old, advantages[s], mask, counts=counts, is_weights=is_w,
                                 ref_logps=ref_logps[s] if ref_logps is not None else None, **opts)
-                result.loss.backward()
+                (result.loss * d.world_size).backward()  # DDP/FSDP2 average over ranks; counts are global sums
             n = float(mask.sum())
+            if n == 0:
+                continue
             weight_sum += n
             for k, v in {**result.metrics(), **stats.metrics(),
                          "entropy": float(masked_mean(out.entropy, mask))}.items():
@@ -363,14 +449,15 @@ def _update(rollout: RolloutBatch, *, model, logps_fn: TokenLogps, ref_fn: Token
                 else:
                     totals[k] = totals.get(k, 0.0) + v * n
         with timer("update"):
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                         if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+            grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in totals.items()}
-    metrics.update(mismatch.metrics())
-    metrics["grad_norm"] = float(grad_norm)
-    metrics["advantage/abs_mean"] = float(advantages.abs().mean())
-    metrics["update/sequences"] = float(N)
+    keys = sorted(set().union(*all_gather_objects(sorted(totals), d)))
+    sums = {k: all_reduce_sum(totals.get(k, 0.0), d) for k in keys}
+    weight_sum = all_reduce_sum(weight_sum, d)
+    metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in sums.items()}
+    metrics["grad_norm"] = grad_norm
+    metrics["update/sequences"] = float(num_groups * G)
+    metrics.update(mismatch.metrics())  # this rank's tokens
     return metrics

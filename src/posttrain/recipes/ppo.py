@@ -22,11 +22,11 @@ import torch
 
 from posttrain.config import RunOptions, field
 from posttrain.data.prompts import PromptPool, PromptSource
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
 from posttrain.generation.rollout import completion_view, rollout_sequences
 from posttrain.generation.sampler import SamplingParams, encode_prompts
-from posttrain.losses.policy import POLICY_LOSSES, clipped_value_loss
+from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, clipped_value_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.value import ValueModel
 from posttrain.ops.advantages import gae, masked_whiten
@@ -35,12 +35,12 @@ from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import logprob_mismatch
 from posttrain.rewards import build_rewards, score_completions
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import init_distributed
+from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
-)
+from posttrain.train.parallel import all_gather_objects, clip_grad_norm, gathered, parallelize
+from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
+from posttrain.train.state import Progress, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
 
 
@@ -88,22 +88,44 @@ def load_reward_fns(config: PPOConfig) -> list:
 
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
-    d = init_distributed(config.device)
-    if d.enabled:
-        raise PosttrainError("posttrain ppo runs in one process for now; launch it without torchrun / accelerate.")
+    return run_distributed(_run, config, resume)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, d: Dist, eps: float = 1e-8) -> torch.Tensor:
+    """ops.advantages.masked_whiten over the valid positions of every rank's batch (the global mean and unbiased
+    variance from all-reduced sums). values, mask: [N, T] -> [N, T], 0 at padded positions."""
+    if not d.enabled:
+        return masked_whiten(values, mask)
+    m = mask.bool()
+    n = all_reduce_sum(float(m.sum()), d)
+    mean = all_reduce_sum(float(torch.where(m, values, 0.0).double().sum()), d) / n
+    var = all_reduce_sum(float((torch.where(m, values.double() - mean, 0.0) ** 2).sum()), d) / max(n - 1, 1.0)
+    return torch.where(m, (values - mean) * (var + eps) ** -0.5, 0.0)
+
+
+def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
+    if config.prompts_per_step % d.world_size:
+        raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
+                          f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
+    if d.enabled and config.generation_backend != "hf":
+        raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
+                          "or use generation_backend=hf with parallelism.")
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
+    check_resume_layout(checkpoint, d)
     rows, _ = config.prompt_rows()
     reward_fns = load_reward_fns(config)
     seed_everything(config.seed)
+    hf_checkpoint = weights_checkpoint(checkpoint)
     model, tokenizer = prepare_model(
-        config.model, device=d.device, **config.model_options(), checkpoint=checkpoint)
+        config.model, device=d.device, **config.model_options(), checkpoint=hf_checkpoint)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.lora_r == 0 else None
     critic = ValueModel.from_causal_lm(model).to(d.device)
-    if checkpoint is not None:
-        critic.load(checkpoint / "critic.safetensors")
-    logps_fn = TokenLogps(model, chunk_size=config.chunk_size)
-    ref_fn = TokenLogps(ref_model, chunk_size=config.chunk_size) if ref_model is not None else None
+    if hf_checkpoint is not None:
+        critic.load(hf_checkpoint / "critic.safetensors")
+    logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
+    ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
+    critic_fn = parallelize(critic, d)
     generator = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     optimizer = build_optimizer(model.parameters(), lr=config.lr)
     optimizer.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad], "lr": config.critic_lr,
@@ -115,26 +137,29 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     pool = PromptPool(len(rows), config.seed)
     start_step = 0
     if checkpoint is not None:
-        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
+        start_step, extra = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        modules={"critic": critic})
         pool.load(extra["pool"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
     policy_loss = POLICY_LOSSES["ppo"]
     timer = StageTimer()
     summary: dict[str, Any] = {}
-    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc="ppo")
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress and d.is_main, desc="ppo")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    G = config.num_generations
 
     for step in range(start_step, config.max_steps):
         indices = pool.take(config.prompts_per_step)
+        positions = list(range(d.rank, len(indices), d.world_size))  # this rank's share of the step's prompts
         sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                  seed=config.seed * 1_000_003 + step)
-        with timer("generate"):
-            rollouts = generator.generate([prompt_ids_all[i] for i in indices], sampling, n=config.num_generations)
-        G = config.num_generations
+                                  prompt_seeds=tuple(config.seed * 1_000_003 + step * 100_003 + j for j in positions))
+        with timer("generate"), gathered(logps_fn):
+            rollouts = generator.generate([prompt_ids_all[indices[j]] for j in positions], sampling, n=G)
         with timer("reward"):
-            row_of = [rows[indices[j // G]] for j in range(len(rollouts.texts))]
+            row_of = [rows[indices[positions[k // G]]] for k in range(len(rollouts.texts))]
             scores, _ = score_completions(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
         batch = rollout_sequences(rollouts, tokenizer.pad_token_id).to(d.device)
         scores = scores.to(d.device)
@@ -145,16 +170,18 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
             with (model.disable_adapter() if ref_fn is None else nullcontext()):
                 ref_logps = (ref_fn or logps_fn)(batch.input_ids, batch.labels, batch.position_ids,
                                                  temperature=config.temperature).logps
-            old_values = critic(batch.input_ids, batch.position_ids)
+            old_values = critic_fn(batch.input_ids, batch.position_ids)
         mismatch = logprob_mismatch(old_logps, batch.gen_logps, batch.mask)  # trainer vs sampler at θ_old
         old_logps_c, ref_logps_c = completion_view(old_logps, batch), completion_view(ref_logps, batch)
         old_values_c = completion_view(old_values, batch)
         token_rewards = kl_penalized_token_rewards(scores, old_logps_c, ref_logps_c, mask, kl_coef=config.kl_coef,
                                                    estimator=config.kl_estimator)
         est = gae(token_rewards, old_values_c, mask, gamma=config.gamma, lam=config.lam)
-        advantages = masked_whiten(est.advantages, mask) if config.whiten_advantages else est.advantages
+        advantages = whiten(est.advantages, mask, d) if config.whiten_advantages else est.advantages
 
-        N = len(batch)
+        # minibatches are drawn over the global rows (prompt position j, sample g -> j·G + g); each rank runs its own
+        N = len(indices) * G
+        local_row = {j * G + g: k * G + g for k, j in enumerate(positions) for g in range(G)}
         totals: dict[str, float] = {}
         updates = 0
         g = torch.Generator().manual_seed(config.seed * 31 + step)
@@ -162,20 +189,24 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         for _ in range(config.ppo_epochs):
             order = torch.randperm(N, generator=g)
             for i in range(0, N, config.minibatch_size):
-                idx = order[i:i + config.minibatch_size]
+                mine = [local_row[int(r)] for r in order[i:i + config.minibatch_size] if int(r) in local_row]
+                inert = not mine  # every rank runs each minibatch's forward/backward (DDP and FSDP2 reduce in it)
+                idx = torch.tensor(mine or [0])
                 sub = batch.select(idx)
                 with timer("update"):
                     out = logps_fn(sub.input_ids, sub.labels, sub.position_ids, temperature=config.temperature,
                                    with_entropy=True)
-                    values = critic(sub.input_ids, sub.position_ids)
-                    m = mask[idx]
+                    values = critic_fn(sub.input_ids, sub.position_ids)
+                    m = mask[idx] & (not inert)
+                    counts = GlobalCounts(tokens=all_reduce_sum(float(m.sum()), d),
+                                          samples=all_reduce_sum(0.0 if inert else float(len(mine)), d))
                     pg = policy_loss(completion_view(out.logps, sub), old_logps_c[idx], advantages[idx], m,
-                                     epsilon_low=config.epsilon, epsilon_high=config.epsilon)
+                                     epsilon_low=config.epsilon, epsilon_high=config.epsilon, counts=counts)
                     vf = clipped_value_loss(completion_view(values, sub), old_values_c[idx], est.returns[idx], m,
-                                            clip_range=config.value_clip)
-                    (pg.loss + config.vf_coef * vf.loss).backward()
-                    grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                                 if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+                                            clip_range=config.value_clip, counts=counts)
+                    # counts are global sums and DDP/FSDP2 average over ranks: the world_size factor restores the sum
+                    ((pg.loss + config.vf_coef * vf.loss) * d.world_size).backward()
+                    grad_norm = clip_grad_norm(params, config.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -183,16 +214,23 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
                 for k, v in {**{f"policy/{k}": v for k, v in pg.metrics().items()},
                              "value/loss": vf.loss.item(), "value/clip_frac": float(vf.clip_frac),
                              "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
-                             "grad_norm": float(grad_norm)}.items():
+                             "grad_norm": grad_norm}.items():
                     totals[k] = totals.get(k, 0.0) + v
         metrics_sync = sync_weights(generator, model, timer)
-        kl_seq = (torch.where(mask, old_logps_c - ref_logps_c, 0.0)).sum(1)  # [N] sequence KL (k1)
-        metrics = {k: v / updates for k, v in totals.items()}
+        kl_seq = (torch.where(mask, old_logps_c - ref_logps_c, 0.0)).sum(1)  # [N_local] sequence KL (k1)
+        non_score = torch.where(mask, token_rewards, 0.0).sum(1) - scores  # [N_local]
+        everyone = all_gather_objects((positions, scores.cpu(), kl_seq.cpu(), non_score.cpu(),
+                                       batch.completion_lengths.float().cpu()), d)
+        by_position = sorted((j, k, part) for part in everyone for k, j in enumerate(part[0]))
+        rows_of = lambda t: torch.cat([part[t][k * G:(k + 1) * G] for _, k, part in by_position])  # noqa: E731
+        all_scores, all_kl, all_non_score, all_lengths = rows_of(1), rows_of(2), rows_of(3), rows_of(4)
+        metrics = {k: all_reduce_sum(v, d) / (updates * d.world_size) for k, v in totals.items()}
         metrics.update({
-            "reward/score_mean": float(scores.mean()), "reward/score_std": float(scores.std()) if N > 1 else 0.0,
-            "reward/non_score_mean": float(torch.where(mask, token_rewards, 0.0).sum(1).mean() - scores.mean()),
-            "kl/sequence_mean": float(kl_seq.mean()), "value/explained_variance": float(vf.explained_variance),
-            "completion/mean_length": float(batch.completion_lengths.float().mean()),
+            "reward/score_mean": float(all_scores.mean()),
+            "reward/score_std": float(all_scores.std()) if N > 1 else 0.0,
+            "reward/non_score_mean": float(all_non_score.mean()),
+            "kl/sequence_mean": float(all_kl.mean()), "value/explained_variance": float(vf.explained_variance),
+            "completion/mean_length": float(all_lengths.mean()),
             "train/lr": scheduler.get_last_lr()[0], **mismatch, **metrics_sync, **timer.pop(),
         })
         done = step + 1
@@ -201,14 +239,14 @@ def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         summary.update(metrics)
         progress.update(score=metrics["reward/score_mean"], kl=metrics["kl/sequence_mean"])
         if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
-            save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                     scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
-                                     modules={"critic": critic})
+            save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      extra={"pool": pool.state()}, keep_last=config.keep_last, modules={"critic": critic})
     progress.close()
-    save_training_checkpoint(out_dir, config.max_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
-                             modules={"critic": critic})
-    save_final(model, tokenizer, out_dir / "final")
+    save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
+              scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
+              modules={"critic": critic})
+    export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
     logger.close()
     close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")

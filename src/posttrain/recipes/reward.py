@@ -33,12 +33,12 @@ from posttrain.models.reward_model import (
 )
 from posttrain.data.order import micro_batches, step_units
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
+from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress, restore_training_state, save_final, save_training_checkpoint, seed_everything,
-)
+from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
+from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
+from posttrain.train.state import Progress, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -123,12 +123,17 @@ def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_l
     model.eval()
     N = len(pairs)
     loss, correct, margin = 0.0, 0.0, 0.0
-    for start in list(range(0, N, micro_batch_size))[d.rank::d.world_size]:
+    starts = list(range(0, N, micro_batch_size))[d.rank::d.world_size]
+    # under fsdp2 every forward is collective: a rank with fewer micro-batches repeats its first and counts nothing
+    for j in range(all_reduce_max(len(starts), d)):
+        start = starts[j] if j < len(starts) else 0
         index = list(range(start, min(start + micro_batch_size, N)))
         r_w, r_l, _ = pair_rewards(model, pairs, index, kind=kind, pad_id=pad_id, pack_length=pack_length,
                                    device=d.device)
         m = None if margins is None else torch.tensor([margins[i] for i in index], device=d.device)
         out = bradley_terry_loss(r_w, r_l, margin=m, center_coef=center_coef, global_pair_count=N)
+        if j >= len(starts):
+            continue
         loss += float(out.loss)
         correct += float(out.accuracy.sum())
         margin += float(out.margins.sum())
@@ -144,19 +149,21 @@ def run(config: RewardConfig, resume: str | None = None) -> dict[str, Any]:
 def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
+    check_resume_layout(checkpoint, d)
     # All data is read and validated before a model is loaded or anything is written.
     train_rows, _ = load_dataset_file(config.train_file, "reward")
     train_margins = read_margins(train_rows, config.train_file) if config.use_margin else None
     eval_rows = load_dataset_file(config.eval_file, "reward")[0] if config.eval_file else None
     eval_margins = read_margins(eval_rows, config.eval_file) if eval_rows and config.use_margin else None
     seed_everything(config.seed)
-    if checkpoint is not None and config.lora_r == 0:
-        model, tokenizer = load_reward_model(checkpoint / "model", device=d.device)
+    hf_checkpoint = weights_checkpoint(checkpoint)
+    if hf_checkpoint is not None and config.lora_r == 0:
+        model, tokenizer = load_reward_model(hf_checkpoint / "model", device=d.device)
         model.train()
     else:
         model, tokenizer = build_reward_model(config.model, device=d.device, **config.model_options())
-        if checkpoint is not None:
-            model.load_trainable_state(checkpoint / "model")
+        if hf_checkpoint is not None:
+            model.load_trainable_state(hf_checkpoint / "model")
     kind = model.kind
     if kind == "encoder" and config.max_length > 512:
         raise ConfigError(f"key 'max_length' is {config.max_length}, but the encoder has 512 positions.")
@@ -167,13 +174,13 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
     global_batch = config.micro_batch_size * config.grad_accum_steps * d.world_size
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(train_pairs) / global_batch))
 
-    ddp_model = wrap_ddp(model, d)
+    ddp_model = parallelize(model, d)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
     start_step = 0
     if checkpoint is not None:
-        start_step, _ = restore_training_state(checkpoint, optimizer, scheduler)
+        start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -205,8 +212,7 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
             loss_sum += float(out.loss.detach())
             correct += float(out.accuracy.sum())
             margin_sum += float(out.margins.sum())
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+        grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -227,21 +233,18 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
         if config.save_steps and done % config.save_steps == 0 and done != total_steps:
-            if d.is_main:
-                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                         scheduler=scheduler, keep_last=config.keep_last)
-            barrier(d)
+            save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      keep_last=config.keep_last)
     progress.close()
 
     if eval_pairs:
         eval_metrics = eval_now()
         logger.log(total_steps, eval_metrics)
         summary.update(eval_metrics)
-    if d.is_main:
-        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, keep_last=config.keep_last)
-        save_final(model, tokenizer, out_dir / "final")
-    barrier(d)
+    save_step(out_dir, total_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+              keep_last=config.keep_last)
+    export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: build_reward_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
     logger.close()
     summary["final_dir"] = str(out_dir / "final")
     return summary

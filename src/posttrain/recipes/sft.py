@@ -29,12 +29,12 @@ from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import shift_labels
 from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import all_reduce_sum, barrier, no_sync, run_distributed, wrap_ddp
+from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress, prepare_model, restore_training_state, save_final, save_training_checkpoint, seed_everything,
-)
+from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
+from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
+from posttrain.train.state import Progress, prepare_model, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -114,10 +114,12 @@ def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size
     logps_fn.eval()
     nll, count = 0.0, 0.0
     mine = rows[dist_info.rank::dist_info.world_size]
-    for i in range(0, len(mine), micro_batch_size):
-        batch = batch_tensors(examples, mine[i:i + micro_batch_size], pad_id, dist_info.device)
+    # under fsdp2 every forward is collective: ranks with fewer micro-batches run extra ones that count nothing
+    n_batches = all_reduce_max(-(-len(mine) // micro_batch_size), dist_info)
+    for i in range(0, n_batches * micro_batch_size, micro_batch_size):
+        batch = batch_tensors(examples, mine[i:i + micro_batch_size] or rows[:1], pad_id, dist_info.device)
         out = logps_fn(batch["input_ids"], batch["labels"], batch["position_ids"])
-        mask = batch["labels"] != -100
+        mask = (batch["labels"] != -100) & (i < len(mine))
         nll += float(-(out.logps * mask).sum())
         count += float(mask.sum())
     logps_fn.train()
@@ -133,13 +135,14 @@ def run(config: SFTConfig, resume: str | None = None) -> dict[str, Any]:
 def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     checkpoint = resolve_resume(out_dir, resume)
+    check_resume_layout(checkpoint, d)
     # All data is read and validated before a model is loaded or anything is written.
     train_data = load_dataset_file(config.train_file, "sft")
     eval_data = load_dataset_file(config.eval_file, "sft") if config.eval_file else None
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
-        gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint,
+        gradient_checkpointing=config.gradient_checkpointing, checkpoint=weights_checkpoint(checkpoint),
     )
     train_examples, dropped = tokenize_rows(*train_data, tokenizer, config.max_length, config.train_file)
     eval_examples = tokenize_rows(*eval_data, tokenizer, config.max_length, config.eval_file)[0] if eval_data else None
@@ -149,13 +152,13 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     global_batch = config.micro_batch_size * config.grad_accum_steps * d.world_size
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(train_rows) / global_batch))
 
-    logps_fn = wrap_ddp(TokenLogps(model, chunk_size=config.chunk_size), d)
+    logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
     start_step = 0
     if checkpoint is not None:
-        start_step, _ = restore_training_state(checkpoint, optimizer, scheduler)
+        start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -187,8 +190,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
                 result.loss.backward()
             nll_sum += float(result.nll_sum)
             seen_tokens += batch["num_tokens"]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                     if config.max_grad_norm > 0 else torch.tensor(float("nan")))
+        grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -210,10 +212,8 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         if eval_rows and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, evaluate(logps_fn, eval_examples, eval_rows, pad_id, config.micro_batch_size, d))
         if config.save_steps and done % config.save_steps == 0 and done != total_steps:
-            if d.is_main:
-                save_training_checkpoint(out_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                         scheduler=scheduler, keep_last=config.keep_last)
-            barrier(d)
+            save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      keep_last=config.keep_last)
     progress.close()
     summary["train/loop_seconds"] = time.perf_counter() - t_loop
     summary["train/tokens"] = tokens_total
@@ -222,11 +222,10 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         eval_metrics = evaluate(logps_fn, eval_examples, eval_rows, pad_id, config.micro_batch_size, d)
         logger.log(total_steps, eval_metrics)
         summary.update(eval_metrics)
-    if d.is_main:
-        save_training_checkpoint(out_dir, total_steps, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, keep_last=config.keep_last)
-        save_final(model, tokenizer, out_dir / "final")
-    barrier(d)
+    save_step(out_dir, total_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+              keep_last=config.keep_last)
+    export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
     logger.close()
     summary["final_dir"] = str(out_dir / "final")
     return summary

@@ -8,6 +8,7 @@ unless they already carry $ or \\boxed): math-verify finds no expression in a ba
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -65,6 +66,29 @@ def math_equal(gold: str, pred: str) -> bool:
 
     in_main = threading.current_thread() is threading.main_thread()
     return bool(verify(parse_math(gold), parse_math(pred), timeout_seconds=5 if in_main else None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(text: str) -> tuple:
+    return tuple(parse_math(text)) if len(text) <= MAX_ANSWER_CHARS else ()
+
+
+def math_equivalent(a: str, b: str) -> bool:
+    """Whether two extracted answers are the same answer: math-verify equality when both parse as math ("0.5",
+    "1/2" and "\\frac{1}{2}" agree), else equality after trimming and case folding. Symmetric (tried both ways, as
+    math-verify's gold/pred roles are not); parses are cached, so grouping G answers costs G parses."""
+    a, b = str(a).strip(), str(b).strip()
+    if a == b:
+        return True
+    pa, pb = _parsed(a), _parsed(b)
+    if pa and pb:
+        from math_verify import verify
+
+        in_main = threading.current_thread() is threading.main_thread()
+        timeout = 5 if in_main else None
+        return bool(verify(list(pa), list(pb), timeout_seconds=timeout) or
+                    verify(list(pb), list(pa), timeout_seconds=timeout))
+    return a.casefold() == b.casefold()
 
 
 def make_math_reward(

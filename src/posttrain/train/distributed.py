@@ -1,13 +1,12 @@
 """Data parallelism through torch.distributed, as set up by `torchrun` or `accelerate launch` (env:// variables).
 
-One process: everything here is a no-op. Several: gloo on CPU, nccl on CUDA; the model is wrapped in DDP, each rank
-reads its own slice of every global batch, and global counts (tokens, sequences) are summed across ranks so that the
-loss normalization matches one big batch.
+One process: everything here is a no-op. Several: gloo on CPU, nccl on CUDA; the model is wrapped by train.parallel
+(DDP or FSDP2), each rank reads its own slice of every global batch, and global counts (tokens, sequences) are summed
+across ranks so that the loss normalization matches one big batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -24,6 +23,9 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    parallelism: str = "ddp"  # none, ddp or fsdp2 (train.parallel)
+    mixed_precision: bool = False  # fsdp2 on CUDA: bf16 compute, fp32 reduction
+    cpu_offload: bool = False  # fsdp2 on CUDA: shards kept in host memory
 
     @property
     def is_main(self) -> bool:
@@ -34,18 +36,19 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the process group if launched by torchrun/accelerate (WORLD_SIZE > 1)."""
+def init_distributed(device: str = "auto", *, group: bool = False, **options: Any) -> Dist:
+    """Join the process group if launched by torchrun/accelerate (WORLD_SIZE > 1, or any size with `group`).
+    options: the Dist fields parallelism, mixed_precision and cpu_offload."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or group) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, **options)
 
 
 def all_reduce_sum(value: float | torch.Tensor, d: Dist) -> float:
@@ -55,22 +58,6 @@ def all_reduce_sum(value: float | torch.Tensor, d: Dist) -> float:
         t = t.to(d.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
-
-
-def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    if not d.enabled:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
-
-
-def no_sync(module: torch.nn.Module, skip: bool):
-    """Skip DDP's gradient all-reduce for all but the last micro-batch of an accumulation step."""
-    if skip and hasattr(module, "no_sync"):
-        return module.no_sync()
-    return contextlib.nullcontext()
 
 
 def barrier(d: Dist) -> None:
@@ -84,10 +71,16 @@ def cleanup(d: Dist) -> None:
 
 
 def run_distributed(body: Callable[[Any, Any, Dist], R], config: Any, resume: Any) -> R:
-    """body(config, resume, d) inside the process group that `config.device` and the launcher ask for; the group is
-    left again whether the body returns or raises."""
-    d = init_distributed(config.device)
+    """body(config, resume, d) inside the process group that `config.device`, `config.parallelism` and the launcher
+    ask for (checked first: train.parallel.resolve_parallelism); the group is left again whether the body returns
+    or raises."""
+    from posttrain.train.parallel import resolve_parallelism
+
+    options = resolve_parallelism(config)
+    owned = not dist.is_initialized()  # a group the caller opened (several runs in one launch) stays open
+    d = init_distributed(config.device, group=options["parallelism"] == "fsdp2", **options)
     try:
         return body(config, resume, d)
     finally:
-        cleanup(d)
+        if owned:
+            cleanup(d)

@@ -6,28 +6,37 @@ The strategies take callables, never a model:
     score(prompts, completions) -> [B*G] floats, called once on the flattened batch (prompt repeated G times),
         like a reward function; higher is better.
     extract(text) -> answer or None, the answer the votes compare; default: the stripped text.
+    equivalent(a, b) -> bool, the task verifier's equivalence of two answers; votes count equivalence classes
+        (ttc/vote.py `group_answers`); default: ==.
 
-Every strategy returns one `TTCResult` per prompt with the chosen answer and everything it was chosen from.
+Every strategy returns one `TTCResult` per prompt with the chosen answer and everything it was chosen from, and
+its cost in the unit all test-time strategies share (ttc/power.py, ttc/scalable_power.py, ttc/particles.py,
+generation/strategies.py): tokens forwarded through the policy model (from the candidates' `forward_tokens`, which
+generation.strategies.Decoded.candidates() fills with each candidate's share of its batch) and wall time (the whole
+call, generation and scoring, split evenly over the prompts).
 Ties go to the earliest candidate (best_of_n) or to the answer that appears first (votes, see ttc/vote.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable, Sequence
 
-from posttrain.ttc.vote import VoteResult, majority_vote, weighted_vote
+from posttrain.ttc.vote import Equivalence, VoteResult, group_answers, majority_vote, weighted_vote
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One sampled completion. token_logps: [T] log-probs of its generated tokens under the sampling model;
-    num_tokens: generated tokens (defaults to len(token_logps) when those are given)."""
+    num_tokens: generated tokens (defaults to len(token_logps) when those are given); forward_tokens: tokens fed
+    through the model to produce it (its share of the prompt encoding included), when the generator knows."""
 
     text: str
     token_logps: tuple[float, ...] | None = None
     num_tokens: int | None = None
+    forward_tokens: float | None = None
 
     def __post_init__(self):
         if self.token_logps is not None and not isinstance(self.token_logps, tuple):
@@ -45,8 +54,10 @@ class Candidate:
 class TTCResult:
     """answer: the chosen answer (None when no candidate had one). text/index: the chosen candidate (for votes, the
     first candidate whose answer won). candidates/answers: [G] all candidates and their extracted answers.
-    scores: [G] from `score` (best_of_n only). votes: answer -> vote total (votes only). generated_tokens: the
-    cost, summed over all G candidates; None when a candidate did not report its token count."""
+    scores: [G] from `score` (best_of_n only). votes: answer -> vote total (votes only). generated_tokens: summed
+    over all G candidates; None when a candidate did not report its token count. forward_tokens: tokens forwarded
+    through the policy for all G candidates (None when a candidate did not report it); wall_s: this prompt's share
+    of the call's wall time."""
 
     answer: Hashable | None
     text: str | None
@@ -56,6 +67,8 @@ class TTCResult:
     scores: tuple[float, ...] | None
     votes: dict | None
     generated_tokens: int | None
+    forward_tokens: float | None = None
+    wall_s: float = 0.0
 
 
 GenerateFn = Callable[[list[str], int], Sequence[Sequence[Any]]]
@@ -73,9 +86,10 @@ def _as_candidate(item: Any, where: str) -> Candidate:
     if isinstance(item, str):
         return Candidate(text=item)
     if isinstance(item, dict) and "text" in item:
-        num = item.get("num_tokens")
+        num, fwd = item.get("num_tokens"), item.get("forward_tokens")
         return Candidate(text=item["text"], token_logps=item.get("token_logps"),
-                         num_tokens=None if num is None else int(num))
+                         num_tokens=None if num is None else int(num),
+                         forward_tokens=None if fwd is None else float(fwd))
     raise TypeError(f"{where}: expected a Candidate, a dict with 'text', or a str; got {type(item).__name__}")
 
 
@@ -96,7 +110,17 @@ def _generate(prompts: Sequence[str], generate: GenerateFn, n: int) -> list[list
 
 def _cost(candidates: Sequence[Candidate]) -> int | None:
     counts = [c.generated_tokens for c in candidates]
-    return None if any(c is None for c in counts) else sum(counts)
+    return sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None
+
+
+def _forward(candidates: Sequence[Candidate]) -> float | None:
+    counts = [c.forward_tokens for c in candidates]
+    return float(sum(c for c in counts if c is not None)) if all(c is not None for c in counts) else None
+
+
+def _timed(results: list[TTCResult], start: float) -> list[TTCResult]:
+    share = (time.perf_counter() - start) / max(1, len(results))
+    return [replace(r, forward_tokens=_forward(r.candidates), wall_s=share) for r in results]
 
 
 def best_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn, *, n: int,
@@ -104,6 +128,7 @@ def best_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn, *, n
     """For each prompt, the candidate with the highest score (first one on ties); its answer is extract(text)."""
     extract = extract or _default_extract
     prompts = list(prompts)
+    start = time.perf_counter()
     batch = _generate(prompts, generate, n)  # [B][G]
     flat_prompts = [p for p, row in zip(prompts, batch) for _ in row]  # [B*G]
     flat_texts = [c.text for row in batch for c in row]  # [B*G]
@@ -120,16 +145,18 @@ def best_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn, *, n
         answers = tuple(extract(c.text) for c in row)
         results.append(TTCResult(answer=answers[best], text=row[best].text, index=best, candidates=tuple(row),
                                  answers=answers, scores=scores, votes=None, generated_tokens=_cost(row)))
-    return results
+    return _timed(results, start)
 
 
 def _vote_results(batch: list[list[Candidate]], extract: ExtractFn,
-                  rule: Callable[[tuple, list[Candidate]], VoteResult]) -> list[TTCResult]:
+                  rule: Callable[[tuple, list[Candidate]], VoteResult],
+                  equivalent: Equivalence | None = None) -> list[TTCResult]:
     results = []
     for row in batch:
         answers = tuple(extract(c.text) for c in row)
-        vote = rule(answers, row)
-        index = answers.index(vote.answer) if vote.answer is not None else None
+        classes = group_answers(answers, equivalent)
+        vote = rule(tuple(classes), row)
+        index = classes.index(vote.answer) if vote.answer is not None else None
         results.append(TTCResult(answer=vote.answer, text=row[index].text if index is not None else None,
                                  index=index, candidates=tuple(row), answers=answers, scores=None,
                                  votes=vote.votes, generated_tokens=_cost(row)))
@@ -137,22 +164,28 @@ def _vote_results(batch: list[list[Candidate]], extract: ExtractFn,
 
 
 def majority_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn | None = None, *, n: int,
-                  extract: ExtractFn | None = None) -> list[TTCResult]:
-    """Self-consistency: the most frequent extracted answer among n samples. `score` is not used."""
+                  extract: ExtractFn | None = None, equivalent: Equivalence | None = None) -> list[TTCResult]:
+    """Self-consistency: the most frequent extracted answer (class under `equivalent`) among n samples. `score` is
+    not used."""
+    start = time.perf_counter()
     batch = _generate(prompts, generate, n)
-    return _vote_results(batch, extract or _default_extract, lambda answers, row: majority_vote(answers))
+    return _timed(_vote_results(batch, extract or _default_extract, lambda answers, row: majority_vote(answers),
+                                equivalent), start)
 
 
 def weighted_majority_of_n(prompts: Sequence[str], generate: GenerateFn, score: ScoreFn | None = None, *, n: int,
-                           extract: ExtractFn | None = None) -> list[TTCResult]:
+                           extract: ExtractFn | None = None,
+                           equivalent: Equivalence | None = None) -> list[TTCResult]:
     """Self-consistency with votes weighted by exp(mean token log-prob); candidates must carry token_logps."""
+    start = time.perf_counter()
     batch = _generate(prompts, generate, n)
     for b, row in enumerate(batch):
         for g, c in enumerate(row):
             if c.token_logps is None:
                 raise ValueError(f"weighted vote needs token_logps; prompt {b}, candidate {g} has none")
-    return _vote_results(batch, extract or _default_extract,
-                         lambda answers, row: weighted_vote(answers, [c.token_logps for c in row]))
+    return _timed(_vote_results(batch, extract or _default_extract,
+                                lambda answers, row: weighted_vote(answers, [c.token_logps for c in row]), equivalent),
+                  start)
 
 
 STRATEGIES: dict[str, Callable[..., list[TTCResult]]] = {

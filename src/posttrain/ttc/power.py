@@ -15,9 +15,14 @@ Algorithm 1, for k = 0 .. ⌈T/B⌉−1 with L_k = min((k+1)·B, T):
        log A = α·(Σ log p(x'[m:]) − Σ log p(x[m:])) + Σ log p_prop(x[m:]) − Σ log p_prop(x'[m:]);
      if m ≥ |x| (x already ended) the step keeps x. `position="sequence"` draws m ~ U{0..|x|−1} instead and adds
      the position term log(|x| / |x'|) (mh.py explains why it is needed);
-  3. stop after the block in which the current x ends with a stop token (as the paper's code does).
-With a single block (B ≥ T) the chain targets p^α exactly; tests/ttc check the draws against p^α/Z on a model
-whose completions can be enumerated.
+  3. a chain whose x already ends with a stop token skips step 1 but still takes its N_MCMC steps on π_k in every
+     later block (`ended="continue"`, the default): a proposal from m < |x| may replace the ended x by a longer one.
+Every block's kernel leaves π_k invariant, and π_{K−1} = p^α/Z, so the law after the last block converges to p^α/Z
+as N_MCMC grows, for ANY block size. `ended="stop"` is what the paper's code does (a chain stops after the block in
+which it ends): then a sequence that ended in block k is never compared with longer ones, and the law stays a
+mixture of the intermediate targets (≈ 0.1 TV from p^α/Z on the toy of tests/ttc however large N_MCMC is).
+tests/ttc check the draws against the exact composed kernels and against p^α/Z on a model whose completions can be
+enumerated, for several block sizes.
 
 Pitfalls of the official code avoided (reference notes §2): the acceptance uses the FULL current suffix x[m:] even
 when the proposal ends early at EOS; the proposal is exactly softmax(α·z) (no default top-k=50 truncation);
@@ -59,13 +64,16 @@ from posttrain.ttc.mh import accept, log_acceptance
 class PowerParams:
     """alpha: the power α (proposal temperature 1/α); max_new_tokens: T; block_size: B; mcmc_steps: N_MCMC per
     block; position: how m is drawn ("block": U{0..L_k−1} as Alg. 1, "sequence": U{0..|x|−1} with the position
-    term); stop_token_ids: None = the model's EOS; seed: None draws one from torch's global RNG."""
+    term); ended: what a chain whose x has ended does in later blocks ("continue": keeps taking MH steps, exact;
+    "stop": stops, as the paper's code; see the module docstring); stop_token_ids: None = the model's EOS; seed:
+    None draws one from torch's global RNG."""
 
     alpha: float = 4.0
     max_new_tokens: int = 48
     block_size: int = 16
     mcmc_steps: int = 4
     position: Literal["block", "sequence"] = "block"
+    ended: Literal["continue", "stop"] = "continue"
     stop_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
 
@@ -76,6 +84,8 @@ class PowerParams:
             raise ValueError("need max_new_tokens >= 1, block_size >= 1 and mcmc_steps >= 0")
         if self.position not in ("block", "sequence"):
             raise ValueError(f"position must be 'block' or 'sequence', got {self.position!r}")
+        if self.ended not in ("continue", "stop"):
+            raise ValueError(f"ended must be 'continue' or 'stop', got {self.ended!r}")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
@@ -175,12 +185,14 @@ def _chain_program(chain: _Chain, params: PowerParams, stop: set[int]):
     for k in range(params.num_blocks):
         end = min((k + 1) * params.block_size, params.max_new_tokens)
         if chain.x and chain.x[-1] in stop:  # 3. the completion ended in an earlier block
-            return
-        # 1. extend to the block end from p_prop
-        ext = yield from _draw(chain, len(chain.x), end, stop)
-        yield ("keep", None)
-        chain.x, chain.tl, chain.pl = chain.x + ext.tokens, chain.tl + ext.target_logps, chain.pl + ext.proposal_logps
-        chain.sampled += len(ext.tokens)
+            if params.ended == "stop":
+                return
+        else:  # 1. extend to the block end from p_prop
+            ext = yield from _draw(chain, len(chain.x), end, stop)
+            yield ("keep", None)
+            chain.x, chain.tl, chain.pl = (chain.x + ext.tokens, chain.tl + ext.target_logps,
+                                           chain.pl + ext.proposal_logps)
+            chain.sampled += len(ext.tokens)
         # 2. N_MCMC Metropolis-Hastings steps on π_k
         for _ in range(params.mcmc_steps):
             upper = end if params.position == "block" else len(chain.x)

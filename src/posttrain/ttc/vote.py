@@ -13,7 +13,10 @@ The paper finds the normalized weighted sum about as good as the plain vote and 
 Ties: answers whose vote totals are equal (exactly for counts; within a relative 1e-9 for float weights, so that
 summation order cannot decide) go to the answer whose FIRST occurrence in `answers` is earliest. Totals are
 accumulated in input order in an insertion-ordered dict, so the result never depends on hash or set order.
-Answers are compared with ==; normalizing them (e.g. "0.5" vs "1/2") is the extractor's job.
+Equivalent answers: with `equivalent=None` answers are compared with ==. Pass the task's verifier equivalence
+(e.g. rewards.math.math_equivalent, under which "0.5", "1/2" and "\\frac{1}{2}" are one answer) and the answers are
+first grouped into classes (`group_answers`): each answer joins the class of the first earlier answer it is
+equivalent to, and the class is named by that first occurrence, so the vote counts classes, not strings.
 """
 
 from __future__ import annotations
@@ -23,6 +26,30 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
 TIE_REL_TOL = 1e-9
+Equivalence = Callable[[Hashable, Hashable], bool]
+
+
+def group_answers(answers: Sequence[Hashable | None], equivalent: Equivalence | None = None) -> list[Hashable | None]:
+    """[G] answers -> [G] class representatives: answer i is replaced by the first earlier answer it is equivalent
+    to (or kept, if none); None stays None. Equal answers are always one class; `equivalent` is only asked about
+    pairs of different representatives (G·J calls for J classes). Without `equivalent` the answers come back as is.
+    """
+    if equivalent is None:
+        return list(answers)
+    reps: list[Hashable] = []
+    known: dict = {}
+    out: list[Hashable | None] = []
+    for answer in answers:
+        if answer is None:
+            out.append(None)
+            continue
+        if answer not in known:
+            known[answer] = next((r for r in reps if equivalent(r, answer)), None)
+            if known[answer] is None:
+                known[answer] = answer
+                reps.append(answer)
+        out.append(known[answer])
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,12 +104,13 @@ def _vote(answers: Sequence[Hashable | None], log_weights: Sequence[float] | Non
     )
 
 
-def majority_vote(answers: Sequence[Hashable | None]) -> VoteResult:
-    """Plain self-consistency: the most frequent non-None answer; ties go to the earliest first occurrence.
+def majority_vote(answers: Sequence[Hashable | None], equivalent: Equivalence | None = None) -> VoteResult:
+    """Plain self-consistency: the most frequent non-None answer class; ties go to the earliest first occurrence.
 
-    answers: [G] extracted answers of the G samples for one prompt.
+    answers: [G] extracted answers of the G samples for one prompt; equivalent: the verifier's equivalence of two
+    answers (None: ==). The winner is its class's first occurrence.
     """
-    return _vote(answers, None)
+    return _vote(group_answers(answers, equivalent), None)
 
 
 def _checked_logps(answers: Sequence, token_logps: Sequence[Sequence[float]]) -> list[list[float]]:
@@ -95,20 +123,22 @@ def _checked_logps(answers: Sequence, token_logps: Sequence[Sequence[float]]) ->
     return rows
 
 
-def weighted_vote(answers: Sequence[Hashable | None], token_logps: Sequence[Sequence[float]]) -> VoteResult:
+def weighted_vote(answers: Sequence[Hashable | None], token_logps: Sequence[Sequence[float]],
+                  equivalent: Equivalence | None = None) -> VoteResult:
     """Vote weighted by the length-normalized probability exp(mean_t log p_t) of each sample.
 
-    answers: [G]; token_logps: [G][T_i], log p of each generated token of sample i under the sampling model.
+    answers: [G]; token_logps: [G][T_i], log p of each generated token of sample i under the sampling model;
+    equivalent: as in majority_vote.
     """
     rows = _checked_logps(answers, token_logps)
-    return _vote(answers, [sum(r) / len(r) if r else 0.0 for r in rows])
+    return _vote(group_answers(answers, equivalent), [sum(r) / len(r) if r else 0.0 for r in rows])
 
 
-def weighted_vote_unnormalized(answers: Sequence[Hashable | None],
-                               token_logps: Sequence[Sequence[float]]) -> VoteResult:
+def weighted_vote_unnormalized(answers: Sequence[Hashable | None], token_logps: Sequence[Sequence[float]],
+                               equivalent: Equivalence | None = None) -> VoteResult:
     """Vote weighted by the sequence probability exp(Σ_t log p_t); favours short samples (worse in the paper)."""
     rows = _checked_logps(answers, token_logps)
-    return _vote(answers, [sum(r) for r in rows])
+    return _vote(group_answers(answers, equivalent), [sum(r) for r in rows])
 
 
 VOTE_RULES: dict[str, Callable[..., VoteResult]] = {
