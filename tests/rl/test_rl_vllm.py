@@ -23,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_rl_grpo import _prompts as grpo_prompts  # noqa: E402
 from test_rl_grpo import letters_reward  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "eval"))
+from test_eval_runner import ParityTask  # noqa: E402 - answer = first character, correct when its code point is even
+
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
 from posttrain.generation.backends import save_policy
@@ -141,24 +144,6 @@ def test_ppo_colocated_logs_mismatch_and_sync(tmp_path, letters):
     check_rl_metrics(read_metrics(tmp_path / "ppo" / "metrics.jsonl"), 2)
 
 
-class FirstCharTask:
-    """Answer = first character; correct when its code point is even (as in tests/eval)."""
-
-    name = "parity"
-    votable = True
-
-    def problems(self, num, seed):
-        from posttrain.eval.tasks import Problem
-
-        return [Problem(id=str(i), prompt=f"question {i}: {'x' * i}") for i in range(num)]
-
-    def extract(self, text):
-        return text[0] if text else None
-
-    def score(self, problems, completions):
-        return [float(bool(c) and ord(c[0]) % 2 == 0) for c in completions]
-
-
 @needs_vllm
 def test_eval_decoders_and_selection_on_vllm_match_the_torch_engine(tmp_path):
     from posttrain.eval.runner import EvalConfig, evaluate
@@ -167,7 +152,7 @@ def test_eval_decoders_and_selection_on_vllm_match_the_torch_engine(tmp_path):
 
     model = tiny_model(seed=2, hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128,
                        init_std=0.25).eval()
-    tok, task = tiny_tokenizer(), FirstCharTask()
+    tok, task = tiny_tokenizer(), ParityTask()
     problems = task.problems(6, 0)
     engine = rollout_engine(EvalConfig(generation_backend="vllm", vllm_kv_cache_gib=0.125), model, tok)
     try:
