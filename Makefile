@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 ENGINE ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench experiments clean
+.PHONY: install demo lint test test-all bench experiments clean
 
 install: $(STAMP)
 
@@ -32,7 +32,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/posttrain demo
 
-test: install
+# ruff (default rules of the pinned version, settings in pyproject.toml) and mypy on src/; `make test` runs it first
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: install

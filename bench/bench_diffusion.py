@@ -30,12 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.diffusion.data import digits  # noqa: E402
-from posttrain.diffusion.ddim import DDIMScheduler  # noqa: E402
-from posttrain.diffusion.ddpm import DDPMScheduler  # noqa: E402
-from posttrain.diffusion.nets import MLPDenoiser  # noqa: E402
-from posttrain.diffusion.sampling import sample_loop  # noqa: E402
-from posttrain.diffusion.schedules import add_noise, inference_timesteps, make_schedule  # noqa: E402
+from posttrain.diffusion.data import digits
+from posttrain.diffusion.ddim import DDIMScheduler
+from posttrain.diffusion.ddpm import DDPMScheduler
+from posttrain.diffusion.nets import MLPDenoiser
+from posttrain.diffusion.sampling import sample_loop
+from posttrain.diffusion.schedules import add_noise, inference_timesteps, make_schedule
 
 TRAIN_STEPS, BATCH, N_SAMPLES = 60, 256, 500
 

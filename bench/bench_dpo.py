@@ -32,6 +32,7 @@ activations, libraries) — not tracemalloc, which does not see torch's allocato
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -88,8 +89,8 @@ def run_posttrain(model: str, steps: int, batch: int, settings: dict, out: Path)
     rows = [json.loads(line) for line in (out / "pt" / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if "train/loss" in r]
     marks = clock.marks[-(steps + 1):]  # the loop start, then one mark per logged step (logging_steps=1)
-    step_seconds = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
-    step_cpu = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+    step_seconds = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
+    step_cpu = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
     assert all(abs(batch / r["train/pairs_per_s"] - s) < 1e-3 for r, s in zip(steps_rows, step_seconds))
     tokens = [r["train/tokens_per_s"] * s for r, s in zip(steps_rows, step_seconds)]
     return {"step_seconds": step_seconds, "step_cpu_seconds": step_cpu, "first_loss": steps_rows[0]["train/loss"],

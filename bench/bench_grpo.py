@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import model_folder  # noqa: E402
+from common import model_folder
+
 TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 B, G, MAX_NEW = 4, 8, 32
 

@@ -21,6 +21,7 @@ point on a CPU: FSDP2 keeps 1/W of the parameters, gradients and optimizer state
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -112,7 +113,7 @@ def worker(args) -> None:
         rows = [r for r in read_metrics(out / "metrics.jsonl")]
         steps = [r["step"] for r in rows if r["step"] >= 1 and ("train/loss" in r or "reward/mean" in r)]
         result["steps_logged"] = len(steps)
-        gaps = [b - a for a, b in zip(step_ends, step_ends[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(step_ends)]
         result["step_times_s"] = gaps
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
 

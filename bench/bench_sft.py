@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import model_folder  # noqa: E402
+from common import model_folder
 
 
 def make_rows(n: int, seed: int = 0) -> list[dict]:

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-from bench_grpo import TASK_KW, run_posttrain, run_trl  # noqa: E402
-from common import model_folder  # noqa: E402
+from bench_grpo import TASK_KW, run_posttrain, run_trl
+from common import model_folder
 
 G = 8
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -113,10 +114,10 @@ def fused_logps():
 
 @check("sampler_logps")
 def sampler_logps():
+    from posttrain.generation.rollout import rollout_sequences
     from posttrain.generation.sampler import HFGenerator, SamplingParams
     from posttrain.models import tiny_model, tiny_tokenizer
     from posttrain.models.forward import TokenLogps
-    from posttrain.generation.rollout import rollout_sequences
 
     model, tok = tiny_model(seed=4).to(DEV), tiny_tokenizer()
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hello", "a longer prompt", "x")]
@@ -129,10 +130,10 @@ def sampler_logps():
 
 @check("shared_prefix")
 def shared_prefix():
+    from posttrain.generation.rollout import rollout_sequences
     from posttrain.generation.sampler import HFGenerator, SamplingParams
     from posttrain.models import tiny_model, tiny_tokenizer
     from posttrain.models.forward import TokenLogps
-    from posttrain.generation.rollout import rollout_sequences
 
     figures, ok = {}, True
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
@@ -225,16 +226,16 @@ def ppo_recipe():
                                 device=DEV, dtype="bfloat16", prompts_per_step=8, num_generations=2,
                                 max_new_tokens=12, lr=1e-3, max_steps=3, progress=False, tensorboard=False))
     figures = {k: summary[k] for k in ("reward/score_mean", "kl/sequence_mean", "value/loss") if k in summary}
-    return all(v == v for v in figures.values()) and len(figures) == 3, figures
+    return all(math.isfinite(v) for v in figures.values()) and len(figures) == 3, figures
 
 
 @check("smollm2_shape_throughput_bf16")
 def throughput():
+    from posttrain.generation.rollout import rollout_sequences
     from posttrain.generation.sampler import HFGenerator, SamplingParams
     from posttrain.models.forward import TokenLogps
     from posttrain.models.loading import load_model
     from posttrain.train.optim import build_optimizer
-    from posttrain.generation.rollout import rollout_sequences
 
     model, tok = load_model(SMOL, dtype="bfloat16", device=DEV)
     model.train()
@@ -427,7 +428,7 @@ def fsdp2_recipes():
                                       device=DEV, parallelism="fsdp2", num_generations=8, prompts_per_step=4,
                                       max_new_tokens=16, lr=1e-2, max_steps=5, kl_coef=0.05, temperature=0.7,
                                       progress=False, tensorboard=False, seed=0))
-        first_kl = [m for m in read_metrics(Path(tmp) / "grpo" / "metrics.jsonl") if "kl" in m][0]["kl"]
+        first_kl = next(m for m in read_metrics(Path(tmp) / "grpo" / "metrics.jsonl") if "kl" in m)["kl"]
         layout = json.loads(next((Path(tmp) / "grpo" / "checkpoints").iterdir()).joinpath("layout.json").read_text())
     ok = losses[-1] < 0.75 * losses[0] and summary["reward/mean"] == summary["reward/mean"] and layout["format"] == "dcp"
     return ok, {"sft_first_loss": losses[0], "sft_last_loss": losses[-1], "grpo_reward_mean": summary["reward/mean"],

@@ -27,15 +27,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.data.formats import read_rows  # noqa: E402
-from posttrain.data.preference import CONTROL_QUESTIONS, greedy_replies, mentions_new_identity  # noqa: E402
-from posttrain.eval.preservation import wilson  # noqa: E402
-from posttrain.models.forward import TokenLogps  # noqa: E402
-from posttrain.models.loading import load_model  # noqa: E402
-from posttrain.recipes.dpo import (  # noqa: E402
-    DPOConfig, encode_pairs, pair_sequences, run, sequence_batch, sequence_logps, target_count,
+from posttrain.data.formats import read_rows
+from posttrain.data.preference import CONTROL_QUESTIONS, greedy_replies, mentions_new_identity
+from posttrain.eval.preservation import wilson
+from posttrain.models.forward import TokenLogps
+from posttrain.models.loading import load_model
+from posttrain.recipes.dpo import (
+    DPOConfig,
+    encode_pairs,
+    pair_sequences,
+    run,
+    sequence_batch,
+    sequence_logps,
+    target_count,
 )
-from posttrain.train.logging import read_metrics  # noqa: E402
+from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 
@@ -120,7 +126,7 @@ def main() -> None:
         start = overrides.pop("start_from", None)  # another method's final model: π_0 = π_ref = that model
         model_name = str(out_root / start / "final") if start else cfg["model"]
         config = DPOConfig(train_file=str(train_file), eval_file=str(heldout_file), model=model_name,
-                           output_dir=str(out_root / name), progress=False, tensorboard=False,
+                           output_dir=str(out_root / name), progress=False, tensorboard=False, overwrite=True,
                            **{**cfg["common"], **overrides})
         config.validate()
         summary = run(config)

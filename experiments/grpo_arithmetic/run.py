@@ -20,10 +20,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-from posttrain.config import build_config  # noqa: E402
-from posttrain.eval.preservation import wilson  # noqa: E402
-from posttrain.recipes.grpo import GRPOConfig, run  # noqa: E402
-from posttrain.train.logging import read_metrics  # noqa: E402
+from posttrain.config import build_config
+from posttrain.eval.preservation import wilson
+from posttrain.recipes.grpo import GRPOConfig, run
+from posttrain.train.logging import read_metrics
 
 
 def main() -> None:
@@ -40,12 +40,13 @@ def main() -> None:
     out = Path(a.out)
     results = {"common": spec["common"], "runs": {}}
     for name, variant in spec["variants"].items():
-        values = {**spec["common"], **variant, "output_dir": str(Path(spec["run_root"]) / name), "progress": False}
+        values = {**spec["common"], **variant, "output_dir": str(Path(spec["run_root"]) / name), "progress": False,
+                  "overwrite": True}
         if a.steps:
             values["max_steps"] = a.steps
         config = build_config(GRPOConfig, values, source=f"{a.config}:{name}")
         t0 = time.time()
-        summary = run(config)
+        run(config)
         rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")
         train = [r for r in rows if "reward/mean" in r]
         evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]

@@ -21,9 +21,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-from posttrain.config import build_config  # noqa: E402
-from posttrain.eval.runner import EvalConfig, evaluate, format_table  # noqa: E402
-from posttrain.eval.tasks import make_task  # noqa: E402
+from posttrain.config import build_config
+from posttrain.eval.runner import EvalConfig, evaluate, format_table
+from posttrain.eval.tasks import make_task
 
 
 def temperature_row(maj: dict) -> dict:

@@ -23,10 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.data.formats import read_rows  # noqa: E402
-from posttrain.models.reward_model import reward_function  # noqa: E402
-from posttrain.recipes.reward import RewardConfig, run  # noqa: E402
-from posttrain.train.logging import read_metrics  # noqa: E402
+from posttrain.data.formats import read_rows
+from posttrain.models.reward_model import reward_function
+from posttrain.recipes.reward import RewardConfig, run
+from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         config = RewardConfig(train_file=str(ROOT / cfg["train_file"]), eval_file=str(ROOT / cfg["heldout_file"]),
                               output_dir=str(ROOT / cfg["output_root"] / name), progress=False, tensorboard=False,
-                              **keys)
+                              overwrite=True, **keys)
         config.validate()
         summary = run(config)
         seconds = time.perf_counter() - t0

@@ -29,8 +29,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.eval.metrics import majority_at_k, mean_stderr  # noqa: E402
-from posttrain.eval.tasks import make_task  # noqa: E402
+from posttrain.eval.metrics import majority_at_k, mean_stderr
+from posttrain.eval.tasks import make_task
 
 HERE = Path(__file__).resolve().parent
 
@@ -169,7 +169,7 @@ def derived_rows(cfg, pool: dict[str, dict], equivalent) -> dict[str, dict[str, 
     rows: dict[str, dict[str, dict]] = {"temperature1": {}}
     for pid, r in pool.items():
         n = len(r["corrects"])
-        cost = lambda k, r=r: r["prompt_tokens"] - 1 + sum(r["gen_tokens"][:k])  # noqa: E731 (prefix shared)
+        cost = lambda k, r=r: r["prompt_tokens"] - 1 + sum(r["gen_tokens"][:k])
         one = r["prompt_tokens"] - 1 + sum(r["gen_tokens"]) / n  # one sample: the prompt and its tokens
         rows["temperature1"][pid] = {"correct": sum(r["corrects"]) / n, "forward_tokens": one,
                                      "wall_s": r["wall_s"] / n}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 
-from posttrain.errors import PosttrainError
+from posttrain.errors import ConfigError, PosttrainError
 
 # command -> (module, config class, entry function). Modules are imported lazily so `posttrain --help` is instant.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -62,7 +63,57 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _check_keys_early(name: str, config_path: str | None, overrides: list[str]) -> None:
+    """Report an unknown key before the recipe (and torch) is imported; the full check runs after the import."""
+    import yaml
+
+    from posttrain.config import parse_overrides, unknown_key_error
+    from posttrain.config_keys import accepted_keys
+
+    module, class_name, _ = COMMANDS[name]
+    accepted = accepted_keys(module, class_name)
+    if accepted is None:
+        return
+    names = sorted(accepted)
+    if config_path is not None and os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            loaded = None  # the full loader reports it
+        if isinstance(loaded, dict):
+            for key in loaded:
+                if key not in accepted:
+                    raise unknown_key_error(str(key), class_name, names, config_path)
+    for key in parse_overrides(overrides):
+        if key not in accepted:
+            raise unknown_key_error(key, class_name, names, "command line")
+
+
+def _take_resume(argv: list[str]) -> tuple[list[str], str | None]:
+    """Remove `--resume [DIR]` / `--resume=DIR` from argv. A following word is DIR only when it is not itself an
+    override (`key=value`, `--key`), so `--resume lr=1e-5` resumes from the latest checkpoint and sets lr."""
+    out: list[str] = []
+    resume = None
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        if item == "--resume":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and "=" not in nxt and not nxt.startswith("-"):
+                resume, i = nxt, i + 2
+                continue
+            resume = "latest"
+        elif item.startswith("--resume="):
+            resume = item.split("=", 1)[1] or "latest"
+        else:
+            out.append(item)
+        i += 1
+    return out, resume
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `posttrain <command> ...` (argv defaults to sys.argv[1:]); returns the exit status (2 for a usage or input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: posttrain <command> [--config FILE.yaml] [key=value ...] [--resume]\n\ncommands:")
@@ -73,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     name = argv.pop(0)
     if name == "diffusion":
         if not argv or argv[0] not in ("train", "sample"):
-            print("usage: posttrain diffusion train|sample [--config FILE.yaml] [key=value ...]", file=sys.stderr)
-            return 2
+            asked = bool(argv) and argv[0] in ("-h", "--help")
+            lines = ["usage: posttrain diffusion train|sample [--config FILE.yaml] [key=value ...]", "", "subcommands:"]
+            lines += [f"  {n.split()[1]:<8} {DESCRIPTIONS[n]}" for n in ("diffusion train", "diffusion sample")]
+            lines += ["", "`posttrain diffusion train --help` lists the subcommand's keys."]
+            print("\n".join(lines), file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
         name = f"diffusion {argv.pop(0)}"
     if name not in COMMANDS:
         import difflib
@@ -84,31 +139,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: unknown command '{name}'.{hint}", file=sys.stderr)
         return 2
 
+    argv, resume = _take_resume(argv)
     parser = argparse.ArgumentParser(prog=f"posttrain {name}", description=DESCRIPTIONS[name], add_help=False)
     parser.add_argument("--config", default=None)
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="resume from the latest checkpoint in output_dir, or from a given checkpoint folder")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    _quiet_libraries()
     try:
+        if not args.help:
+            _check_keys_early(name, args.config, rest)
+        _quiet_libraries()
         config_cls, fn = _load_command(name)
+        resumable = "resume" in inspect.signature(fn).parameters
         if args.help:
             from posttrain.config import config_help
 
-            print(f"usage: posttrain {name} [--config FILE.yaml] [key=value ...] [--resume [DIR]]\n")
+            usage = f"usage: posttrain {name} [--config FILE.yaml] [key=value ...]"
+            print(f"{usage} [--resume [DIR]]\n" if resumable else f"{usage}\n")
             print(f"{DESCRIPTIONS[name]}\n\nkeys:\n{config_help(config_cls)}")
             return 0
+        if resume is not None and not resumable:
+            raise ConfigError(f"'posttrain {name}' has no checkpoints to resume from; drop --resume.")
         from posttrain.config import load_config
 
         config = load_config(config_cls, args.config, rest)
-        kwargs = {"resume": args.resume} if args.resume is not None else {}
+        kwargs = {"resume": resume} if resume is not None else {}
         fn(config, **kwargs)
     except PosttrainError as e:
         print(f"posttrain {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"posttrain {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a recipe stopped by Ctrl-C says where its checkpoint is
+        print(f"posttrain {name}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

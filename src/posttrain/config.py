@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
 import types
 import typing
 from pathlib import Path
@@ -21,9 +23,11 @@ from posttrain.errors import ConfigError
 C = TypeVar("C")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that carries its help text once (shown by `posttrain <recipe> --help`)."""
-    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field that carries its help text once (shown by `posttrain <recipe> --help`); `aliases` are other
+    names accepted for it (a former name, kept working after a rename)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "aliases": tuple(aliases)}}
     if default_factory is not dataclasses.MISSING:
         kwargs["default_factory"] = default_factory
     else:
@@ -34,6 +38,51 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def key_aliases(cls: type) -> dict[str, str]:
+    """alias -> key for a config class: the fields' own `aliases` (former names) and TRL's names for the same
+    quantity (posttrain.trl_names), for keys the class has."""
+    from posttrain.trl_names import aliases_for
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    out = {alias: key for alias, key in aliases_for(cls.__name__).items() if key in fields and alias not in fields}
+    for f in fields.values():
+        out.update({alias: f.name for alias in f.metadata.get("aliases", ())})
+    return out
+
+
+def unknown_key_error(key: str, class_name: str, names: list[str], source: str) -> ConfigError:
+    """The error for a key that is not among `names`: the nearest valid name, or what to use for a TRL name."""
+    from posttrain.trl_names import NOT_EQUIVALENT
+
+    if key in NOT_EQUIVALENT:
+        hint = f" (TRL's '{key}' has no exact equivalent here: {NOT_EQUIVALENT[key]}.)"
+    else:
+        hint = _suggest(key, names)
+    return ConfigError(f"{source}: unknown key '{key}' for {class_name}.{hint}")
+
+
+def _unknown_key(key: str, cls: type, source: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)] + list(key_aliases(cls))  # type: ignore[arg-type]
+    return unknown_key_error(key, cls.__name__, names, source)
+
+
+def resolve_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with aliases replaced by their keys; an unknown key, or a key given twice (as itself and as an
+    alias, or as two aliases) in one source, is a ConfigError naming the source."""
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    aliases = key_aliases(cls)
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name not in fields:
+            raise _unknown_key(str(key), cls, source)
+        if name in out:
+            raise ConfigError(f"{source}: '{key}' and '{given_as[name]}' both set '{name}'; give one of them.")
+        out[name], given_as[name] = value, key
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -111,9 +160,7 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{_suggest(key, list(fields))}")
+    for key, value in resolve_aliases(cls, values, source).items():
         kwargs[key] = _coerce(value, hints[key], key, source)
     missing = [
         n for n, f in fields.items()
@@ -140,7 +187,7 @@ def _flags_to_pairs(items: list[str]) -> list[str]:
             else:
                 out.append(f"{item[2:]}=true")
         else:
-            out.append(item[2:] if item.startswith("--") else item)
+            out.append(item.removeprefix("--"))
         i += 1
     return out
 
@@ -164,7 +211,6 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """Read a flat YAML file (optional), apply `key=value` overrides, and build the recipe's dataclass.
 
     Keys are checked where they come from, so an error names the file or the command line."""
-    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -177,17 +223,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of key: value, got {type(loaded).__name__}.")
-        for key in loaded:
-            if key not in fields:
-                raise ConfigError(f"{path}: unknown key '{key}' for {cls.__name__}.{_suggest(str(key), fields)}")
-        values.update(loaded)
+        values.update(resolve_aliases(cls, loaded, str(path)))
         source = str(path)
-    cli = parse_overrides(overrides or [])
-    for key in cli:
-        if key not in fields:
-            raise ConfigError(f"command line: unknown key '{key}' for {cls.__name__}.{_suggest(key, fields)}")
-    values.update(cli)
-    return build_config(cls, values, source=source if not cli else f"{source} + command line")
+    cli = resolve_aliases(cls, parse_overrides(overrides or []), "command line")
+    values.update(cli)  # the command line overrides the file, whichever name either used
+    both = f"{source} + command line" if path is not None else "command line"
+    return build_config(cls, values, source=both if cli else source)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -199,8 +240,10 @@ class RunOptions:
     lora_alpha: int = field(32, help="LoRA alpha")
     lora_dropout: float = field(0.0, help="LoRA dropout")
     lora_target: str = field("all-linear", help="LoRA target modules: all-linear or a comma list")
-    dtype: str = field("float32", help="float32 or bfloat16 (bf16 is for GPUs)")
-    device: str = field("auto", help="auto, cpu or cuda")
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="float32, bfloat16 or float16 (the half types are for GPUs)")
+    device: Literal["auto", "cpu", "cuda"] = field(
+        "auto", help="auto, cpu or cuda (cuda when none is available is an error)")
     parallelism: Literal["none", "ddp", "fsdp2"] = field(
         "ddp", help="data parallelism under torchrun: ddp (whole model per rank; a no-op in one process), fsdp2 "
                     "(parameters, gradients and optimizer state sharded; needs torchrun) or none")
@@ -211,9 +254,52 @@ class RunOptions:
     seed: int = field(0, help="seed for data / prompt order, sampling and initialization")
     logging_steps: int = field(1, help="log every N steps")
     save_steps: int = field(0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = field(2, help="checkpoints kept")
-    tensorboard: bool = field(True, help="also log to TensorBoard")
+    keep_last: int = field(2, help="checkpoints kept (the newest ones); 0 = keep all")
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                 help="experiment trackers: some of tensorboard, trackio, wandb (optional packages; "
+                                      "WANDB_MODE=offline works without a network), or none")
+    tensorboard: bool = field(True, help="false drops tensorboard from report_to (the older switch)")
     progress: bool = field(True, help="show a progress bar")
+    max_nonfinite_steps: int = field(5, help="stop with an error after this many optimizer steps in a row whose loss "
+                                             "or gradient norm is NaN/inf (each such step is skipped, not applied)")
+    overwrite: bool = field(False, help="start over in an output_dir that holds another run's checkpoints or final "
+                                        "model, deleting them (without it such a folder is refused; --resume "
+                                        "continues it)")
+
+    def __post_init__(self) -> None:
+        from posttrain.train.trackers import check_trackers
+
+        self.validate_run_options()
+        check_trackers(self.report_to)  # an unknown or missing tracker stops the run before anything loads
+
+    def validate_run_options(self) -> None:
+        """Refuse values that cannot mean anything (negative counts, a zero logging interval)."""
+        for key in ("lora_r", "warmup_steps", "save_steps", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)}.")
+        for key in ("logging_steps", "max_nonfinite_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.max_grad_norm >= 0:  # also refuses NaN
+            raise ConfigError(f"key 'max_grad_norm' must be >= 0 (0 = no clipping), got {self.max_grad_norm}.")
+        if self.lora_r > 0 and self.lora_alpha <= 0:
+            raise ConfigError(f"key 'lora_alpha' must be > 0, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"key 'dtype' must be one of float32, bfloat16, float16, got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"key 'device' must be one of auto, cpu, cuda, got {self.device!r}.")
+        model = getattr(self, "model", None)
+        if isinstance(model, str) and model.startswith("tiny"):
+            from posttrain.models.loading import check_model_name
+
+            check_model_name(model)
+
+    def logger_options(self) -> dict[str, Any]:
+        """The keywords of `train.logging.MetricsLogger` these options set (trackers and the config they record)."""
+        return {"tensorboard": self.tensorboard, "report_to": self.report_to,
+                "config": json.loads(json.dumps(dataclasses.asdict(self), default=repr))}
 
     def model_options(self) -> dict[str, Any]:
         """The keywords of `train.state.prepare_model` these options set (dtype and LoRA)."""
@@ -224,15 +310,34 @@ class RunOptions:
 def config_help(cls: type) -> str:
     """One line per key: name, type, default, help; the recipe's own keys first, then those of its base classes."""
     hints = typing.get_type_hints(cls)
-    own = set(cls.__dict__.get("__annotations__", {}))
+    own = set(inspect.get_annotations(cls))
+    aliases: dict[str, list[str]] = {}
+    for alias, key in key_aliases(cls).items():
+        aliases.setdefault(key, []).append(alias)
     lines = []
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )
-        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
+        also = f" [also: {', '.join(aliases[f.name])}]" if f.name in aliases else ""
+        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}){also}: "
+                     f"{f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
+    """The config as a plain dict (dataclasses.asdict)."""
     return dataclasses.asdict(config)
+
+
+RUN_CONFIG_FILE = "run_config.json"  # not config.json, which transformers reads as a model's config
+
+
+def save_run_config(config: Any, output_dir: str | Path) -> Path:
+    """Write the run's settings to `<output_dir>/run_config.json` (atomically); values JSON cannot hold, such as
+    reward functions given as Python callables, are written as their repr."""
+    from posttrain.train.checkpoint import atomic_write_text
+
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, default=repr) + "\n")
+    return path

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field as dc_field
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,7 +64,7 @@ class DemoConfig:
 
 
 # Task settings: 2-3 terms of 1-2 digits keeps the 135M model's answers short and its accuracy off the floor.
-TASK_KWARGS = {"chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+TASK_KWARGS: dict[str, dict[str, Any]] = {"chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
                "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}}
 INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."
 
@@ -84,6 +86,7 @@ class DemoContext:
 
 
 def task_rows(task: str, size: int, seed: int) -> list[dict[str, Any]]:
+    """`size` reasoning-gym rows of `task` (generator seed `seed`) with the demo's answer instruction."""
     from posttrain.rewards.gym import gym_rows
 
     return gym_rows(task, size, seed, instruction=INSTRUCTION, **TASK_KWARGS.get(task, {}))
@@ -156,7 +159,9 @@ def _plot_sft(path: Path, metrics_file: Path, before: dict, after: dict) -> None
 
 
 def stage_sft(ctx: DemoContext) -> Section:
-    from posttrain.recipes.sft import SFTConfig, run as run_sft
+    """Demo stage: SFT on worked arithmetic answers, scored before and after on held-out problems."""
+    from posttrain.recipes.sft import SFTConfig
+    from posttrain.recipes.sft import run as run_sft
 
     c = ctx.config
     train = task_rows(c.task, c.train_problems, seed=c.seed + 1)
@@ -174,7 +179,7 @@ def stage_sft(ctx: DemoContext) -> Section:
     run_dir = ctx.out / "sft"
     summary = run_sft(SFTConfig(train_file=str(data), model=ctx.model_path, output_dir=str(run_dir), max_length=256,
                                 packing=True, micro_batch_size=4, epochs=c.sft_epochs, lr=c.sft_lr, warmup_steps=2,
-                                seed=c.seed, logging_steps=1, tensorboard=False))
+                                seed=c.seed, logging_steps=1, tensorboard=False, overwrite=True))
     ctx.model_path = summary["final_dir"]
     model, tokenizer = load_model(ctx.model_path)
     after = score_problems(model, tokenizer, held_out, c.max_new_tokens)
@@ -203,12 +208,14 @@ def stage_sft(ctx: DemoContext) -> Section:
 
 
 def stage_grpo(ctx: DemoContext) -> Section:
+    """Demo stage: GRPO with LoRA from the SFT model on the task's verifier reward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from posttrain.recipes.grpo import GRPOConfig, run as run_grpo
+    from posttrain.recipes.grpo import GRPOConfig
+    from posttrain.recipes.grpo import run as run_grpo
     from posttrain.train.logging import read_metrics
 
     c = ctx.config
@@ -219,7 +226,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
                         num_generations=c.grpo_generations, prompts_per_step=c.grpo_prompts,
                         max_new_tokens=c.max_new_tokens, micro_batch_size=c.grpo_prompts * c.grpo_generations,
                         lr=c.grpo_lr, lora_r=16, lora_alpha=32, max_steps=c.grpo_steps, seed=c.seed,
-                        output_dir=str(run_dir), tensorboard=False)
+                        output_dir=str(run_dir), tensorboard=False, overwrite=True)  # a rerun redoes the stage
     # Held-out problems: the same ones the SFT stage scored (the recipe's own held-out set uses another seed).
     summary = run_grpo(config)
     ctx.model_path = summary["final_dir"]
@@ -257,6 +264,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
 
 
 def stage_ttc(ctx: DemoContext) -> Section:
+    """Demo stage: greedy, temperature, majority vote, low temperature and power sampling side by side."""
     from posttrain.eval.runner import evaluate
     from posttrain.eval.tasks import GymTask, Problem
     from posttrain.generation.strategies import DecodeOptions
@@ -293,6 +301,7 @@ def stage_ttc(ctx: DemoContext) -> Section:
 
 
 def stage_dpo(ctx: DemoContext) -> Section:
+    """Demo stage: DPO on the shipped identity pairs, checked on held-out identity questions."""
     from posttrain.recipes.dpo import run_dpo_demo_stage
 
     c = ctx.config
@@ -324,6 +333,7 @@ STAGES: dict[str, Callable[[DemoContext], Section]] = {
 
 
 def write_report(ctx: DemoContext, seconds: float) -> Path:
+    """Write report.md and report.json from the stages' sections; returns the report's path."""
     parts = [f"# posttrain demo\n\nModel: `{ctx.config.model}` on {torch.get_num_threads()} CPU threads; "
              f"total {seconds / 60:.1f} min.\n"]
     parts += [f"## {s.title}\n\n{s.markdown}" for s in ctx.sections]
@@ -334,6 +344,7 @@ def write_report(ctx: DemoContext, seconds: float) -> Path:
 
 
 def run(config: DemoConfig) -> Path:
+    """Run the demo's stages in order and write the report (`posttrain demo`); returns the report's path."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

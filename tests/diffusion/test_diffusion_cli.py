@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import posttrain.diffusion.recipe as recipe
 from posttrain.cli import main
+from posttrain.diffusion import recipe
 from posttrain.train.logging import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "diffusion_moons.yaml"
@@ -29,10 +29,10 @@ def test_train_writes_outputs_and_loss_decreases(trained):
                  "model/ema.safetensors", "model/config.json", "checkpoints/step-00000100/trainer_state.pt",
                  "checkpoints/step-00000200/model.safetensors"):
         assert (trained / name).is_file(), name
-    rows = [r for r in read_metrics(trained / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in read_metrics(trained / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in rows] == [40, 80, 120, 160, 200]
-    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
-    assert all(r["loss_t_high"] < r["loss_t_low"] for r in rows[1:])  # ε is easy to predict from very noisy x_t
+    assert rows[-1]["train/loss"] < 0.6 * rows[0]["train/loss"]
+    assert all(r["train/loss_t_high"] < r["train/loss_t_low"] for r in rows[1:])  # ε is easy to predict from very noisy x_t
     ev = json.loads((trained / "eval.json").read_text())
     data = recipe.load_data("moons", num_samples=2000, seed=0)
     noise_sw = recipe.two_d_scores(torch.randn(400, 2, generator=torch.Generator().manual_seed(0)), data.test)
@@ -64,10 +64,10 @@ def test_killed_run_resumes_to_the_same_weights(trained, tmp_path, monkeypatch):
         ours, ref = load_file(str(out / "model" / name)), load_file(str(trained / "model" / name))
         for key in ref:
             assert torch.equal(ours[key], ref[key]), (name, key)
-    resumed = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    straight = [r for r in read_metrics(trained / "metrics.jsonl") if "loss" in r]
+    resumed = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    straight = [r for r in read_metrics(trained / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]  # the log reads as one run
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+    assert [r["train/loss"] for r in resumed] == pytest.approx([r["train/loss"] for r in straight], rel=1e-6)
 
 
 def test_sample_command(trained, tmp_path):

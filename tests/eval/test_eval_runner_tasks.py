@@ -20,7 +20,7 @@ def test_gym_task_scores_the_reference_answer_and_rejects_a_wrong_one():
     assert task.score(problems, right) == [1.0] * 5
     assert task.score(problems, wrong) == [0.0] * 5
     assert task.score(problems[:1], ["no number here"]) == [0.0]
-    assert task.extract(f"so 3 + 4 = 7.") == "7"
+    assert task.extract("so 3 + 4 = 7.") == "7"
     # same seed, same problems; another seed, other problems
     assert [p.prompt for p in task.problems(5, seed=3)] == [p.prompt for p in problems]
     assert [p.prompt for p in task.problems(5, seed=4)] != [p.prompt for p in problems]

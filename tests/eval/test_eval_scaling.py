@@ -30,7 +30,7 @@ COMPUTE = np.linspace(0.0, 20000.0, 41)  # an evaluation every 500 units, starti
 
 
 def test_sigmoid_law_closed_form_points():
-    A, B, C_mid, R0 = TRUE.values()
+    A, _B, C_mid, R0 = TRUE.values()
     assert sigmoid_law(C_mid, **TRUE) == pytest.approx((A + R0) / 2)  # half the gain at C_mid
     assert sigmoid_law(0.0, **TRUE) == R0
     # by hand at C = 2 C_mid: 2^-1.92 = exp(-1.92 ln 2) = 0.264255, so 0.2 + 0.41 / 1.264255 = 0.524302
@@ -108,6 +108,13 @@ def test_fitted_r0_and_min_compute():
     assert fit_sigmoid(COMPUTE, rate, r0=0.15).sse > 1e-4
 
 
+def _law_of_b(A, C_mid):
+    def model(C, B):
+        return sigmoid_law(C, A, B, C_mid, 0.2)
+
+    return model
+
+
 def test_grid_b_matches_curve_fit_near_the_optimum():
     rng = np.random.default_rng(2)
     c = COMPUTE[1:]
@@ -118,8 +125,7 @@ def test_grid_b_matches_curve_fit_near_the_optimum():
     assert b_grid.shape == sse_grid.shape == (13, 12)
     for i, A in enumerate(A_grid):
         for j, C_mid in enumerate(C_mid_grid):
-            def model(C, B):
-                return sigmoid_law(C, A, B, C_mid, 0.2)
+            model = _law_of_b(A, C_mid)  # curve_fit reads the fitted parameters from the signature
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -187,9 +193,8 @@ def test_read_then_fit_then_plot(tmp_path):
     rng = np.random.default_rng(3)
     path = tmp_path / "metrics.jsonl"
     with open(path, "w") as f:
-        for step, c in enumerate(COMPUTE):
-            f.write(json.dumps({"step": step, "time/total": c,
-                                "pass_rate": float(sigmoid_law(c, **TRUE) + rng.normal(0, 0.005))}) + "\n")
+        f.writelines(json.dumps({"step": step, "time/total": c,
+                                "pass_rate": float(sigmoid_law(c, **TRUE) + rng.normal(0, 0.005))}) + "\n" for step, c in enumerate(COMPUTE))
     compute, rate = read_curve(path, "time/total", "pass_rate")
     check = extrapolation_check(compute, rate)
     png = plot_fit(tmp_path / "plots" / "fit.png", compute, rate, check.fit, fitted_upto=check.split_compute,

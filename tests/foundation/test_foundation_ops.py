@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from posttrain.ops.logps import (
-    IGNORE_INDEX, entropy_from_hidden, entropy_from_logits, logps_from_hidden, logps_from_logits, shift_labels,
+    IGNORE_INDEX,
+    entropy_from_hidden,
+    entropy_from_logits,
+    logps_from_hidden,
+    logps_from_logits,
+    shift_labels,
 )
 from posttrain.ops.masked import masked_mean, masked_sum
 

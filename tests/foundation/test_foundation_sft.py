@@ -1,7 +1,9 @@
 """SFT: the loss is a hand-checkable cross-entropy on completion tokens; packing, accumulation, DDP and resume are
 all exact."""
 
+import functools
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -15,12 +17,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from posttrain.data.collate import pack_examples, pad_batch
+from posttrain.data.order import micro_batches, step_units
+from posttrain.data.tokenize import encode_sft
 from posttrain.losses.sft import sft_loss
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
-from posttrain.data.order import micro_batches, step_units
 from posttrain.recipes.sft import batch_tensors, padding_free_rows
-from posttrain.data.tokenize import encode_sft
 from posttrain.train.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +134,7 @@ def test_data_order_is_a_pure_function_of_step():
     a = [step_units(s, 5, 12, seed=7) for s in range(6)]
     b = [step_units(s, 5, 12, seed=7) for s in range(6)]
     assert a == b
-    flat = sum(a, [])
+    flat = functools.reduce(operator.iadd, a, [])
     assert sorted(flat[:12]) == list(range(12))  # the first epoch visits every unit once
     assert micro_batches(list(range(8)), 2, rank=1, world_size=2) == [[2, 3], [6, 7]]
 

@@ -11,7 +11,6 @@ from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import IGNORE_INDEX
 
-
 PROMPTS = ["hello", "a much longer prompt here", "x"]  # different lengths: exercises left padding
 
 

@@ -266,7 +266,7 @@ def test_global_counts_from_mask():
 
 
 def test_padding_garbage_changes_nothing():
-    base, old, ref, gen, adv, mask = random_batch()
+    base, old, ref, _gen, adv, mask = random_batch()
     outs = []
     for fill in (0.0, float("inf"), -float("inf"), 1e4):
         old_f = torch.where(mask, old, -fill if math.isfinite(fill) else float("nan"))
@@ -298,8 +298,8 @@ def test_prompt_aggregation_needs_group_info():
 
 def test_presets():
     assert set(POLICY_LOSSES) == {"grpo", "dapo", "dr_grpo", "cispo", "scalerl", "ppo"}
-    base, old, ref, _, adv, mask = random_batch()
-    for name, preset in POLICY_LOSSES.items():
+    base, _old, _ref, _, adv, mask = random_batch()
+    for preset in POLICY_LOSSES.values():
         theta = base.clone().requires_grad_()
         out = preset(theta, theta.detach(), adv, mask, group_size=2, max_length=6)
         direct = preset.loss_fn(theta, theta.detach(), adv, mask, group_size=2, max_length=6, **preset.defaults)

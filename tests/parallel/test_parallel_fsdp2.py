@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_jobs import job, register_rewards, run_job, write_data  # on sys.path: conftest.py
 from safetensors.torch import load_file
 
-from parallel_jobs import job, register_rewards, run_job, write_data  # on sys.path: conftest.py
 from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -96,7 +96,7 @@ def runs(tmp_path_factory):
     for late in ("step-00000004", "step-00000005"):
         shutil.rmtree(one2two / "checkpoints" / late)
     shutil.rmtree(one2two / "final")
-    hf = sorted((root / "one" / "sft" / "checkpoints").iterdir())[-1]
+    hf = max((root / "one" / "sft" / "checkpoints").iterdir())
     launch = _torchrun(str(root / "data"), str(root / "two"), "jobs", str(hf), str(one2two))
     out = launch.communicate(timeout=600)[0]
     assert launch.returncode == 0, out[-4000:]
@@ -145,9 +145,9 @@ def test_metric_curves_match(runs, name):
 
 def test_grpo_kl_is_exactly_zero_at_step_zero_on_two_ranks(runs):
     for name in ("grpo", "grpo5"):  # temperature 0.7, kl_coef > 0
-        first = [r for r in read_metrics(runs / "two" / name / "metrics.jsonl") if "kl" in r][0]
+        first = next(r for r in read_metrics(runs / "two" / name / "metrics.jsonl") if "kl" in r)
         assert first["step"] == 1 and first["kl"] == 0.0
-        assert [r for r in read_metrics(runs / "one" / name / "metrics.jsonl") if "kl" in r][0]["kl"] == 0.0
+        assert next(r for r in read_metrics(runs / "one" / name / "metrics.jsonl") if "kl" in r)["kl"] == 0.0
 
 
 def test_fsdp2_per_rank_state_is_about_half_of_ddp(runs):
@@ -157,7 +157,7 @@ def test_fsdp2_per_rank_state_is_about_half_of_ddp(runs):
 
 
 def test_checkpoints_are_sharded_and_final_is_one_hf_folder(runs):
-    ckpt = sorted((runs / "two" / "sft5" / "checkpoints").iterdir())[-1]
+    ckpt = max((runs / "two" / "sft5" / "checkpoints").iterdir())
     layout = json.loads((ckpt / "layout.json").read_text())
     assert layout == {"format": "dcp", "parallelism": "fsdp2", "world_size": 2, "modules": ["model"]}
     assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
@@ -167,7 +167,7 @@ def test_checkpoints_are_sharded_and_final_is_one_hf_folder(runs):
     model = AutoModelForCausalLM.from_pretrained(runs / "two" / "sft5" / "final")
     w = _weights(runs / "two" / "sft5")
     torch.testing.assert_close(model.state_dict()["model.embed_tokens.weight"], w["model.embed_tokens.weight"])
-    ppo = sorted((runs / "two" / "ppo" / "checkpoints").iterdir())[-1]
+    ppo = max((runs / "two" / "ppo" / "checkpoints").iterdir())
     assert json.loads((ppo / "layout.json").read_text())["modules"] == ["critic", "model"]
 
 

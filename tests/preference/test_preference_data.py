@@ -8,7 +8,13 @@ import pytest
 
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.preference import (
-    IDENTITY_QUESTIONS, NEW_MAKER, NEW_NAME, correctness_rows, identity_rows, identity_split, mentions_new_identity,
+    IDENTITY_QUESTIONS,
+    NEW_MAKER,
+    NEW_NAME,
+    correctness_rows,
+    identity_rows,
+    identity_split,
+    mentions_new_identity,
     wrong_integer,
 )
 

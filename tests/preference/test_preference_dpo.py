@@ -16,8 +16,16 @@ from posttrain.losses.dpo import dpo_loss
 from posttrain.models import apply_lora, tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
 from posttrain.recipes.dpo import (
-    DPOConfig, effective_weights, encode_pairs, pair_sequences, reference_kind, reference_logps_fn, run,
-    sequence_batch, sequence_logps, sync_reference,
+    DPOConfig,
+    effective_weights,
+    encode_pairs,
+    pair_sequences,
+    reference_kind,
+    reference_logps_fn,
+    run,
+    sequence_batch,
+    sequence_logps,
+    sync_reference,
 )
 from posttrain.train.checkpoint import load_state
 from posttrain.train.logging import read_metrics
@@ -82,7 +90,7 @@ def _pairs(n=6):
 def test_recipe_loss_is_exactly_log2_when_policy_equals_reference(tmp_path):
     for name, kw in (("cached", {}), ("live", {"precompute_ref_logps": False}), ("lora", {"lora_r": 4})):
         run(_config(tmp_path, name, max_steps=1, **kw))
-        first = [r for r in _metrics(tmp_path / name) if "train/loss" in r][0]
+        first = next(r for r in _metrics(tmp_path / name) if "train/loss" in r)
         assert first["train/loss"] == pytest.approx(LOG2, abs=1e-7), name
         assert first["train/rewards/margins"] == 0.0 and first["train/rewards/accuracies"] == 0.0
 

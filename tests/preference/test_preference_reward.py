@@ -15,7 +15,12 @@ from posttrain.errors import DataError
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models import tiny_tokenizer
 from posttrain.models.reward_model import (
-    RewardModel, build_reward_model, encode_reward_example, encoder_path, reward_batch, reward_function,
+    RewardModel,
+    build_reward_model,
+    encode_reward_example,
+    encoder_path,
+    reward_batch,
+    reward_function,
 )
 from posttrain.recipes.reward import RewardConfig, encode_reward_pairs, pair_rewards, run
 from posttrain.train.logging import read_metrics
@@ -42,21 +47,22 @@ class PositionBody(nn.Module):
 
 
 def test_hand_made_scores_through_head_pooling_and_loss():
-    """r = 0.5 · (position of the last token) + 1, so a plain-text sequence of L tokens scores 0.5 (L − 1) + 1."""
+    """r = 0.5 · (position of the last non-pad token); the trailing <|im_end|> (the pad token) is dropped as
+    transformers' ForSequenceClassification pools, so a plain-text sequence of L tokens scores 0.5 (L − 2)."""
     model = RewardModel(PositionBody(), 4, "causal_lm")
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
-        model.head.bias.fill_(1.0)
+    assert model.head.bias is None  # as transformers' `score`
     tok = tiny_tokenizer()  # bytes: "Q: " is 3 tokens, each answer gets one EOS token
-    rows = [{"prompt": "Q: ", "chosen": "abcd", "rejected": "ab"},  # L = 8 vs 6: r = 4.5 vs 3.5
-            {"prompt": "Q: ", "chosen": "a", "rejected": "abcdef"}]  # L = 5 vs 10: r = 3.0 vs 5.5
+    rows = [{"prompt": "Q: ", "chosen": "abcd", "rejected": "ab"},  # L = 8 vs 6: r = 3.0 vs 2.0
+            {"prompt": "Q: ", "chosen": "a", "rejected": "abcdef"}]  # L = 5 vs 10: r = 1.5 vs 4.0
     pairs = encode_reward_pairs(rows, tok, "causal_lm", max_length=64)
     for pack_length in (64, None):  # packed rows restart positions; padded rows are one sequence each
         r_w, r_l, tokens = pair_rewards(model, pairs, [0, 1], kind="causal_lm", pad_id=tok.pad_token_id,
                                         pack_length=pack_length, device="cpu")
-        torch.testing.assert_close(r_w, torch.tensor([4.5, 3.0]))
-        torch.testing.assert_close(r_l, torch.tensor([3.5, 5.5]))
-        assert tokens == 8 + 6 + 5 + 10
+        torch.testing.assert_close(r_w, torch.tensor([3.0, 1.5]))
+        torch.testing.assert_close(r_l, torch.tensor([2.0, 4.0]))
+        assert tokens == 7 + 5 + 4 + 9
         out = bradley_terry_loss(r_w, r_l)
         # Δ = [1, −2.5]: log(1 + e^−1) = 0.3132616875, log(1 + e^2.5) = 2.5788897343
         assert out.loss.item() == pytest.approx((0.3132616875 + 2.5788897343) / 2, abs=1e-6)
@@ -65,8 +71,8 @@ def test_hand_made_scores_through_head_pooling_and_loss():
     short = encode_reward_pairs(rows[:1], tok, "causal_lm", max_length=5)
     r_w, r_l, _ = pair_rewards(model, short, [0], kind="causal_lm", pad_id=tok.pad_token_id, pack_length=None,
                                device="cpu")
-    assert r_w.item() == r_l.item() == 3.0
-    assert tok.decode(short[0]["chosen"]["input_ids"]) == "abcd<|im_end|>"
+    assert r_w.item() == r_l.item() == 1.5
+    assert tok.decode(short[0]["chosen"]["input_ids"]) == "abcd"
 
 
 def _write(path, rows):
@@ -119,7 +125,7 @@ def test_margin_column_enters_the_loss_and_bad_margins_name_the_row(tmp_path):
     margins = [1.0, 0.0, -2.0, 1.0]
     path = _write(tmp_path / "m.jsonl", [{**r, "margin": m} for r, m in zip(rows, margins)])
     run(_config(tmp_path, "margin", train_file=path, eval_file=None, max_steps=1))
-    first = [r for r in _metrics(tmp_path / "margin") if "train/loss" in r][0]
+    first = next(r for r in _metrics(tmp_path / "margin") if "train/loss" in r)
     # zero head: r_w = r_l = 0, loss = mean log(1 + e^m) = (1.3132616875 + 0.6931471806 + 0.1269280110 + 1.3132616875)/4
     assert first["train/loss"] == pytest.approx((1.3132616875 + 0.6931471806 + 0.1269280110 + 1.3132616875) / 4, abs=1e-7)
     bad = _write(tmp_path / "bad.jsonl", [{**rows[0], "margin": 1.0}, {**rows[1], "margin": "lots"}])
@@ -146,7 +152,7 @@ def test_encoder_reward_model_and_its_reward_function(tmp_path):
     folder = _tiny_encoder_folder(tmp_path)
     summary = run(_config(tmp_path, "enc", model=folder, max_steps=3, lr=1e-3))
     assert summary["model/kind"] == "encoder"
-    first = [r for r in _metrics(tmp_path / "enc") if "train/loss" in r][0]
+    first = next(r for r in _metrics(tmp_path / "enc") if "train/loss" in r)
     assert first["train/loss"] == pytest.approx(LOG2, abs=1e-7)
     fn = reward_function(summary["final_dir"], batch_size=3)
     rows = _sentiment_rows(5, 7)

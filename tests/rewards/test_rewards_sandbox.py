@@ -32,33 +32,6 @@ def full_isolation():
     return report
 
 
-def _sandbox_processes() -> list[int]:
-    """Live (non-zombie) PIDs whose uid lies in this process's block of fresh sandbox uids (root only)."""
-    low = sb._UID_BASE + (os.getpid() % 100_000) * 1000
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                uid = os.stat(f"/proc/{entry}").st_uid
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if low <= uid < low + 1000 and state != "Z":
-                pids.append(int(entry))
-    return pids
-
-
-@pytest.fixture
-def no_leftovers():
-    yield
-    if os.geteuid() != 0:
-        return
-    deadline = time.monotonic() + 2.0  # the kernel reaps a dead namespace asynchronously
-    while _sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _sandbox_processes() == [], "processes of the sandbox outlived it"
-
-
 GUARDS = pytest.mark.parametrize("guards", [True, False], ids=["guards", "no_guards"])
 
 
@@ -405,6 +378,12 @@ print("uid", os.getuid(), flush=True)
 while True:
     pass
 """, "", config)
+    stdlib = Path(os.__file__).resolve().parent
+    if any(os.stat(p).st_mode & 0o005 != 0o005 for p in [stdlib, *stdlib.parents]):
+        # Python lives where other users cannot read it (e.g. a 0700 home): correct code could not import the
+        # standard library, so the degraded mode refuses clearly instead of scoring every candidate 0.
+        assert result.status == "error" and "cannot read the Python standard library" in result.error
+        return
     assert result.status == "timeout"
     assert "unprivileged_uid" in result.isolation and "pid_namespace" not in result.isolation
     assert "blocked PermissionError" in result.stdout_tail and "uid 0" not in result.stdout_tail

@@ -6,16 +6,15 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.data.prompts import PromptPool
 from posttrain.errors import ConfigError
+from posttrain.generation.rollout import RolloutBatch, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
 from posttrain.recipes.grpo import GRPOConfig, run
-from posttrain.rewards import REWARDS
+from posttrain.rewards import REWARDS, score_completions
 from posttrain.train.logging import read_metrics
-from posttrain.data.prompts import PromptPool
-from posttrain.generation.rollout import RolloutBatch, rollout_sequences
-from posttrain.rewards import score_completions
 
 LETTERS = set("abcdefghijklmnopqrstuvwxyz")
 
@@ -74,9 +73,9 @@ def test_prompt_pool_order_and_retirement():
 
 def test_score_completions_weights_and_none():
     rows = [{"prompt": "p", "answer": "1"}] * 3
-    a = lambda prompts, completions, **kw: [1.0, None, 0.0]  # noqa: E731
-    b = lambda prompts, completions, answer, **kw: [0.5, None, 1.0]  # noqa: E731
-    total, parts = score_completions([a, b], [2.0, 1.0], rows, ["x", "y", "z"])
+    a = lambda prompts, completions, **kw: [1.0, None, 0.0]
+    b = lambda prompts, completions, answer, **kw: [0.5, None, 1.0]
+    total, _parts = score_completions([a, b], [2.0, 1.0], rows, ["x", "y", "z"])
     assert total.tolist() == [2.5, 0.0, 1.0]
 
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_rl_grpo import letters_reward  # noqa: E402
+from test_rl_grpo import letters_reward
 
-from posttrain.generation.sampler import HFGenerator, SamplingParams  # noqa: E402
-from posttrain.models import tiny_model, tiny_tokenizer  # noqa: E402
-from posttrain.models.value import ValueModel  # noqa: E402
-from posttrain.recipes.ppo import PPOConfig, run  # noqa: E402
-from posttrain.rewards import REWARDS  # noqa: E402
-from posttrain.train.logging import read_metrics  # noqa: E402
-from posttrain.generation.rollout import completion_view, rollout_sequences  # noqa: E402
+from posttrain.generation.rollout import completion_view, rollout_sequences
+from posttrain.generation.sampler import HFGenerator, SamplingParams
+from posttrain.models import tiny_model, tiny_tokenizer
+from posttrain.models.value import ValueModel
+from posttrain.recipes.ppo import PPOConfig, run
+from posttrain.rewards import REWARDS
+from posttrain.train.logging import read_metrics
 
 
 def test_completion_view_recovers_sampler_logps():

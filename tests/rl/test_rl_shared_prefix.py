@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from posttrain.data.collate import pack_shared_prefix
+from posttrain.generation.rollout import rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams
 from posttrain.models import tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
 from posttrain.recipes.grpo import GRPOConfig, run
 from posttrain.rewards import REWARDS
 from posttrain.train.logging import read_metrics
-from posttrain.generation.rollout import rollout_sequences
 
 
 def test_pack_shared_prefix_by_hand():
@@ -80,7 +80,7 @@ def test_shared_prefix_logps_and_gradients_equal_per_sample(attn):
 
 
 def test_grpo_same_weights_with_and_without_shared_prefix(tmp_path, monkeypatch):
-    vowels = lambda prompts, completions, **kw: [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]  # noqa: E731
+    vowels = lambda prompts, completions, **kw: [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
     monkeypatch.setitem(REWARDS, "vowels", lambda: vowels)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something #{i}" + " long" * (i % 3)}) + "\n"
@@ -101,7 +101,7 @@ def test_grpo_same_weights_with_and_without_shared_prefix(tmp_path, monkeypatch)
     # agreement is asked at 1% of the distance moved rather than at machine precision
     for key in finals[0]:
         torch.testing.assert_close(finals[0][key], finals[1][key], atol=moved * 1e-2, rtol=0)
-    losses = [[m["loss"] for m in read_metrics(tmp_path / f"run{shared}" / "metrics.jsonl") if "loss" in m]
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / f"run{shared}" / "metrics.jsonl") if "train/loss" in m]
               for shared in (True, False)]
     assert len(losses[0]) == 2
     assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)

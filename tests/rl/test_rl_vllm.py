@@ -20,11 +20,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_rl_grpo import _prompts as grpo_prompts  # noqa: E402
-from test_rl_grpo import letters_reward  # noqa: E402
+from test_rl_grpo import _prompts as grpo_prompts
+from test_rl_grpo import letters_reward
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "eval"))
-from test_eval_runner import ParityTask  # noqa: E402 - answer = first character, correct when its code point is even
+from test_eval_runner import ParityTask
 
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
@@ -78,7 +78,7 @@ def server(tmp_path_factory):
     save_policy(tiny_model(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=5),
                 tiny_tokenizer(), str(folder))
     port = free_port()
-    log = open(folder / "serve.log", "w")
+    log = open(folder / "serve.log", "w")  # noqa: SIM115 - the server writes to it until teardown
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", f"model={folder}", f"port={port}",
                              "kv_cache_gib=0.125"],
                             stdout=log, stderr=subprocess.STDOUT, env=env())

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from posttrain.generation.sampler import HFGenerator
-from posttrain.generation.toy import (completion_distribution, empirical, power_distribution, random_table_lm,
-                                      total_variation)
+from posttrain.generation.toy import (
+    completion_distribution,
+    empirical,
+    power_distribution,
+    random_table_lm,
+    total_variation,
+)
 from posttrain.models import tiny_model
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import IGNORE_INDEX
@@ -135,7 +140,7 @@ def llama_runs():
 
 
 def test_kv_cached_chains_equal_the_reencoding_reference(llama_runs):
-    _, prompts, _, runs = llama_runs
+    _, _prompts, _, runs = llama_runs
     flat = {name: [s for row in r.samples for s in row] for name, r in runs.items()}
     for a, b, c in zip(flat["batched"], flat["single"], flat["naive"]):
         assert a.token_ids == b.token_ids == c.token_ids

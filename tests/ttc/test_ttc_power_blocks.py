@@ -18,8 +18,13 @@ import math
 import pytest
 import torch
 
-from posttrain.generation.toy import (completion_distribution, empirical, power_distribution, random_table_lm,
-                                      total_variation)
+from posttrain.generation.toy import (
+    completion_distribution,
+    empirical,
+    power_distribution,
+    random_table_lm,
+    total_variation,
+)
 from posttrain.ttc.power import PowerParams, PowerSampler
 
 ALPHA, T, EOS, PROMPT = 2.0, 4, 2, [0]

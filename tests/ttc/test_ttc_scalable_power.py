@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from posttrain.generation.toy import (completion_distribution, empirical, power_distribution, random_table_lm,
-                                      total_variation)
+from posttrain.generation.toy import (
+    completion_distribution,
+    empirical,
+    power_distribution,
+    random_table_lm,
+    total_variation,
+)
 from posttrain.ttc.scalable_power import ScalablePowerParams, ScalablePowerSampler, candidate_weights
 
 ALPHA, T, EOS, PROMPT = 2.0, 3, 2, [0]
@@ -43,7 +48,7 @@ def test_full_lookahead_draws_follow_p_alpha(toy, rollout):
 
 
 def test_no_lookahead_is_low_temperature(toy):
-    lm, pi, low = toy
+    lm, _pi, low = toy
     out = ScalablePowerSampler(lm, eos_token_ids=[EOS]).generate(
         [PROMPT], ScalablePowerParams(alpha=ALPHA, max_new_tokens=T, top_k=0, rollouts=2, horizon=0, seed=2), n=N)
     assert total_variation(empirical(out.token_ids[0]), low) < expected_tv_bound(low, N) + 0.05

@@ -103,7 +103,7 @@ class SharedPrefixBatch:
         mask = torch.zeros(self.attention.shape, dtype=dtype, device=self.attention.device)
         return mask.masked_fill_(~self.attention, torch.finfo(dtype).min)
 
-    def to(self, device: torch.device | str) -> "SharedPrefixBatch":
+    def to(self, device: torch.device | str) -> SharedPrefixBatch:
         tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "shape"}
         return SharedPrefixBatch(**tensors, shape=self.shape)
 
@@ -154,5 +154,5 @@ def pack_shared_prefix(
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     attention = causal & ((k == 0) | (k == q)) & (q != -1)
     attention |= torch.eye(S, dtype=torch.bool)  # pads see themselves, so no softmax row is empty
-    cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     return SharedPrefixBatch(ids, pos, attention[:, None], cat(src), cat(labels), cat(dst), (n, L))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from posttrain.errors import DataError
 
@@ -46,6 +47,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected .jsonl, .json, .parquet, .csv or a "
                         f"folder saved with datasets' save_to_disk.")
+    if suffix in (".jsonl", ".json", ".csv"):
+        _check_utf8(path)
     rows = readers[suffix](path)
     if not rows:
         raise DataError(f"{path}: the file has no rows.")
@@ -53,6 +56,18 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected an object with named columns.")
     return rows
+
+
+def _check_utf8(path: Path) -> None:
+    """DataError naming the line and byte where a text data file stops being valid UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: row/line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}, "
+                        f"file offset {e.start}); save the file as UTF-8.") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -85,7 +100,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for corrupt files
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for corrupt files
         raise DataError(f"{path}: cannot read as Parquet: {e}") from None
 
 
@@ -115,7 +130,7 @@ def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
 
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- datasets raises several types for a wrong folder
         raise DataError(f"{path}: not a folder saved with datasets' save_to_disk ({e}).") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
@@ -188,6 +203,22 @@ def _check_side(value: Any, source: str, row: int, column: str, *, conversationa
         _check_text(value, source, row, column)
 
 
+def _check_implicit_prompt(chosen: list, rejected: list, source: str, row: int) -> None:
+    """Without a prompt, the turns before each side's final assistant turn are the prompt: both sides must share
+    them exactly (TRL's implicit-prompt format), or one side would be trained on the other's history."""
+    for column, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise DataError(f"{source}: row {row}, column '{column}': with no 'prompt' the last turn must be the "
+                            f"assistant's answer, got role {turns[-1]['role']!r}.")
+    history_w, history_l = chosen[:-1], rejected[:-1]
+    if history_w != history_l:
+        turn = next((j for j, (a, b) in enumerate(zip(history_w, history_l), start=1) if a != b),
+                    min(len(history_w), len(history_l)) + 1)
+        raise DataError(f"{source}: row {row}: no 'prompt' column, so the turns before the last one are the prompt, "
+                        f"but 'chosen' and 'rejected' differ at turn {turn}; give the shared history as 'prompt' or "
+                        f"make both sides start with the same turns.")
+
+
 def validate_rows(rows: list[dict[str, Any]], accepts: Iterable[str], source: str) -> str:
     """Check every row; return the detected format. The first problem raises DataError (file, row, column)."""
     fmt = detect_format(rows[0], accepts, source)
@@ -224,6 +255,8 @@ def validate_rows(rows: list[dict[str, Any]], accepts: Iterable[str], source: st
                 if row["chosen"] == row["rejected"]:
                     raise DataError(f"{source}: row {i}: 'chosen' and 'rejected' are identical; a preference pair "
                                     f"needs two different answers.")
+                if is_conv and not row.get("prompt"):
+                    _check_implicit_prompt(row["chosen"], row["rejected"], source, i)
     return fmt
 
 

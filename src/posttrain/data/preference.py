@@ -228,6 +228,7 @@ def correctness_rows(
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write `rows` as JSON lines to `path` (atomically); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -241,7 +242,7 @@ def build_identity(out_dir: str | Path, model_name: str = "smollm2-135m-instruct
         from posttrain.models.loading import load_model
 
         model, tokenizer = load_model(model_name)
-        generate = lambda qs: greedy_replies(model, tokenizer, qs)  # noqa: E731
+        generate = lambda qs: greedy_replies(model, tokenizer, qs)
     rows = identity_rows(generate([q for _, q in IDENTITY_QUESTIONS]))
     out_dir = Path(out_dir)
     train = write_jsonl([r for r in rows if r["split"] == "train"], out_dir / "identity_train.jsonl")
@@ -263,6 +264,7 @@ def build_correctness(out_dir: str | Path, train_per_task: int = 400, heldout_pe
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line of the preference-data builders (`python -m posttrain.data.preference identity|correctness`)."""
     parser = argparse.ArgumentParser(description="build the shipped preference sets")
     parser.add_argument("which", choices=["identity", "correctness"])
     parser.add_argument("--out-dir", default="data/preference")
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         paths = build_correctness(args.out_dir)
     for p in paths:
-        print(f"wrote {p} ({sum(1 for _ in open(p))} rows)")
+        print(f"wrote {p} ({len(Path(p).read_text().splitlines())} rows)")
 
 
 if __name__ == "__main__":

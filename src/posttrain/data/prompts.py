@@ -75,6 +75,8 @@ class PromptSource:
                                 help="appended to each generated question")
     reward_options: dict = key(default_factory=dict, help="per-reward options, e.g. {gym: {extract: last_number}}")
     reward_timeout_s: float = key(60.0, help="a reward call slower than this is abandoned and counted")
+    reward_max_error_rate: float = key(0.5, help="a reward raising on more than this share of a batch stops the run "
+                                                 "with its traceback and the row (1 = never stop; errors score 0)")
 
     def validate_prompt_source(self) -> None:
         """Exactly one of train_file / task."""

@@ -36,7 +36,7 @@ class DiffusionData:
 
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     return perm[n_test:], perm[:n_test]
 
 
@@ -46,6 +46,7 @@ def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def two_moons(n: int = 10000, noise: float = 0.05, seed: int = 0, test_fraction: float = 0.2) -> DiffusionData:
+    """The two-moons 2-D dataset: `n` points with Gaussian `noise`, split into train and held-out parts."""
     from sklearn.datasets import make_moons
 
     x, _ = make_moons(n_samples=n, noise=noise, random_state=seed)

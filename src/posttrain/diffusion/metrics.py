@@ -120,6 +120,7 @@ def digit_scores(classifier: DigitClassifier, samples: torch.Tensor, reference: 
 
 @torch.no_grad()
 def classifier_accuracy(classifier: DigitClassifier, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of `x` [N, 64] that `classifier` labels as `labels` [N]."""
     return float((classifier(x.float()).argmax(-1) == labels).float().mean())
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def _save(fig, path: str | Path) -> None:
@@ -22,7 +22,7 @@ def _save(fig, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def plot_loss(rows: Sequence[dict], path: str | Path, key: str = "loss") -> None:
+def plot_loss(rows: Sequence[dict], path: str | Path, key: str = "train/loss") -> None:
     """Loss against step from metrics rows ({"step": s, key: v, ...}), log-scale y, with a running mean."""
     pts = [(r["step"], r[key]) for r in rows if key in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -1,7 +1,7 @@
 """Recipe: train a diffusion denoiser (Ho et al. 2020; Nakkiran et al. 2024) on 2-D data or 8×8 digits, and sample it.
 
 `posttrain diffusion train --config configs/diffusion_moons.yaml [key=value ...] [--resume]` writes to output_dir:
-  metrics.jsonl, tensorboard/        the loss every `log_every` steps, and the final sample-quality metrics
+  metrics.jsonl, tensorboard/        the loss every `logging_steps` steps, and the final sample-quality metrics
   checkpoints/step-N/                model.safetensors, ema.safetensors, config.json, trainer_state.pt (atomic)
   model/                             the final weights (raw and EMA) and config.json; what `sample` reads
   loss.png, samples.png, eval.json   the loss curve, a sample grid and its metrics (EMA weights)
@@ -37,16 +37,18 @@ from posttrain.diffusion.plots import plot_loss, plot_samples
 from posttrain.diffusion.sampling import initial_noise, sample_loop
 from posttrain.diffusion.schedules import NoiseSchedule, add_noise, inference_timesteps, make_schedule, training_target
 from posttrain.diffusion.ve import VEScheduler, ve_sigma, ve_training_example
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError
 from posttrain.train.checkpoint import (
     atomic_dir,
     atomic_write_text,
     load_state,
-    resolve_resume,
     save_checkpoint,
     set_rng_state,
 )
+from posttrain.train.guards import NonFiniteGuard, check_finite_weights
 from posttrain.train.logging import MetricsLogger, read_metrics
+from posttrain.train.run_dir import close_runs, open_run
+from posttrain.train.state import Progress
 
 VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 VE_PREDICTIONS = ("sample", "prev_sample")
@@ -81,15 +83,21 @@ class DiffusionTrainConfig:
     lr: float = field(1e-3, help="AdamW peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(100, help="linear learning-rate warmup steps")
-    lr_decay: Literal["constant", "cosine"] = field("cosine", help="after warmup: constant, or cosine to 10% of lr")
+    lr_schedule: Literal["constant", "cosine"] = field("cosine", help="after warmup: constant, or cosine to 10% of lr",
+                                                      aliases=("lr_decay",))
     max_steps: int = field(3000, help="optimizer steps in total")
-    grad_clip: float = field(1.0, help="clip the gradient's global norm to this (0 = off)")
+    max_grad_norm: float = field(1.0, help="clip the gradient's global norm to this (0 = off)", aliases=("grad_clip",))
     ema_decay: float = field(0.999, help="EMA decay of the weights used for sampling (0 = sample with raw weights)")
-    log_every: int = field(50, help="log averaged metrics every N steps")
-    save_every: int = field(1000, help="write an atomic checkpoint every N steps (and at the end)")
-    keep_last: int = field(2, help="checkpoints kept on disk")
+    logging_steps: int = field(50, help="log averaged metrics every N steps", aliases=("log_every",))
+    save_steps: int = field(1000, help="write an atomic checkpoint every N steps (and at the end)",
+                            aliases=("save_every",))
+    keep_last: int = field(2, help="checkpoints kept on disk (the newest ones); 0 = keep all")
+    max_nonfinite_steps: int = field(5, help="stop with an error after this many steps in a row whose loss or "
+                                             "gradient norm is NaN/inf (each such step is skipped, not applied)")
+    overwrite: bool = field(False, help="start over in an output_dir that holds another run, deleting it")
     seed: int = field(0, help="seed of initialization, batches, timesteps and noise")
     num_threads: int = field(0, help="torch CPU threads (0 = leave torch's default)")
+    progress: bool = field(True, help="show a progress bar")
     sampler: Literal["ddpm", "ddim"] = field("ddim", help="sampler for the end-of-training sample grid and metrics")
     num_inference_steps: int = field(100, help="sampling steps for the end-of-training samples")
     eta: float = field(0.0, help="DDIM eta for the end-of-training samples")
@@ -100,10 +108,12 @@ class DiffusionTrainConfig:
         if self.prediction_type not in allowed:
             raise ConfigError(f"key 'prediction_type': '{self.prediction_type}' is not available for process "
                               f"'{self.process}'; choose one of {list(allowed)}.")
-        for key in ("num_train_timesteps", "hidden_dim", "num_layers", "batch_size", "max_steps", "log_every",
-                    "save_every", "num_inference_steps", "num_eval_samples"):
+        for key in ("num_train_timesteps", "hidden_dim", "num_layers", "batch_size", "max_steps", "logging_steps",
+                    "save_steps", "num_inference_steps", "num_eval_samples", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if self.keep_last < 0:
+            raise ConfigError(f"key 'keep_last' must be >= 0, got {self.keep_last}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"key 'ema_decay' must be in [0, 1), got {self.ema_decay}.")
         _check_sampling(self.process, self.prediction_type, self.sampler, self.num_inference_steps,
@@ -148,11 +158,13 @@ def _check_sampling(process: str, prediction_type: str, sampler: str, steps: int
 
 
 def build_model(data_dim: int, hidden_dim: int, num_layers: int, time_embed_dim: int, num_train_timesteps: int):
+    """The residual-MLP denoiser for `data_dim`-dimensional data."""
     return MLPDenoiser(data_dim, hidden_dim=hidden_dim, num_layers=num_layers, time_embed_dim=time_embed_dim,
                        num_train_timesteps=num_train_timesteps)
 
 
 def build_schedule(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> NoiseSchedule:
+    """The VP noise schedule (linear or cosine β) of `num_train_timesteps` steps."""
     kwargs = {"beta_start": beta_start, "beta_end": beta_end} if beta_schedule == "linear" else {}
     return make_schedule(beta_schedule, num_train_timesteps, **kwargs)
 
@@ -252,12 +264,18 @@ def _lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
 
 def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, float]:
     """Train, checkpoint, and write the final model, loss plot, sample grid and eval.json. Returns the eval metrics."""
+    try:
+        return _train(config, resume)
+    finally:
+        close_runs()  # the output folder's lock and the Ctrl-C handler (train.run_dir)
+
+
+def _train(config: DiffusionTrainConfig, resume: str | None) -> dict[str, float]:
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     out = Path(config.output_dir)
-    checkpoint = resolve_resume(out, resume)
-    if resume is not None and checkpoint is None:
-        raise PosttrainError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; nothing to resume.")
+    run_dir = open_run(out, resume=resume, overwrite=config.overwrite)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
 
     data = load_data(config.dataset, num_samples=config.num_data_samples, seed=config.data_seed)
     torch.manual_seed(config.seed)
@@ -268,7 +286,7 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     schedule = build_schedule(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.max_steps, config.lr_decay))
+        optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.max_steps, config.lr_schedule))
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(config.seed)  # every batch index, t and noise draw comes from here
 
@@ -292,6 +310,8 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     if checkpoint is not None:
         window = state["log_window"]
     tic, steps_since_tic = time.perf_counter(), 0
+    guard = NonFiniteGuard(config.max_nonfinite_steps)
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc="diffusion")
     for step in range(start_step + 1, config.max_steps + 1):
         # 1. a batch of x_0, timesteps t ~ U{0..T−1} and noise
         x0 = data.train[torch.randint(0, data.train.shape[0], (B,), generator=generator)]  # [B, data_dim]
@@ -312,11 +332,12 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
         out_loss = denoising_loss(denoise_fn(x_t, t), target, weights)
         optimizer.zero_grad(set_to_none=True)
         out_loss.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        optimizer.step()
-        lr_scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+        if guard.ok(out_loss.loss, grad_norm, step=step):  # a NaN/inf step is skipped, not applied
+            optimizer.step()
+            lr_scheduler.step()
+            if ema is not None:
+                ema.update(model)
 
         low = t < T // 2
         window["loss"] += float(out_loss.loss.detach())
@@ -326,18 +347,21 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
         window["n_high"] += int((~low).sum())
         window["steps"] += 1
         steps_since_tic += 1
-        if step % config.log_every == 0 or step == config.max_steps:
+        progress.update()
+        if step % config.logging_steps == 0 or step == config.max_steps:
             elapsed = time.perf_counter() - tic
             logger.log(step, {
-                "loss": window["loss"] / window["steps"],
-                "loss_t_low": window["loss_t_low"] / max(1, window["n_low"]),
-                "loss_t_high": window["loss_t_high"] / max(1, window["n_high"]),
-                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
-                "steps_per_s": steps_since_tic / elapsed,
+                "train/loss": window["loss"] / window["steps"],  # the same key as every other command
+                "train/loss_t_low": window["loss_t_low"] / max(1, window["n_low"]),
+                "train/loss_t_high": window["loss_t_high"] / max(1, window["n_high"]),
+                "train/grad_norm": float(grad_norm), "train/lr": lr_scheduler.get_last_lr()[0],
+                "steps_per_s": steps_since_tic / elapsed, "nonfinite_total": float(guard.skipped),
             })
             window = dict.fromkeys(window, 0)
             tic, steps_since_tic = time.perf_counter(), 0
-        if step % config.save_every == 0 or step == config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or step % config.save_steps == 0 or step == config.max_steps:
+            check_finite_weights([model], f"the checkpoint of step {step}")
             save_checkpoint(
                 out, step, keep_last=config.keep_last,
                 save_model=lambda folder: _save_model(folder, model, ema, config),
@@ -345,9 +369,13 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
                        "generator": generator.get_state(), "log_window": dict(window),
                        "ema": None if ema is None else {k: v for k, v in ema.state_dict().items() if k != "shadow"}},
             )
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {step}; resume with --resume")
 
+    check_finite_weights([model], str(out / "model"))
     with atomic_dir(out / "model") as folder:
         _save_model(folder, model, ema, config)
+    progress.close()
     plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png")
 
     # 4. samples from the EMA weights, a grid and their metrics
@@ -367,7 +395,8 @@ def train(config: DiffusionTrainConfig, resume: str | None = None) -> dict[str, 
     logger.log(config.max_steps, {f"eval/{k}": v for k, v in metrics.items()})
     logger.close()
     print(f"trained {config.max_steps} steps; {config.sampler}-{config.num_inference_steps} samples: "
-          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; outputs in {out}")
+          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; the model is in {out / 'model'} (what "
+          f"`posttrain diffusion sample model_dir={out}` reads), metrics in {out / 'metrics.jsonl'}")
     return metrics
 
 

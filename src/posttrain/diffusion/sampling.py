@@ -6,7 +6,8 @@ timesteps t [B] to the network's output [B, ...]; the scheduler is anything with
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 

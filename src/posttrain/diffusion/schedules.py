@@ -8,8 +8,8 @@ float64 and cast to the sample's dtype inside the steps, so a 1000-step chain do
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def _others_at_most(others: list[int], num_none: int, cap: int, slots: int) -> l
             for t, w in enumerate(table[used]):
                 if w == 0:
                     continue
-                for take in range(0, min(m, cap, slots - used) + 1):
+                for take in range(min(m, cap, slots - used) + 1):
                     new[used + take][t + (take == cap)] += w * math.comb(m, take)
         table = new
     # the unanswered samples fill whatever is left
@@ -171,4 +171,4 @@ def perplexity(token_logps: Sequence[float] | np.ndarray,
         raise ValueError("a target token has a non-finite log-probability")
     nll = float(-(np.where(weights > 0, values, 0.0) * weights).sum() / count)
     with np.errstate(over="ignore"):
-        return Perplexity(perplexity=float(np.exp(nll)), nll=nll, num_tokens=int(round(count)))
+        return Perplexity(perplexity=float(np.exp(nll)), nll=nll, num_tokens=int(round(count)))  # noqa: RUF046 -- count may be a numpy float

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from posttrain.config import field
 from posttrain.errors import ConfigError
@@ -74,7 +75,7 @@ class EvalConfig(GenerationOptions):
     perplexity_max_length: int = field(1024, help="rows of perplexity_file are cut to this many tokens")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
-    device: str = field("cpu", help="cpu or cuda")
+    device: str = field("auto", help="auto (cuda when available, as in training), cpu or cuda")
     dtype: str = field("float32", help="float32, bfloat16 or float16")
 
     def __post_init__(self):
@@ -182,8 +183,8 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     wall_s = time.perf_counter() - start
 
     flat_problems = [p for p in problems for _ in range(n)]
-    correct = task.score(flat_problems, [t for row in decoded.texts for t in row])  # [B*G]
-    correct = [correct[b * n:(b + 1) * n] for b in range(B)]  # [B][G]
+    flat_correct = task.score(flat_problems, [t for row in decoded.texts for t in row])  # [B*G]
+    correct = [flat_correct[b * n:(b + 1) * n] for b in range(B)]  # [B][G]
     answers = [[task.extract(t) for t in row] for row in decoded.texts]  # [B][G]
     if selected is None:
         per_problem = [sum(row) / n for row in correct]
@@ -203,7 +204,7 @@ def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy
     for k in sorted(set(pass_k)):
         if k > n:
             continue
-        num_correct = [int(round(sum(row))) for row in correct]
+        num_correct = [round(sum(row)) for row in correct]
         metrics[f"pass@{k}"] = float(pass_at_k(n, num_correct, k).mean())
         if task.votable:
             same = getattr(task, "equivalent", None)
@@ -238,6 +239,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _device(name: str) -> str:
+    """`auto`: cuda when available, else cpu (as the training commands do)."""
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
     from posttrain.eval.perplexity import file_perplexity
     from posttrain.models import load_model
@@ -245,7 +253,7 @@ def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
 
     if not Path(config.perplexity_file).exists():
         raise ConfigError(f"key 'perplexity_file': file '{config.perplexity_file}' does not exist")
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
     metrics = file_perplexity(model, tokenizer, config.perplexity_file, max_length=config.perplexity_max_length,
                               batch_size=config.batch_size)
     result = {"config": asdict(config), "metrics": metrics}
@@ -259,8 +267,10 @@ def _run_perplexity(config: EvalConfig) -> dict[str, Any]:
 
 
 def run(config: EvalConfig) -> dict[str, Any]:
+    """`posttrain eval`: load the model, run the strategy on the task's problems, print and save the metrics."""
     from posttrain.models import load_model
     from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.train.state import phase
 
     if config.perplexity_file:
         return _run_perplexity(config)
@@ -268,13 +278,15 @@ def run(config: EvalConfig) -> dict[str, Any]:
     task = make_task(config.task, config.task_kwargs, extract=config.extract, template=config.template,
                      answer_format=config.answer_format or None, num_shots=config.num_shots, chat=config.chat)
     problems = task.problems(config.num_problems, config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.generation_backend != "hf":  # the decoders sample on the engine instead of the torch model
-        model = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
-    result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
-                      num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
-                      reward_model=config.reward_model, keep_samples=config.save_samples,
-                      step_tokens=config.particle_step_tokens)
+    with phase(f"loading {config.model}"):
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
+        if config.generation_backend != "hf":  # the decoders sample on the engine instead of the torch model
+            model = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
+    with phase(f"{config.strategy} on {len(problems)} problems × {config.num_samples} samples"):
+        result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
+                          num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
+                          reward_model=config.reward_model, keep_samples=config.save_samples,
+                          step_tokens=config.particle_step_tokens)
     result = {"config": asdict(config), **result}
     print(f"{config.task} · {len(problems)} problems · model {config.model}")
     print(format_table([result["metrics"]]))

@@ -37,9 +37,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -352,7 +352,7 @@ def extrapolation_check(compute: Sequence[float] | np.ndarray, pass_rate: Sequen
     y = np.asarray(pass_rate, dtype=np.float64).reshape(-1)
     order = np.argsort(c, kind="stable")
     c, y = c[order], y[order]
-    n_fit = int(math.floor(c.size * fraction))
+    n_fit = math.floor(c.size * fraction)
     if n_fit < 1 or n_fit >= c.size:
         raise ValueError(f"fraction={fraction} leaves {n_fit} of {c.size} points to fit; need some on each side")
     fit = fit_sigmoid(c[:n_fit], y[:n_fit], **fit_kwargs)

@@ -39,6 +39,7 @@ def _smooth(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def run(config: ScalingConfig) -> dict[str, Any]:
+    """`posttrain scaling`: fit the sigmoid compute-performance law to a run's metrics and save the fit."""
     compute, rate = read_curve(config.metrics, config.compute, config.rate, cumulative=config.cumulative)
     rate = _smooth(np.asarray(rate, dtype=float), config.smooth)
     fit = fit_sigmoid(compute, rate, uncertainty=config.uncertainty)

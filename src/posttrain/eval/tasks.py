@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Protocol
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.ttc import cot
@@ -179,14 +180,21 @@ class JsonlTask:
     def _read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             raise DataError(f"task file '{self.path}' does not exist")
+        if self.path.suffix != ".jsonl":  # .parquet, .csv, .json or a datasets folder: the data loader's readers
+            from posttrain.data.formats import read_rows
+
+            numbered = list(enumerate(read_rows(self.path), start=1))
+        else:
+            numbered = []
+            for line_no, line in enumerate(self.path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    numbered.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{self.path}, line {line_no}: not valid JSON ({e.msg})") from None
         rows = []
-        for line_no, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{self.path}, line {line_no}: not valid JSON ({e.msg})") from None
+        for line_no, row in numbered:
             for key in (self.prompt_key, self.answer_key):
                 if not isinstance(row, dict) or key not in row:
                     raise DataError(f"{self.path}, line {line_no}: missing key '{key}' (each row needs "
@@ -234,10 +242,11 @@ class JsonlTask:
 
 
 def make_task(task: str, kwargs: dict[str, Any] | None = None, **options: Any) -> Task:
-    """'humaneval', a path ending in .jsonl, or a reasoning-gym generator name (with generator `kwargs`)."""
+    """'humaneval', a data file of prompt/answer rows (.jsonl, .json, .parquet, .csv or a datasets folder), or a
+    reasoning-gym generator name (with generator `kwargs`)."""
     if task == "humaneval":
         return HumanEvalTask(chat=options.get("chat", True))
-    if task.endswith(".jsonl"):
+    if task.endswith((".jsonl", ".json", ".parquet", ".csv")) or "/" in task or Path(task).is_dir():
         return JsonlTask(task, extract=options.get("extract", "final_line"), template=options.get("template", "direct"),
                          answer_format=options.get("answer_format"))
     return GymTask(task, kwargs, extract=options.get("extract", "last_number"), template=options.get("template", "brief"),

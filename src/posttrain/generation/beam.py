@@ -13,8 +13,8 @@ Width 1 is greedy decoding; a width at least the number of live prefixes is exha
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -105,7 +105,9 @@ class BeamSearch:
             V = totals.shape[1]
             k = min(2 * W, totals.numel())
             top_values, top_index = torch.topk(totals.reshape(-1), k)  # [k]
-            new_beams, parents, tokens = [], [], []
+            new_beams: list[tuple] = []
+            parents: list[int] = []
+            tokens: list[int] = []
             for rank, (value, flat) in enumerate(zip(top_values.tolist(), top_index.tolist())):
                 parent, token = divmod(flat, V)
                 seq = beams[parent][0] + [token]

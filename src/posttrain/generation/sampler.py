@@ -21,8 +21,9 @@ prompt separately gives the same samples as prefix sharing (tests/generation).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -257,7 +258,7 @@ class HFGenerator:
             u = torch.cat([torch.rand(per, generator=g, dtype=torch.float64, device=device)
                            for g in generators])[live]  # [n_live]
             raw = torch.log_softmax(logits, dim=-1) if (params.greedy or params.return_raw_logps) else None
-            if params.greedy:
+            if raw is not None and params.greedy:
                 tok = logits.argmax(dim=-1)  # [n_live]
                 tok_logps = raw.gather(-1, tok[:, None]).squeeze(-1)
             else:
@@ -265,12 +266,12 @@ class HFGenerator:
                 tok = sample_from_logps(dist, u)
                 tok_logps = dist.gather(-1, tok[:, None]).squeeze(-1)
             tok_list, lp_list = tok.tolist(), tok_logps.tolist()
-            raw_list = raw.gather(-1, tok[:, None]).squeeze(-1).tolist() if params.return_raw_logps else None
+            raw_list = raw.gather(-1, tok[:, None]).squeeze(-1).tolist() if raw is not None and params.return_raw_logps else None
             keep: list[int] = []
             for j, i in enumerate(live.tolist()):
                 rows.tokens[i].append(tok_list[j])
                 rows.logps[i].append(lp_list[j])
-                if raw_list is not None:
+                if raw_list is not None and rows.raw_logps is not None:
                     rows.raw_logps[i].append(raw_list[j])
                 if tok_list[j] in stop_ids:
                     rows.finish[i] = FINISH_EOS
@@ -318,12 +319,13 @@ class HFGenerator:
             ids[i, :len(toks)] = torch.tensor(toks)
             mask[i, :len(toks)] = 1
             logps[i, :len(toks)] = torch.tensor(rows.logps[i])
-            if raw is not None:
+            if raw is not None and rows.raw_logps is not None:
                 raw[i, :len(toks)] = torch.tensor(rows.raw_logps[i])
-        texts = ([self._text(t, f, params.stop) for t, f in zip(rows.tokens, rows.finish)]
+        finish = [f or FINISH_LENGTH for f in rows.finish]  # every row ends with a reason; the default is a guard
+        texts = ([self._text(t, f, params.stop) for t, f in zip(rows.tokens, finish)]
                  if self.tokenizer is not None else None)
         return Rollouts(prompt_ids=[list(p) for p in prompt_ids], completion_ids=ids, completion_mask=mask,
-                        logps=logps, raw_logps=raw, texts=texts, finish_reasons=list(rows.finish), n=G,
+                        logps=logps, raw_logps=raw, texts=texts, finish_reasons=finish, n=G,
                         pad_token_id=self.pad_token_id, **cost)
 
 

@@ -31,9 +31,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -327,7 +328,7 @@ def start_local_server(folder: str, *, tokenizer, eos_token_ids: Sequence[int], 
     port = port or free_port()
     args = [sys.executable, "-m", "posttrain.cli", "serve", f"model={folder}", f"port={port}", f"dtype={dtype}",
             f"kv_cache_gib={kv_cache_gib}", f"seed={seed}", f"max_model_len={max_model_len or 0}"]
-    log = tempfile.NamedTemporaryFile(prefix="posttrain-serve-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(prefix="posttrain-serve-", suffix=".log", delete=False)  # noqa: SIM115 - the child server writes to it for its whole life
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:

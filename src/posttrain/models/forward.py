@@ -17,8 +17,14 @@ from torch import nn
 
 from posttrain.data.collate import SharedPrefixBatch
 from posttrain.ops.logps import (
-    DEFAULT_CHUNK, IGNORE_INDEX, entropy_at_rows, entropy_from_hidden, entropy_from_logits, logps_at_rows,
-    logps_from_hidden, logps_from_logits,
+    DEFAULT_CHUNK,
+    IGNORE_INDEX,
+    entropy_at_rows,
+    entropy_from_hidden,
+    entropy_from_logits,
+    logps_at_rows,
+    logps_from_hidden,
+    logps_from_logits,
 )
 
 

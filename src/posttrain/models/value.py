@@ -29,7 +29,7 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_causal_lm(cls, model: nn.Module) -> "ValueModel":
+    def from_causal_lm(cls, model: nn.Module) -> ValueModel:
         """A critic whose decoder is a trainable copy of `model`'s (LoRA adapters, if any, merged in)."""
         import copy
 

@@ -53,7 +53,7 @@ def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK
     for start in range(0, B * T, chunk_size):
         z = _acc(flat[start:start + chunk_size]) / temperature  # [c, V]
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        out.append((lse.squeeze(-1) - (torch.softmax(z, dim=-1) * z).sum(-1)))
+        out.append(lse.squeeze(-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
     return torch.cat(out).view(B, T)
 
 

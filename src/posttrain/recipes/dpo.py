@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,23 +32,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import pack_examples, packed_batch, pad_batch
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.data.tokenize import encode_preference
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.dpo import DPO_LOSSES, idea1_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
-from posttrain.data.order import micro_batches, step_units
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, gathered, no_sync, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -104,6 +104,8 @@ class DPOConfig(RunOptions):
             raise ConfigError(f"key 'ref_sync_alpha' must be in (0, 1], got {self.ref_sync_alpha}.")
         if self.lr <= 0:
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -151,7 +153,7 @@ class SequenceBatch:
     num_seqs: int
     num_tokens: int
 
-    def to(self, device) -> "SequenceBatch":
+    def to(self, device) -> SequenceBatch:
         return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
                                             ("input_ids", "position_ids", "labels", "seq_index", "last")})
 
@@ -267,6 +269,7 @@ def reference_logps_fn(kind: str, policy: nn.Module, ref_model: nn.Module | None
         net.train(was_training)
 
 
+@announced("reference log-probs")
 @torch.no_grad()
 def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, pack_length: int | None,
                     d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +295,7 @@ def reference_cache(ref_fn: nn.Module, pairs, *, batch_size: int, pad_id: int, p
 
 # --- evaluation --------------------------------------------------------------------------------------------------
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(policy_fn: nn.Module, ref_logps, pairs, *, loss_fn, beta: float, label_smoothing: float,
              micro_batch_size: int, pad_id: int, pack_length: int | None, d) -> dict[str, float]:
@@ -339,19 +343,21 @@ def _metric_sums(out) -> dict[str, float]:
 # --- the recipe --------------------------------------------------------------------------------------------------
 
 def run(config: DPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain dpo`: train on preference pairs; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
 def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     if d.parallelism == "fsdp2" and config.ref_sync_steps:
         raise ConfigError("TR-DPO (ref_sync_steps > 0) copies the policy into a whole reference; it is not supported "
                           "with parallelism=fsdp2 yet: use parallelism=ddp.")
     # All data is read and validated before a model is loaded or anything is written.
     train_data = load_dataset_file(config.train_file, "dpo")
     eval_data = load_dataset_file(config.eval_file, "dpo") if config.eval_file else None
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
@@ -375,7 +381,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.min_lr_ratio, kind=config.lr_schedule)
-    start_step, extra = 0, {}
+    start_step, extra = 0, dict[str, Any]()
     if checkpoint is not None:
         start_step, extra = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
         if ref_model is not None and extra.get("ref_state") is not None:
@@ -384,9 +390,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     @contextlib.contextmanager
     def ref_context():
         # the policy as reference runs its inner network directly: under fsdp2 its shards are held gathered meanwhile
-        with gathered(logps_fn) if kind != "copy" else contextlib.nullcontext():
-            with reference_logps_fn(kind, model, ref_model, config.chunk_size) as ref_fn:
-                yield ref_fn
+        with (gathered(logps_fn) if kind != "copy" else contextlib.nullcontext(),
+              reference_logps_fn(kind, model, ref_model, config.chunk_size) as ref_fn):
+            yield ref_fn
 
     def build_caches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         caches = {}
@@ -433,8 +439,8 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
 
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/dropped_truncated": dropped,
                        "data/global_batch": global_batch, "total_steps": total_steps, "ref/kind": kind,
@@ -444,6 +450,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
     train_ref = ref_logps_for("train")
     summary: dict[str, Any] = {"ref/kind": kind, "ref/cache_seconds": t_cache}
     t_last, pairs_since, tokens_since = time.perf_counter(), 0.0, 0.0
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
 
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_pairs), config.seed)
@@ -468,8 +475,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
             for key, value in _metric_sums(out).items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if guard.ok(loss_sum, grad_norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
@@ -486,7 +494,7 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         if done % config.logging_steps == 0 or done == total_steps:
             now = time.perf_counter()
             metrics = {"train/loss": loss, **{f"train/{k}": all_reduce_sum(sums[k], d) / global_batch for k in _METRICS},
-                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **guard.metrics(),
                        "train/pairs_per_s": pairs_since / max(now - t_last, 1e-9),
                        "train/tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                        "train/epoch": done * global_batch / len(train_pairs), "ref/syncs": syncs}
@@ -496,9 +504,12 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
         progress.update(loss=loss, acc=summary.get("train/rewards/accuracies", 0.0))
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
-        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != total_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra=checkpoint_extra(), keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
 
     if eval_pairs:
@@ -509,8 +520,9 @@ def _run(config: DPOConfig, resume: str | None, d) -> dict[str, Any]:
               extra=checkpoint_extra(), keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("dpo", summary, enabled=d.is_main)
     return summary
 
 
@@ -564,7 +576,7 @@ def run_dpo_demo_stage(
     config = DPOConfig(train_file=str(train_file), eval_file=str(heldout_file), model=model_path_or_name,
                        output_dir=str(out_dir), loss="sigmoid", beta=beta, sft_weight=sft_weight, lora_r=lora_r, lr=lr,
                        max_steps=max_steps, micro_batch_size=micro_batch_size, max_length=160,
-                       tensorboard=False, progress=progress, keep_last=1)
+                       tensorboard=False, progress=progress, keep_last=1, overwrite=True)
     config.validate()
     summary = run(config)
     model, tokenizer = load_model(summary["final_dir"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
@@ -33,14 +32,17 @@ from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import Mismatch
-from posttrain.rewards import build_rewards, score_completions
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.rewards import score_completions
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.rewards.user import TrainerState, prepare_rewards
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_gather_objects, all_reduce_max, clip_grad_norm, gathered, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
 
 RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
@@ -52,8 +54,10 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
     output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
-    rewards: list[str] = field(default_factory=lambda: ["gym"], help="reward names (posttrain.rewards.REWARDS); "
-                               "the first one is the verifier used for pass rates and eval accuracy")
+    rewards: list[str] = field(default_factory=list, help="rewards: registered names (posttrain.rewards.REWARDS), "
+                               "path/to/file.py:function or package.module:function (TRL's calling convention), or "
+                               "callables from Python; the first is the verifier used for pass rates and eval "
+                               "accuracy. Empty: gym for a task, else what the columns support (answer -> math)")
     reward_weights: list[float] = field(default_factory=list, help="weights per reward (default all 1)")
     loss: str = field("grpo", help=f"one of {RL_LOSSES}")
     advantage: str | None = field(None, help="override the preset's advantage estimator: grpo, dr_grpo, batch, rloo")
@@ -103,6 +107,11 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
         for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (GRPO samples its groups; 0 would make every sample "
+                              f"of a group the same greedy answer), got {self.temperature}.")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"keys 'top_p' must be in (0, 1] and 'top_k' >= 0, got {self.top_p} and {self.top_k}.")
         if self.is_level not in ("none", "token", "sequence"):
             raise ConfigError(f"key 'is_level' must be none, token or sequence, got {self.is_level!r}.")
         if self.ratio_against not in ("trainer", "sampler"):
@@ -133,6 +142,7 @@ def loss_options(config: GRPOConfig) -> dict[str, Any]:
     return opts
 
 
+@announced("held-out evaluation (greedy)")
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, rows, reward_fn, max_new_tokens: int, batch: int = 64, d: Dist | None = None,
                     ) -> float:
@@ -209,7 +219,9 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
                 rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
             with timer("reward"):
                 row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
-                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts)
+                ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts, completion_ids=ids,
+                                                   trainer_state=TrainerState(step, config.max_steps))
             verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
             lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
             flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(mine), dtype=torch.bool)
@@ -248,6 +260,7 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
 
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain grpo`: online RL with verifiable rewards; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -259,11 +272,16 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
                           "or use generation_backend=hf with parallelism.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
-    reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    reward_fns = prepare_rewards(config.rewards, rows, options=config.reward_options,
+                                 timeout_s=config.reward_timeout_s, max_error_rate=config.reward_max_error_rate,
+                                 task=config.task, source=config.train_file, command="grpo")
+    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+    check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     weights = config.reward_weights or [1.0] * len(reward_fns)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
@@ -286,12 +304,13 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         pool.load(extra["pool"])
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     preset = POLICY_LOSSES[config.loss]
     estimator = ADVANTAGE_ESTIMATORS[config.advantage or preset.advantage_estimator]
     timer = StageTimer()
     summary: dict[str, Any] = {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
 
     def evaluate(step: int) -> None:
         if not held_out:
@@ -326,13 +345,15 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             all_advantages = estimator(sampled.kept_rewards)  # [B'_all, G] over every rank's kept groups
             metrics.update(_update(sampled.batch, all_advantages[sampled.mine].reshape(-1), model=model,
                                    logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer, scheduler=scheduler,
-                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards)))
+                                   config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards),
+                                   guard=guard))
             metrics["advantage/abs_mean"] = float(all_advantages.abs().mean())
             metrics.update(sync_weights(generator, model, timer))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
         metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics.update(guard.metrics())
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
@@ -340,18 +361,22 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         progress.update(reward=metrics["reward/mean"], pass_rate=metrics["pass_rate"])
         if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
             evaluate(done)
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra={"pool": pool.state()}, keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     evaluate(config.max_steps)
     save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("grpo", summary, enabled=d.is_main)
     return summary
 
 
@@ -372,7 +397,7 @@ def inert_groups(like: RolloutSequences | None, groups: int, G: int, pad_id: int
 
 def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, logps_fn: TokenLogps,
             ref_fn: TokenLogps | None, optimizer, scheduler, config: GRPOConfig, timer: StageTimer, d: Dist,
-            num_groups: int) -> dict[str, float]:
+            num_groups: int, guard: NonFiniteGuard) -> dict[str, float]:
     """Old/ref log-probs and μ passes of micro-batched updates over this rank's groups (advantages [B'·G], computed
     over all ranks' groups). Token/sequence/prompt counts are summed over ranks and the loss is multiplied by the
     world size (DDP/FSDP2 average gradients), so the step equals one process's over the whole batch."""
@@ -421,7 +446,9 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
     totals: dict[str, float] = {}
     weight_sum = 0.0
     mismatch = Mismatch()  # sampler vs trainer log-probs at θ_old: the first pass's forward
+    applied = False
     for epoch in range(config.updates_per_batch):
+        pass_loss = 0.0
         for i, s in enumerate(slices):
             with timer("update"):
                 out = score(logps_fn, i, temperature=temperature, with_entropy=True)
@@ -438,6 +465,7 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
                 result = preset(out.logps, old, advantages[s], mask, counts=counts, is_weights=is_w,
                                 ref_logps=ref_logps[s] if ref_logps is not None else None, **opts)
                 (result.loss * d.world_size).backward()  # DDP/FSDP2 average over ranks; counts are global sums
+            pass_loss += float(result.loss.detach())
             n = float(mask.sum())
             if n == 0:
                 continue
@@ -450,13 +478,18 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
                     totals[k] = totals.get(k, 0.0) + v * n
         with timer("update"):
             grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+            if guard.ok(pass_loss, grad_norm):  # a NaN/inf pass is skipped on every rank, not applied
+                optimizer.step()
+                applied = True
             optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if applied:
+        scheduler.step()
     keys = sorted(set().union(*all_gather_objects(sorted(totals), d)))
     sums = {k: all_reduce_sum(totals.get(k, 0.0), d) for k in keys}
     weight_sum = all_reduce_sum(weight_sum, d)
     metrics = {k: (v / config.updates_per_batch if k == "loss" else v / max(weight_sum, 1.0)) for k, v in sums.items()}
+    if "loss" in metrics:
+        metrics["train/loss"] = metrics.pop("loss")  # one key for the optimized loss across commands
     metrics["grad_norm"] = grad_norm
     metrics["update/sequences"] = float(num_groups * G)
     metrics.update(mismatch.metrics())  # this rank's tokens

@@ -11,8 +11,6 @@ clipped policy loss plus vf_coef × the clipped value loss.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
@@ -33,12 +31,15 @@ from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import logprob_mismatch
-from posttrain.rewards import build_rewards, score_completions
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.rewards import score_completions
+from posttrain.rewards.guard import check_reward_columns
+from posttrain.rewards.user import TrainerState, prepare_rewards
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_gather_objects, clip_grad_norm, gathered, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
 from posttrain.train.state import Progress, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
@@ -48,7 +49,8 @@ from posttrain.train.timing import StageTimer
 class PPOConfig(RunOptions, PromptSource, GenerationOptions):
     model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
     reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
-    rewards: list[str] = field(default_factory=list, help="or verifier rewards by name (posttrain.rewards.REWARDS)")
+    rewards: list[str] = field(default_factory=list, help="or verifier rewards: registered names, "
+                               "path/to/file.py:function or package.module:function (TRL's calling convention)")
     output_dir: str = field("runs/ppo", help="checkpoints, metrics.jsonl, TensorBoard, final/")
     prompts_per_step: int = field(8, help="B: prompts per rollout batch")
     num_generations: int = field(1, help="completions per prompt")
@@ -77,17 +79,23 @@ class PPOConfig(RunOptions, PromptSource, GenerationOptions):
         for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'temperature' must be > 0 (PPO samples its rollouts), got {self.temperature}.")
 
 
-def load_reward_fns(config: PPOConfig) -> list:
+def load_reward_fns(config: PPOConfig, rows: list[dict[str, Any]]) -> list:
+    """The reward model as a reward function, or the verifier rewards checked against the prompt rows' columns."""
     if config.reward_model is not None:
         from posttrain.models.reward_model import reward_function
 
         return [reward_function(config.reward_model)]
-    return build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+    return prepare_rewards(config.rewards, rows, options=config.reward_options, timeout_s=config.reward_timeout_s,
+                           max_error_rate=config.reward_max_error_rate, task=config.task, source=config.train_file,
+                           command="ppo")
 
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain ppo`: RLHF with a critic and GAE; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
@@ -111,10 +119,12 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
                           "or use generation_backend=hf with parallelism.")
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     rows, _ = config.prompt_rows()
-    reward_fns = load_reward_fns(config)
+    reward_fns = load_reward_fns(config, rows)
+    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     hf_checkpoint = weights_checkpoint(checkpoint)
     model, tokenizer = prepare_model(
@@ -142,13 +152,14 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         pool.load(extra["pool"])
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     policy_loss = POLICY_LOSSES["ppo"]
     timer = StageTimer()
     summary: dict[str, Any] = {}
     progress = Progress(config.max_steps, initial=start_step, enabled=config.progress and d.is_main, desc="ppo")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
     G = config.num_generations
 
     for step in range(start_step, config.max_steps):
@@ -160,7 +171,9 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             rollouts = generator.generate([prompt_ids_all[indices[j]] for j in positions], sampling, n=G)
         with timer("reward"):
             row_of = [rows[indices[positions[k // G]]] for k in range(len(rollouts.texts))]
-            scores, _ = score_completions(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts)
+            ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+            scores, _ = score_completions(reward_fns, [1.0] * len(reward_fns), row_of, rollouts.texts,
+                                          completion_ids=ids, trainer_state=TrainerState(step, config.max_steps))
         batch = rollout_sequences(rollouts, tokenizer.pad_token_id).to(d.device)
         scores = scores.to(d.device)
         mask = completion_view(batch.mask, batch)  # [N, Tc]
@@ -205,13 +218,16 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
                     vf = clipped_value_loss(completion_view(values, sub), old_values_c[idx], est.returns[idx], m,
                                             clip_range=config.value_clip, counts=counts)
                     # counts are global sums and DDP/FSDP2 average over ranks: the world_size factor restores the sum
-                    ((pg.loss + config.vf_coef * vf.loss) * d.world_size).backward()
+                    loss = pg.loss + config.vf_coef * vf.loss
+                    (loss * d.world_size).backward()
                     grad_norm = clip_grad_norm(params, config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
+                    if guard.ok(loss, grad_norm):  # a NaN/inf minibatch step is skipped on every rank
+                        optimizer.step()
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 updates += 1
-                for k, v in {**{f"policy/{k}": v for k, v in pg.metrics().items()},
+                for k, v in {"train/loss": float(pg.loss + config.vf_coef * vf.loss),
+                             **{f"policy/{k}": v for k, v in pg.metrics().items()},
                              "value/loss": vf.loss.item(), "value/clip_frac": float(vf.clip_frac),
                              "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
                              "grad_norm": grad_norm}.items():
@@ -222,7 +238,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         everyone = all_gather_objects((positions, scores.cpu(), kl_seq.cpu(), non_score.cpu(),
                                        batch.completion_lengths.float().cpu()), d)
         by_position = sorted((j, k, part) for part in everyone for k, j in enumerate(part[0]))
-        rows_of = lambda t: torch.cat([part[t][k * G:(k + 1) * G] for _, k, part in by_position])  # noqa: E731
+        rows_of = lambda t: torch.cat([part[t][k * G:(k + 1) * G] for _, k, part in by_position])  # noqa: B023 -- used in this iteration only
         all_scores, all_kl, all_non_score, all_lengths = rows_of(1), rows_of(2), rows_of(3), rows_of(4)
         metrics = {k: all_reduce_sum(v, d) / (updates * d.world_size) for k, v in totals.items()}
         metrics.update({
@@ -231,23 +247,27 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "reward/non_score_mean": float(all_non_score.mean()),
             "kl/sequence_mean": float(all_kl.mean()), "value/explained_variance": float(vf.explained_variance),
             "completion/mean_length": float(all_lengths.mean()),
-            "train/lr": scheduler.get_last_lr()[0], **mismatch, **metrics_sync, **timer.pop(),
+            "train/lr": scheduler.get_last_lr()[0], **mismatch, **metrics_sync, **timer.pop(), **guard.metrics(),
         })
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
         summary.update(metrics)
         progress.update(score=metrics["reward/score_mean"], kl=metrics["kl/sequence_mean"])
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       extra={"pool": pool.state()}, keep_last=config.keep_last, modules={"critic": critic})
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     save_step(out_dir, config.max_steps, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last,
               modules={"critic": critic})
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("ppo", summary, enabled=d.is_main)
     return summary

@@ -13,8 +13,6 @@ With `lora_r > 0` the adapters go on the body; the scalar head always trains ful
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,21 +22,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.formats import load_dataset_file
+from posttrain.data.order import micro_batches, step_units
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models.reward_model import (
-    build_reward_model, encode_reward_example, load_reward_model, reward_batch,
+    build_reward_model,
+    encode_reward_example,
+    load_reward_model,
+    reward_batch,
 )
-from posttrain.data.order import micro_batches, step_units
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, seed_everything
+from posttrain.train.state import Progress, announced, seed_everything
 
 
 @dataclass(kw_only=True)
@@ -71,6 +73,8 @@ class RewardConfig(RunOptions):
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
         if self.center_coef < 0:
             raise ConfigError(f"key 'center_coef' must be >= 0, got {self.center_coef}.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -115,6 +119,7 @@ def pair_rewards(model: nn.Module, pairs, index: list[int], *, kind: str, pad_id
     return rewards[:b], rewards[b:], sum(len(e["input_ids"]) for e in examples)
 
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_length: int | None,
              micro_batch_size: int, center_coef: float, d) -> dict[str, float]:
@@ -143,18 +148,20 @@ def evaluate(model: nn.Module, pairs, margins, *, kind: str, pad_id: int, pack_l
 
 
 def run(config: RewardConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain reward`: train a Bradley-Terry reward model; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
 def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     # All data is read and validated before a model is loaded or anything is written.
     train_rows, _ = load_dataset_file(config.train_file, "reward")
     train_margins = read_margins(train_rows, config.train_file) if config.use_margin else None
     eval_rows = load_dataset_file(config.eval_file, "reward")[0] if config.eval_file else None
     eval_margins = read_margins(eval_rows, config.eval_file) if eval_rows and config.use_margin else None
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     hf_checkpoint = weights_checkpoint(checkpoint)
     if hf_checkpoint is not None and config.lora_r == 0:
@@ -183,8 +190,8 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
         start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/pairs": len(train_pairs), "data/global_batch": global_batch, "total_steps": total_steps,
                        "model/kind": kind, "data/margin_column": train_margins is not None})
@@ -196,6 +203,9 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"model/kind": kind}
     t_last, pairs_since = time.perf_counter(), 0.0
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+
+
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_pairs), config.seed)
         mine = micro_batches(units, config.micro_batch_size, d.rank, d.world_size)
@@ -213,8 +223,9 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
             correct += float(out.accuracy.sum())
             margin_sum += float(out.margins.sum())
         grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if guard.ok(loss_sum, grad_norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         loss = all_reduce_sum(loss_sum, d) / d.world_size
@@ -223,7 +234,7 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
             now = time.perf_counter()
             metrics = {"train/loss": loss, "train/accuracy": all_reduce_sum(correct, d) / global_batch,
                        "train/margin": all_reduce_sum(margin_sum, d) / global_batch,
-                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **guard.metrics(),
                        "train/pairs_per_s": pairs_since / max(now - t_last, 1e-9),
                        "train/epoch": done * global_batch / len(train_pairs)}
             logger.log(done, metrics)
@@ -232,9 +243,12 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
         progress.update(loss=loss, acc=summary.get("train/accuracy", 0.0))
         if eval_pairs and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, eval_now())
-        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != total_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
 
     if eval_pairs:
@@ -245,6 +259,7 @@ def _run(config: RewardConfig, resume: str | None, d) -> dict[str, Any]:
               keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: build_reward_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("reward", summary, enabled=d.is_main)
     return summary

@@ -9,8 +9,7 @@ The data order is a pure function of (seed, step), so a checkpoint needs only th
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import pack_examples, packed_batch
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
@@ -28,13 +27,16 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.ops.logps import shift_labels
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
 from posttrain.train.distributed import all_reduce_sum, run_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.parallel import all_reduce_max, clip_grad_norm, no_sync, parallelize
+from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
-from posttrain.train.state import Progress, prepare_model, seed_everything
+from posttrain.train.state import Progress, announced, prepare_model, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -45,8 +47,10 @@ class SFTConfig(RunOptions):
     eval_file: str | None = field(None, help="held-out data in the same format; default: none")
     output_dir: str = field("runs/sft", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
     max_length: int = field(512, help="tokens per example (and per packed row); longer examples are truncated")
-    packing: bool = field(True, help="pack several short examples per row, attention kept inside each example")
-    micro_batch_size: int = field(8, help="rows (packed) or examples (unpacked) per forward/backward")
+    packing: bool = field(False, help="pack short examples into rows of max_length tokens, attention kept inside "
+                                      "each example (off by default, as in TRL; then micro_batch_size counts rows)")
+    micro_batch_size: int = field(8, help="examples per forward/backward (with packing=true: packed rows of "
+                                          "max_length tokens, each holding several examples)")
     padding_free: bool = field(True, help="without packing: lay each micro-batch's examples into as few rows of "
                                           "at most twice its longest example as hold them (positions restart per "
                                           "example, no attention across them) instead of one padded row each; "
@@ -68,23 +72,35 @@ class SFTConfig(RunOptions):
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
         if self.lr <= 0:
             raise ConfigError(f"key 'lr' must be > 0, got {self.lr}.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
 
 
-def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str) -> tuple[list[dict[str, list[int]]], int]:
-    """Tokenize validated rows; returns (examples with at least one target, number dropped by truncation)."""
-    examples, dropped = [], 0
+def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str,
+                  warn: bool = True) -> tuple[list[dict[str, list[int]]], int]:
+    """Tokenize validated rows; returns (examples with at least one target, number dropped by truncation).
+    Examples longer than max_length lose their end; with `warn`, a warning gives the counts and the longest."""
+    examples, dropped, cut, longest = [], 0, 0, 0
     for row in rows:
-        ex = truncate(encode_sft(tokenizer, row, fmt), max_length)
+        full = encode_sft(tokenizer, row, fmt)
+        length = len(full["input_ids"])
+        longest = max(longest, length)
+        cut += length > max_length
+        ex = truncate(full, max_length)
         if sum(ex["loss_mask"][1:]) == 0:
             dropped += 1
             continue
         examples.append(ex)
     if not examples:
         raise DataError(f"{path}: every example lost its completion to truncation at max_length={max_length}.")
+    if cut and warn:
+        log.warning("%s: %d of %d examples are longer than max_length=%d tokens (the longest has %d) and were cut "
+                    "at the end; %d lost their whole completion and were dropped. Raise max_length to keep them.",
+                    path, cut, len(rows), max_length, longest, dropped)
     return examples, dropped
 
 
@@ -102,12 +118,14 @@ def padding_free_rows(examples, rows: list[list[int]], *, factor: float = 2.0) -
 
 
 def batch_tensors(examples, rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Tensors of one micro-batch: `rows` (lists of example indices) packed or padded, on `device`."""
     batch = packed_batch(examples, rows, pad_id)
     labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
     return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
             "labels": labels.to(device), "num_tokens": sum(len(examples[i]["input_ids"]) for row in rows for i in row)}
 
 
+@announced("held-out evaluation")
 @torch.no_grad()
 def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size: int, dist_info) -> dict[str, float]:
     """Token-mean eval loss and perplexity over all eval rows (split across ranks, sums reduced)."""
@@ -129,22 +147,25 @@ def evaluate(logps_fn: TokenLogps, examples, rows, pad_id: int, micro_batch_size
 
 
 def run(config: SFTConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain sft`: supervised fine-tuning; returns the summary (last metrics, final_dir)."""
     return run_distributed(_run, config, resume)
 
 
 def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
-    check_resume_layout(checkpoint, d)
     # All data is read and validated before a model is loaded or anything is written.
     train_data = load_dataset_file(config.train_file, "sft")
     eval_data = load_dataset_file(config.eval_file, "sft") if config.eval_file else None
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     model, tokenizer = prepare_model(
         config.model, device=d.device, **config.model_options(),
         gradient_checkpointing=config.gradient_checkpointing, checkpoint=weights_checkpoint(checkpoint),
     )
-    train_examples, dropped = tokenize_rows(*train_data, tokenizer, config.max_length, config.train_file)
+    train_examples, dropped = tokenize_rows(*train_data, tokenizer, config.max_length, config.train_file,
+                                            warn=d.is_main)
     eval_examples = tokenize_rows(*eval_data, tokenizer, config.max_length, config.eval_file)[0] if eval_data else None
     pack = (lambda ex: pack_examples(ex, config.max_length)) if config.packing else (lambda ex: [[i] for i in range(len(ex))])
     train_rows = pack(train_examples)
@@ -161,8 +182,8 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         start_step, _ = resume_step(checkpoint, d=d, model=model, optimizer=optimizer, scheduler=scheduler)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step, enabled=d.is_main)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
     if d.is_main and start_step == 0:
         logger.log(0, {"data/examples": len(train_examples), "data/dropped_truncated": dropped,
                        "data/rows": len(train_rows), "data/global_batch": global_batch, "total_steps": total_steps})
@@ -171,6 +192,8 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
     t_loop, tokens_total = time.perf_counter(), 0.0
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+
 
     for step in range(start_step, total_steps):
         units = step_units(step, global_batch, len(train_rows), config.seed)
@@ -191,8 +214,9 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
             nll_sum += float(result.nll_sum)
             seen_tokens += batch["num_tokens"]
         grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if guard.ok(nll_sum, grad_norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         loss = all_reduce_sum(nll_sum, d) / max(global_targets, 1.0)
@@ -203,6 +227,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         if done % config.logging_steps == 0 or done == total_steps:
             now = time.perf_counter()
             metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       **guard.metrics(),
                        "train/target_tokens": global_targets, "train/tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                        "train/epoch": done * global_batch / len(train_rows)}
             logger.log(done, metrics)
@@ -211,9 +236,12 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
         progress.update(loss=loss, tok_s=summary.get("train/tokens_per_s", 0.0))
         if eval_rows and config.eval_steps and done % config.eval_steps == 0 and done != total_steps:
             logger.log(done, evaluate(logps_fn, eval_examples, eval_rows, pad_id, config.micro_batch_size, d))
-        if config.save_steps and done % config.save_steps == 0 and done != total_steps:
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != total_steps):
             save_step(out_dir, done, d=d, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     summary["train/loop_seconds"] = time.perf_counter() - t_loop
     summary["train/tokens"] = tokens_total
@@ -226,6 +254,7 @@ def _run(config: SFTConfig, resume: str | None, d) -> dict[str, Any]:
               keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    logger.close()
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("sft", summary, enabled=d.is_main)
     return summary

@@ -10,6 +10,7 @@ Recipes pick rewards by name through `build_reward(name, **options)`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -40,17 +41,50 @@ def build_reward(name: str, **options: Any) -> Callable[..., list]:
     """The reward function registered as `name`, built with `options`."""
     if name not in REWARDS:
         raise ConfigError(f"unknown reward {name!r}; expected one of {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](**options)
+    factory = REWARDS[name]
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError:
+        valid = [p for p in inspect.signature(factory).parameters if p not in ("name",)]
+        unknown = [k for k in options if k not in valid]
+        raise ConfigError(f"key 'reward_options': reward {name!r} has no option(s) {unknown}; its options: "
+                          f"{', '.join(valid) or 'none'}.") from None
+    return factory(**options)
 
 
-def build_rewards(names: list[str], options: dict[str, dict[str, Any]], timeout_s: float) -> list:
-    """Reward functions by name, each guarded: errors and timeouts are counted, not fatal."""
-    return [GuardedReward(build_reward(name, **options.get(name, {})), timeout_s=timeout_s, name=name) for name in names]
+def build_rewards(specs: list, options: dict[str, dict[str, Any]], timeout_s: float,
+                  max_error_rate: float | None = None) -> list:
+    """Reward functions from names, `file.py:func` / `module:func` specs or callables (rewards/user.py), each
+    guarded: errors and timeouts are counted; more than `max_error_rate` errors in a batch stop the run."""
+    from posttrain.rewards.user import build_reward_functions
+
+    return build_reward_functions(specs, options, timeout_s=timeout_s, max_error_rate=max_error_rate)
 
 
 __all__ = [
-    "REWARDS", "CodeReward", "CombinedReward", "GuardedReward", "SandboxConfig", "SandboxResult",
-    "answer_line_format_reward", "build_reward", "build_rewards", "call_reward", "code_reward", "combine_rewards", "completion_text", "score_completions",
-    "gym_reward", "gym_rows", "gym_score", "humaneval_rows", "make_answer_line_format_reward", "make_gym_reward",
-    "make_math_reward", "math_reward", "run_many", "run_sandboxed", "think_answer_format_reward",
+    "REWARDS",
+    "CodeReward",
+    "CombinedReward",
+    "GuardedReward",
+    "SandboxConfig",
+    "SandboxResult",
+    "answer_line_format_reward",
+    "build_reward",
+    "build_rewards",
+    "call_reward",
+    "code_reward",
+    "combine_rewards",
+    "completion_text",
+    "gym_reward",
+    "gym_rows",
+    "gym_score",
+    "humaneval_rows",
+    "make_answer_line_format_reward",
+    "make_gym_reward",
+    "make_math_reward",
+    "math_reward",
+    "run_many",
+    "run_sandboxed",
+    "score_completions",
+    "think_answer_format_reward",
 ]

@@ -5,7 +5,11 @@ defining `check(candidate)`) and an `entry_point` (the function's name). The pro
 stub + completion when the completion continues the stub (the function body, as base models write it), or
 stub + "\\n\\n" + code when the completion's code defines `entry_point` itself (as chat models do, usually inside
 a ```python fence); keeping the stub keeps its imports and helper functions. Then `check(entry_point)` runs, and
-the reward is 1.0 only if the sandbox's harness confirms that every assertion ran (see sandbox.py).
+the reward is 1.0 only if the sandbox's judge confirms that every assertion ran (see sandbox.py).
+
+The tests run apart from the candidate: the judge runs the stub itself (so the helpers the tests call, such as
+HumanEval/32's `poly`, are the stub's and not the completion's) and calls `entry_point` in the candidate's process
+by value; only plain builtin values come back, so objects that compare equal to anything earn nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +54,16 @@ def build_program(stub: str, completion: str, entry_point: str) -> str:
     return stub + code
 
 
+def trusted_stub(stub: str) -> str:
+    """The stub as the judge's trusted source (its imports and helpers), or "" when it is not a program on its own
+    (a signature without a docstring or body); then the tests reach the helpers in the candidate."""
+    try:
+        compile(stub, "<stub>", "exec")
+    except (SyntaxError, ValueError):
+        return ""
+    return stub
+
+
 def humaneval_tests(test: str, entry_point: str) -> str:
     """The test source to run after the candidate: HumanEval's `check` definition, then the call."""
     return f"{test}\n\ncheck({entry_point})\n"
@@ -91,7 +105,7 @@ class CodeReward:
     def __call__(self, prompts: list, completions: list, test: Sequence[str], entry_point: Sequence[str],
                  stub: Sequence[str] | None = None, **kwargs: Any) -> list[float | None]:
         stubs = list(stub) if stub is not None else [p if isinstance(p, str) else "" for p in prompts]
-        jobs = [(build_program(s, completion_text(c), e), humaneval_tests(t, e))
+        jobs = [(build_program(s, completion_text(c), e), humaneval_tests(t, e), trusted_stub(s), (e,))
                 for s, c, t, e in zip(stubs, completions, test, entry_point, strict=True)]
         self.last_results = run_many(jobs, self.config, max_workers=self.max_workers)
         rewards: list[float | None] = []

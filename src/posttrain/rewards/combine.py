@@ -17,6 +17,7 @@ RewardFunc = Callable[..., list]
 
 
 def reward_name(func: Any) -> str:
+    """A reward function's name for logs: its __name__, else its class name."""
     return getattr(func, "__name__", None) or type(func).__name__
 
 
@@ -64,15 +65,19 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None
 
 def score_completions(
     reward_fns: Sequence[RewardFunc], weights: Sequence[float], rows: list[dict[str, Any]], completions: list[str],
+    *, completion_ids: list[list[int]] | None = None, trainer_state: Any = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rewards of an RL rollout: the weighted sum of `CombinedReward` (None entries skipped, all-None gives 0).
 
-    rows: the dataset row of each completion (its columns other than `prompt` are passed as keywords). Returns
-    ([N] float32 rewards, each function's [N] float64 values with NaN for None, in the order of `reward_fns`).
+    rows: the dataset row of each completion; completions: the generated texts. The functions get TRL's keywords
+    (rewards.user.reward_keywords: message-list completions for conversational prompts, completion_ids,
+    trainer_state, every column but prompt/completion). Returns ([N] float32 rewards, each function's [N] float64
+    values with NaN for None, in the order of `reward_fns`).
     """
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    from posttrain.rewards.user import reward_keywords
+
     combined = CombinedReward(reward_fns, weights)
-    total = combined(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    total = combined(**reward_keywords(rows, completions, completion_ids=completion_ids, trainer_state=trainer_state))
     parts = {name: torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
              for name, values in combined.last_components.items()}
     return torch.tensor(total, dtype=torch.float64).float(), parts

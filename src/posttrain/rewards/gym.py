@@ -49,9 +49,23 @@ def gym_rows(
     generator settings (size, seed and task_kwargs), from which the reward rebuilds the task's scorer.
     """
     import reasoning_gym
+    from reasoning_gym.factory import DATASETS
 
+    from posttrain.errors import ConfigError
+
+    if task not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(task, list(DATASETS), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"key 'task': unknown reasoning-gym task {task!r}.{hint} ({len(DATASETS)} tasks exist; "
+                          "see reasoning_gym.factory.DATASETS.)")
     config = {"size": size, "seed": seed, **task_kwargs}
-    dataset = reasoning_gym.create_dataset(task, **config)
+    try:
+        dataset = reasoning_gym.create_dataset(task, **config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"key 'task_kwargs': reasoning-gym task {task!r} rejects the settings {task_kwargs}: "
+                          f"{e}") from None
     rows = []
     for index in range(len(dataset)):
         entry = dataset[index]
@@ -83,12 +97,11 @@ def _scorer(task: str, task_config: str | None) -> Callable[[str | None, dict], 
 def gym_score(answer: str | None, entry: dict | str, task: str | None = None, task_config: str | None = None) -> float:
     """The task's own score (in [0, 1]) of `answer` for `entry` (a dict or its JSON); `task` defaults to the
     entry's metadata["source_dataset"], the scorer to the task's default settings without `task_config`."""
-    if isinstance(entry, str):
-        entry = json.loads(entry)
-    task = task or entry.get("metadata", {}).get("source_dataset")
+    row: dict = json.loads(entry) if isinstance(entry, str) else entry
+    task = task or row.get("metadata", {}).get("source_dataset")
     if not task:
         raise ValueError("gym_score: no task given and the entry has no metadata['source_dataset']")
-    return float(_scorer(task, task_config)(answer, entry))
+    return float(_scorer(task, task_config)(answer, row))
 
 
 def make_gym_reward(

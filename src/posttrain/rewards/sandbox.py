@@ -1,9 +1,10 @@
 """A sandbox for model-written code: Linux namespaces, an unprivileged uid and resource limits around a subprocess.
 
-`run_sandboxed(candidate, tests, config)` runs `candidate` and then `tests` (Python source) in one interpreter inside
-the sandbox and reports a `SandboxResult`. The candidate passes only if the trusted harness, after the tests return,
-prints a random per-run nonce and exits 0: a candidate that calls `sys.exit(0)`/`os._exit(0)` early, or prints
-"passed", does not pass. `run_many` runs several jobs in parallel with a bounded number of workers.
+`run_sandboxed(candidate, tests, config)` runs `candidate` and then `tests` (Python source) inside the sandbox and
+reports a `SandboxResult`. The candidate passes only if the judge process reports that the tests finished, over a
+pipe the candidate's process never holds: a candidate that calls `sys.exit(0)`/`os._exit(0)` early, or prints
+"passed", does not pass. `run_many` runs several jobs in parallel with a bounded number of workers; a reward call
+abandoned by its guard (rewards/guard.py) cancels the sandboxes it started and starts no more.
 
 What is guaranteed, by level (`SandboxResult.isolation` lists what a run actually got):
 
@@ -28,19 +29,27 @@ What is guaranteed, by level (`SandboxResult.isolation` lists what a run actuall
 
 In every mode the Python-level guards (os.fork, subprocess, socket, os.kill... raising PermissionError) are defence
 in depth only; the tests of this module run the hostile snippets with and without them.
-What "passed" can and cannot be faked by: both sources are compiled before the candidate runs, and the tests run
-with a snapshot of the builtins, so exiting early, printing "passed", patching or shadowing builtins (abs, exec,
-compile) does not pass. The tests still share the interpreter with the candidate, so a candidate that patches a
-module the tests import (math.isclose) or searches the interpreter's memory for the nonce could forge a pass.
+
+Where the verdict comes from (see _sandbox_child.py): the candidate runs in its own process; the tests run in a
+second, non-dumpable process (the judge) that alone holds the report pipe, after the optional `trusted` source
+(e.g. a HumanEval prompt's imports and helpers, which the candidate cannot replace). The tests see each function
+the candidate defines (and each name in `entry_points`) as a proxy: arguments go to the candidate's process and
+the result comes back as a plain value (exact builtin types only: None, bool, int, float, complex, str, bytes and
+lists, tuples, dicts, sets of them), rebuilt from fresh objects in the judge. So an object whose __eq__ always
+returns True, or an int subclass, is refused before any comparison; the expected values never enter the
+candidate's process; and printing markers, exiting early, walking frames or searching the interpreter's memory
+finds nothing that counts. A consequence: tests call candidate functions by value (in-place changes to arguments
+are not seen, callables cannot be passed), which is how HumanEval's tests use them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -49,7 +58,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +71,45 @@ _STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "error")
 _UID_BASE = 1_600_000_000
 _uid_lock = threading.Lock()
 _uid_counter = 0
+
+
+# --- cancellation: a reward call abandoned by its guard (guard.py) stops the sandboxes it started ------------------
+# The guard runs each reward call in a thread inside `cancel_scope(token)`; run_sandboxed reads `current_token()`
+# and, once it is cancelled, kills its processes within one poll interval and starts no new ones. run_many's pool
+# threads inherit the token through contextvars.copy_context(). (Here rather than in a module of its own so that
+# this file keeps importing nothing but the standard library.)
+
+class CancelToken:
+    """Set once; read from any thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask every piece of work started under this token to stop."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+_current: contextvars.ContextVar[CancelToken | None] = contextvars.ContextVar("posttrain_cancel", default=None)
+
+
+def current_token() -> CancelToken | None:
+    """The token of the reward call running in this context, if any."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def cancel_scope(token: CancelToken) -> Iterator[CancelToken]:
+    """Run the body with `token` as the current token (in this thread's context)."""
+    reset = _current.set(token)
+    try:
+        yield token
+    finally:
+        _current.reset(reset)
 
 
 @dataclass(frozen=True)
@@ -157,19 +205,28 @@ def _kill_uid(uid: int) -> None:
         time.sleep(0.01)
 
 
-def run_sandboxed(candidate: str, tests: str = "", config: SandboxConfig | None = None) -> SandboxResult:
-    """Run `candidate` then `tests` (Python source) in a fresh sandbox; see the module docstring for guarantees."""
+def run_sandboxed(candidate: str, tests: str = "", config: SandboxConfig | None = None, *, trusted: str = "",
+                  entry_points: Sequence[str] = ()) -> SandboxResult:
+    """Run `candidate` then `tests` (Python source) in a fresh sandbox; see the module docstring for guarantees.
+
+    trusted: source the judge runs before the tests (imports, helpers the tests call); its names stay the judge's.
+    entry_points: names the tests must reach in the candidate even where `trusted` defines them (a stub's function).
+    Every other function the candidate defines is reachable too, unless `trusted` or the builtins define the name.
+    """
     config = config or SandboxConfig()
     if config.uid == 0:
         raise ValueError("SandboxConfig.uid must not be 0: the sandbox drops root, it does not run code as root")
     start = time.monotonic()
+    token = current_token()
+    if token is not None and token.cancelled:
+        return SandboxResult(False, "error", None, "", "", 0.0, (), "cancelled: the reward call was abandoned")
     is_root = os.geteuid() == 0
     uid = (config.uid if config.uid is not None else _fresh_uid()) if is_root else None
-    nonce = "posttrain-sandbox-ok-" + secrets.token_hex(16)
+    # Two parts: the launcher reads the first; the second (tests, trusted source) stays in the pipe until the judge
+    # reads it after forking the candidate's process, so the expected values never exist in that process's memory.
+    judged = {"tests": tests, "trusted": trusted, "entry_points": list(entry_points)}
     job = {
         "candidate": candidate,
-        "tests": tests,
-        "nonce": nonce,
         "namespaces": config.use_namespaces,
         "uid": uid,
         "python_guards": config.python_guards,
@@ -180,7 +237,7 @@ def run_sandboxed(candidate: str, tests: str = "", config: SandboxConfig | None 
             "memory_bytes": config.memory_mb << 20,
             "file_bytes": config.max_file_mb << 20,
             "workdir_bytes": config.workdir_mb << 20,
-            "max_procs": config.max_procs,
+            "max_procs": config.max_procs + 1,  # the judge is a process of the same uid
             "open_files": config.open_files,
         },
     }
@@ -188,7 +245,8 @@ def run_sandboxed(candidate: str, tests: str = "", config: SandboxConfig | None 
     if uid is not None:
         os.chown(mountpoint, uid, uid)  # the working folder when namespaces are unavailable
     job["mountpoint"] = mountpoint
-    payload = json.dumps(job).encode()
+    first = json.dumps(job).encode()
+    payload = b"%d\n" % len(first) + first + json.dumps(judged).encode()
     config_r, config_w = os.pipe()
     report_r, report_w = os.pipe()
     try:
@@ -206,16 +264,20 @@ def run_sandboxed(candidate: str, tests: str = "", config: SandboxConfig | None 
     os.close(config_r)
     os.close(report_w)
     try:
-        return _supervise(proc, config, payload, config_w, report_r, nonce, uid, start)
+        return _supervise(proc, config, payload, config_w, report_r, uid, start, token)
     finally:
         shutil.rmtree(mountpoint, ignore_errors=True)
 
 
-def _pump(proc, sel, payload, config_w, stdout, stderr, deadline, max_output) -> tuple[bool, bool]:
-    """Feed the job, collect output until the launcher exits; returns (timed_out, output_exceeded)."""
+def _pump(proc, sel, payload, config_w, stdout, stderr, deadline, max_output,
+          token: CancelToken | None) -> tuple[bool, bool]:
+    """Feed the job, collect output until the launcher exits; returns (timed_out, output_exceeded). A cancelled
+    token ends the run like a timeout."""
     sent, exited_at = 0, None
     while True:
         now = time.monotonic()
+        if token is not None and token.cancelled:
+            return True, False
         if proc.poll() is not None:
             if not any(key.data != "config" for key in sel.get_map().values()):
                 return False, False
@@ -245,7 +307,7 @@ def _pump(proc, sel, payload, config_w, stdout, stderr, deadline, max_output) ->
             return False, True
 
 
-def _supervise(proc, config, payload, config_w, report_r, nonce, uid, start) -> SandboxResult:
+def _supervise(proc, config, payload, config_w, report_r, uid, start, token) -> SandboxResult:
     stdout, stderr, report = _Tail(config.tail_bytes), _Tail(config.tail_bytes), bytearray()
     sel = selectors.DefaultSelector()
     os.set_blocking(config_w, False)
@@ -256,7 +318,7 @@ def _supervise(proc, config, payload, config_w, report_r, nonce, uid, start) -> 
     reports: dict = {}
     try:
         timed_out, too_much = _pump(proc, sel, payload, config_w, stdout, stderr, start + config.timeout_s,
-                                    config.max_output_bytes)
+                                    config.max_output_bytes, token)
     finally:  # also on KeyboardInterrupt: never leave a sandbox running
         os.set_blocking(report_r, False)
         try:
@@ -280,22 +342,25 @@ def _supervise(proc, config, payload, config_w, report_r, nonce, uid, start) -> 
     duration = time.monotonic() - start
     protections = tuple(reports.get("protections", ()))
     out, err = stdout.text(), stderr.text()
-    nonce_line = f"\n{nonce}\n"
-    passed_marker = out.endswith(nonce_line) or out == nonce_line[1:]
-    out = out.replace(nonce_line, "\n").replace(nonce, "")
+    verdict_passed = reports.get("verdict") == "passed"  # written only by the judge, on a pipe only it holds
 
     if reports.get("setup") != "ok":
         error = reports.get("error") or f"sandbox setup did not finish (exit {returncode}): {err[-500:]}"
         if timed_out:
             error = "sandbox setup timed out"
+        if token is not None and token.cancelled:
+            error = "cancelled: the reward call was abandoned"
         return SandboxResult(False, "error", returncode, out, err, duration, protections, error)
+    if token is not None and token.cancelled and not verdict_passed:
+        return SandboxResult(False, "error", returncode, out, err, duration, protections,
+                             "cancelled: the reward call was abandoned")
     if too_much:
         status = "output_limit"
     elif timed_out:
         status = "timeout"
-    elif passed_marker and returncode == 0:
+    elif verdict_passed:
         status = "passed"
-    elif returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL):
+    elif reports.get("candidate_signal") in (signal.SIGXCPU, signal.SIGKILL):
         status = "timeout"  # RLIMIT_CPU (soft = hard) kills with SIGKILL; SIGXCPU where a process handles it
     elif "MemoryError" in err:
         status = "memory"
@@ -329,16 +394,26 @@ def _kill_all(proc: subprocess.Popen, child_pid: int | None, uid: int | None, na
 
 
 def run_many(
-    jobs: Sequence[tuple[str, str]], config: SandboxConfig | None = None, *, max_workers: int | None = None
+    jobs: Sequence[tuple[str, str] | tuple[str, str, str, Sequence[str]]], config: SandboxConfig | None = None, *,
+    max_workers: int | None = None,
 ) -> list[SandboxResult]:
-    """Run (candidate, tests) pairs in parallel, at most `max_workers` at a time (default: 2 per CPU, at most 8)."""
+    """Run (candidate, tests) or (candidate, tests, trusted, entry_points) jobs in parallel, at most `max_workers`
+    at a time (default: 2 per CPU, at most 8). Under a cancelled token (cancel_scope) the rest return at once."""
     if not jobs:
         return []
+
+    def one(job) -> SandboxResult:
+        candidate, tests, *rest = job
+        trusted, entry_points = (rest[0], rest[1]) if rest else ("", ())
+        return run_sandboxed(candidate, tests, config, trusted=trusted, entry_points=entry_points)
+
     workers = max_workers or min(8, 2 * (os.cpu_count() or 1))  # runs mostly wait on process start-up
     if workers == 1 or len(jobs) == 1:
-        return [run_sandboxed(c, t, config) for c, t in jobs]
+        return [one(job) for job in jobs]
     with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="sandbox") as pool:
-        return list(pool.map(lambda job: run_sandboxed(job[0], job[1], config), jobs))
+        # each job runs in a copy of the caller's context, so the pool's threads see the caller's cancel token
+        futures = [pool.submit(contextvars.copy_context().run, one, job) for job in jobs]
+        return [f.result() for f in futures]
 
 
 def isolation_report(config: SandboxConfig | None = None) -> SandboxResult:

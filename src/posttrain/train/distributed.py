@@ -8,11 +8,14 @@ across ranks so that the loss normalization matches one big batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from posttrain.errors import ConfigError
 
 R = TypeVar("R")
 
@@ -41,6 +44,11 @@ def init_distributed(device: str = "auto", *, group: bool = False, **options: An
     options: the Dist fields parallelism, mixed_precision and cpu_offload."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"key 'device' must be auto, cpu or cuda, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("key 'device' is cuda, but no CUDA device is available here (torch.cuda.is_available() "
+                          "is False); use device=auto or device=cpu.")
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -61,20 +69,23 @@ def all_reduce_sum(value: float | torch.Tensor, d: Dist) -> float:
 
 
 def barrier(d: Dist) -> None:
+    """Wait for every process (no-op in a single process)."""
     if d.enabled:
         dist.barrier()
 
 
 def cleanup(d: Dist) -> None:
+    """Leave the process group if one was joined."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def run_distributed(body: Callable[[Any, Any, Dist], R], config: Any, resume: Any) -> R:
     """body(config, resume, d) inside the process group that `config.device`, `config.parallelism` and the launcher
-    ask for (checked first: train.parallel.resolve_parallelism); the group is left again whether the body returns
-    or raises."""
+    ask for (checked first: train.parallel.resolve_parallelism); the group is left again, and the output folder's
+    lock released (train.run_dir), whether the body returns or raises."""
     from posttrain.train.parallel import resolve_parallelism
+    from posttrain.train.run_dir import close_runs
 
     options = resolve_parallelism(config)
     owned = not dist.is_initialized()  # a group the caller opened (several runs in one launch) stays open
@@ -82,5 +93,6 @@ def run_distributed(body: Callable[[Any, Any, Dist], R], config: Any, resume: An
     try:
         return body(config, resume, d)
     finally:
+        close_runs()
         if owned:
             cleanup(d)

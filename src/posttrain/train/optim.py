@@ -35,8 +35,9 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
 
 
 def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, kind: str = "cosine"):
+    """Linear warmup for `warmup_steps`, then cosine decay to `min_ratio`·lr or constant, over `total_steps`."""
     if kind == "constant":
-        fn = lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0  # noqa: E731
+        fn = lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     else:
-        fn = lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)  # noqa: E731
+        fn = lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -80,13 +80,12 @@ def resolve_parallelism(config: Any) -> dict[str, Any]:
     out = {"parallelism": parallelism, "mixed_precision": bool(getattr(config, "mixed_precision", True)),
            "cpu_offload": bool(getattr(config, "cpu_offload", False))}
     acc = accelerate_settings()
-    if acc is not None:
-        if acc["parallelism"] == "fsdp2":
-            if parallelism == "none":
-                raise ConfigError("accelerate launch asks for FSDP but the config says parallelism=none; drop one.")
-            out["parallelism"] = "fsdp2"
-            out["cpu_offload"] = out["cpu_offload"] or acc["cpu_offload"]
-            out["mixed_precision"] = acc["mixed_precision"]
+    if acc is not None and acc["parallelism"] == "fsdp2":
+        if parallelism == "none":
+            raise ConfigError("accelerate launch asks for FSDP but the config says parallelism=none; drop one.")
+        out["parallelism"] = "fsdp2"
+        out["cpu_offload"] = out["cpu_offload"] or acc["cpu_offload"]
+        out["mixed_precision"] = acc["mixed_precision"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if out["parallelism"] == "fsdp2" and not launched_by_torchrun():
         raise ConfigError("parallelism=fsdp2 needs a process group: launch with `torchrun --nproc_per_node=N -m "
@@ -220,11 +219,10 @@ def _reset_iter_state(module: nn.Module, parts: list) -> None:
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
-    """torch's clip_grad_norm_ over (possibly sharded) parameters; the global norm as a float (nan when off)."""
+    """torch's clip_grad_norm_ over (possibly sharded) parameters; the global norm as a float. With max_norm <= 0 it
+    only measures (the norm is what train.guards.NonFiniteGuard checks; scaling by 1 leaves gradients bit-identical)."""
     params = [p for p in parameters if p.grad is not None]
-    if max_norm <= 0:
-        return float("nan")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,15 @@ from torch import nn
 from posttrain.errors import PosttrainError
 from posttrain.train.checkpoint import (
     STATE_FILE,
+    _fault_point,
     atomic_dir,
     checkpoint_dir,
     list_checkpoints,
     load_state,
+    remove_tree_atomic,
     rng_state,
     set_rng_state,
+    write_manifest,
 )
 from posttrain.train.distributed import Dist, barrier
 from posttrain.train.parallel import all_gather_objects, full_state_dict
@@ -85,6 +87,7 @@ def save_sharded_checkpoint(
         tmp = stack.enter_context(atomic_dir(final)) if d.is_main else None
         tmp = Path(all_gather_objects(str(tmp) if tmp else None, d)[0])
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        _fault_point("checkpoint")
         torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
         if d.is_main:
             torch.save({"scheduler": scheduler.state_dict(), "extra": extra or {}, "step": step, "rng": rng_state()},
@@ -92,11 +95,12 @@ def save_sharded_checkpoint(
             (tmp / LAYOUT_FILE).write_text(json.dumps(
                 {"format": "dcp", "parallelism": d.parallelism, "world_size": d.world_size,
                  "modules": sorted(modules)}) + "\n")
-            (tmp / "checkpoint.json").write_text(json.dumps({"step": step}) + "\n")
         barrier(d)  # every rank's shards are on disk before rank 0 renames the folder into place
+        if d.is_main:  # the size of every file, for the resume-time check (train.checkpoint.checkpoint_problem)
+            write_manifest(tmp, step)
     if d.is_main and keep_last:
         for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree_atomic(old)
     barrier(d)
     return final
 

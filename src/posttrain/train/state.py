@@ -5,11 +5,14 @@ Plain arguments only (STYLE.md §8): recipes pass the values they need, never th
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,11 @@ from torch import nn
 
 from posttrain.models.loading import apply_lora, load_model
 from posttrain.train.checkpoint import atomic_dir, load_state, save_checkpoint, set_rng_state
+from posttrain.train.guards import check_finite_weights
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -40,6 +45,22 @@ def prepare_model(
     checkpoint: Path | None = None,
 ):
     """(model, tokenizer) ready to train: from `checkpoint` if resuming, with LoRA adapters if lora_r > 0."""
+    with phase(f"loading {checkpoint or name_or_path}", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _prepare_model(name_or_path, device=device, dtype=dtype, lora_r=lora_r, lora_alpha=lora_alpha,
+                              lora_dropout=lora_dropout, lora_target=lora_target,
+                              gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint)
+
+
+def _prepare_model(name_or_path: str, *, device: torch.device, dtype: str, lora_r: int, lora_alpha: int,
+                   lora_dropout: float, lora_target: str, gradient_checkpointing: bool, checkpoint: Path | None):
+    if checkpoint is not None and lora_r == 0 and (checkpoint / "model" / "adapter_config.json").is_file():
+        import json
+
+        from posttrain.errors import ConfigError
+
+        rank = json.loads((checkpoint / "model" / "adapter_config.json").read_text()).get("r")
+        raise ConfigError(f"{checkpoint} holds LoRA adapters (rank {rank}): resume with the run's own settings, "
+                          f"e.g. lora_r={rank} (they are in run_config.json next to checkpoints/).")
     if checkpoint is not None and lora_r > 0:
         from peft import PeftModel
 
@@ -75,7 +96,9 @@ def save_training_checkpoint(
 ) -> Path:
     """Model (HF folder, or the LoRA adapter) + optimizer, scheduler, RNG and `extra` (e.g. data position).
 
-    modules: other trained networks (a critic, a reward head) saved as `<name>.safetensors` via their `save`."""
+    modules: other trained networks (a critic, a reward head) saved as `<name>.safetensors` via their `save`.
+    Refuses (NonFiniteError, nothing written) if any weight is NaN or inf."""
+    check_finite_weights([model, *(modules or {}).values()], f"the checkpoint of step {step}")
 
     def save_model(folder: Path) -> None:
         model.save_pretrained(folder / "model", safe_serialization=True)
@@ -97,8 +120,10 @@ def restore_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, s
 
 
 def save_final(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """An ordinary HF checkpoint loadable by `transformers` alone (LoRA adapters merged into a copy)."""
+    """An ordinary HF checkpoint loadable by `transformers` alone (LoRA adapters merged into a copy); refused
+    (NonFiniteError, nothing written) if any weight is NaN or inf."""
     path = Path(path)
+    check_finite_weights([model], str(path))
     with atomic_dir(path) as tmp:
         if hasattr(model, "merge_and_unload"):
             import copy
@@ -136,5 +161,32 @@ class Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def phase(what: str, *, enabled: bool = True) -> Iterator[None]:
+    """Announce a long phase on stderr when it starts and say how long it took when it ends, so a run never sits
+    silent (model loading, reference log-probs, held-out evaluation)."""
+    if not enabled:
+        yield
+        return
+    print(f"[posttrain] {what} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f"[posttrain] {what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def announced(what: str):
+    """Decorator: the function runs inside `phase(what)` on the main process (rank 0)."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with phase(what, enabled=int(os.environ.get("RANK", "0")) == 0):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
 def remove_tree(path: str | Path) -> None:
+    """Delete a folder and everything in it (missing is fine)."""
     shutil.rmtree(path, ignore_errors=True)

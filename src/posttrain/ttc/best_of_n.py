@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from posttrain.ttc.vote import Equivalence, VoteResult, group_answers, majority_vote, weighted_vote
 

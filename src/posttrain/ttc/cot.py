@@ -8,8 +8,8 @@ plain format strings in one dict, so a config names one and a test can read exac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 # what to ask for, per answer extractor (rewards.gym.EXTRACTORS names, plus "boxed")
 ANSWER_FORMATS: dict[str, str] = {

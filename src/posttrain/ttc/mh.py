@@ -34,11 +34,12 @@ wrong distribution once sequences of different lengths compete (TV 0.24 on the t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypeAlias
 
 import torch
 
-ArrayLike = torch.Tensor | Sequence[float]
+ArrayLike: TypeAlias = torch.Tensor | Sequence[float]
 
 
 def _summed(logps: ArrayLike, mask: ArrayLike | None) -> torch.Tensor:

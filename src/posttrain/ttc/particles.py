@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -165,7 +166,7 @@ class ParticleFilter:
                 taken = [0] * (B * N)
                 while any(in_step):
                     u = torch.rand(B * N, generator=gen, dtype=torch.float64)  # one per row, every token
-                    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+                    probs = torch.softmax(logits.double().cpu() / params.temperature, dim=-1)  # CPU, as u is
                     cdf = probs.cumsum(-1)
                     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
                     logits = batch.feed(drawn.clamp(max=probs.shape[-1] - 1).tolist(), in_step)

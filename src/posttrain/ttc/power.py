@@ -45,18 +45,27 @@ is exactly |prompt| − 1 + sampled_tokens. The paper's Eq. 12 estimates E[sampl
 
 from __future__ import annotations
 
+import abc
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from posttrain.generation.logits import sample_from_logps
-from posttrain.generation.sampler import (FINISH_EOS, FINISH_LENGTH, HFGenerator, Rollouts, SamplingParams,
-                                          draw_seed, eos_ids_of)
+from posttrain.generation.sampler import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    HFGenerator,
+    Rollouts,
+    SamplingParams,
+    draw_seed,
+    eos_ids_of,
+)
 from posttrain.ttc.mh import accept, log_acceptance
 
 
@@ -174,7 +183,9 @@ def _draw(chain: _Chain, m: int, end: int, stop: set[int]):
     out = _Suffix()
     token, target, proposal = yield ("start", len(chain.prompt) + m)
     while True:
-        out.tokens.append(token), out.target_logps.append(target), out.proposal_logps.append(proposal)
+        out.tokens.append(token)
+        out.target_logps.append(target)
+        out.proposal_logps.append(proposal)
         if token in stop or m + len(out.tokens) >= end:
             return out
         token, target, proposal = yield ("step", token)
@@ -246,7 +257,7 @@ def _decide(chains: list[_Chain], proposals: list[_Proposal], alpha: float, posi
     return accept(log_a, u).tolist()
 
 
-class _Engine:
+class _Engine(abc.ABC):
     """Drives chain programs: answers "keep" and "mh" requests (vectorized over the chains asking), and leaves the
     logits requests to the subclass's forward step."""
 
@@ -288,7 +299,15 @@ class _Engine:
         self._settle()
 
     def finished(self, i: int) -> None:
-        pass
+        """Called once when chain i's program ends (subclasses release its resources)."""
+
+    @abc.abstractmethod
+    def accept(self, i: int) -> None:
+        """Chain i keeps its proposal (subclasses commit its cached state)."""
+
+    @abc.abstractmethod
+    def reject(self, i: int) -> None:
+        """Chain i keeps its current sample (subclasses drop the proposal's cached state)."""
 
 
 class _MaskedCache(_Engine):

@@ -27,8 +27,9 @@ rollouts included; rollouts share the prefix's KV cache (a copy of it), so the p
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -138,8 +139,9 @@ class ScalablePowerSampler:
             active = [a and step < b for a, b in zip(alive, budget)]
             if not any(active):
                 break
-            logp = torch.log_softmax(logits.double(), dim=-1)  # [N, V]
-            logq = torch.log_softmax(alpha * logits.double(), dim=-1) if params.rollout == "low_temperature" else logp
+            z = logits.double().cpu()  # [N, V]: the weights' bookkeeping runs on the CPU, as the seeded uniforms do
+            logp = torch.log_softmax(z, dim=-1)  # [N, V]
+            logq = torch.log_softmax(alpha * z, dim=-1) if params.rollout == "low_temperature" else logp
             u = torch.rand(len(first), generator=gen, dtype=torch.float64)
             cdf = logq.exp().cumsum(-1)
             tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
@@ -177,7 +179,7 @@ class ScalablePowerSampler:
             rollout_tokens = rollout_computed = 0
             while not all(done):
                 rows = [i for i in range(N) if not done[i]]
-                z = logits[rows].double()  # [R, V]
+                z = logits[rows].double().cpu()  # [R, V]; CPU like the seeded uniforms (same draws on any device)
                 log_p = torch.log_softmax(z, dim=-1)
                 K = z.shape[-1] if params.top_k == 0 else min(params.top_k, z.shape[-1])
                 log_p_cand, cands = log_p.topk(K, dim=-1)  # [R, K]
@@ -205,7 +207,7 @@ class ScalablePowerSampler:
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) if self.tokenizer is not None else None
                  for t in ids]
         finish = [FINISH_EOS if t and t[-1] in stop else FINISH_LENGTH for t in ids]
-        group = lambda xs: [xs[b * n:(b + 1) * n] for b in range(len(prompt_ids))]  # noqa: E731
+        group = lambda xs: [xs[b * n:(b + 1) * n] for b in range(len(prompt_ids))]
         return ScalablePowerOutput(token_ids=group(ids), target_logps=group(logps), texts=group(texts),
                                    finish_reasons=group(finish), forward_tokens=batch.forward_tokens + rollout_tokens,
                                    computed_tokens=batch.computed_tokens + rollout_computed,

@@ -22,8 +22,8 @@ equivalent to, and the class is named by that first occurrence, so the vote coun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
 
 TIE_REL_TOL = 1e-9
 Equivalence = Callable[[Hashable, Hashable], bool]
