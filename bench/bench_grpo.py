@@ -18,16 +18,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import model_folder
+from common import model_folder, run_sides, step_clock  # noqa: E402
 
 TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 B, G, MAX_NEW = 4, 8, 32
@@ -53,7 +51,6 @@ def run_posttrain(model: str, steps: int, out: Path, shared_prefix: bool = True,
 def run_trl(model: str, steps: int, out: Path, **extra) -> dict:
     """GRPO steps of TRL's GRPOTrainer; `extra`: more trl.GRPOConfig arguments (e.g. use_vllm=True)."""
     import datasets
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.models.loading import resolve
@@ -64,17 +61,7 @@ def run_trl(model: str, steps: int, out: Path, **extra) -> dict:
     ds = datasets.Dataset.from_list(rows)
     reward = make_gym_reward("last_number")
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-    clock = Clock()
+    clock = step_clock()
     args = GRPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=B * G, num_generations=G,
                       max_completion_length=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="grpo",
                       epsilon=0.2, learning_rate=1e-6, max_steps=steps, use_cpu=True, bf16=False, report_to="none",
@@ -112,18 +99,7 @@ def main() -> None:
         return
     a.model = model_folder(a.model, Path(tempfile.mkdtemp()))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    runs = []
-    for r in range(a.rounds):
-        for side in a.sides.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--child", side, a.model, str(a.steps)],
-                                  capture_output=True, text=True, env=env)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise SystemExit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            res = json.loads(line[-1][7:])
-            res.update(side=side, round=r, median_step_s=statistics.median(res["step_seconds"][1:]))
-            runs.append(res)
-            print(json.dumps(res), flush=True)
+    runs = run_sides(__file__, [a.model, str(a.steps)], a.sides.split(","), a.rounds, env)
     sides = a.sides.split(",")
     best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
     split = min((x for x in runs if x["side"] == "posttrain"), key=lambda x: x["median_step_s"])["split"]

@@ -10,8 +10,12 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
   the peak memory of the fused path against full logits at SmolLM2's vocabulary;
 - the KV-cache sampler's log-probs against a teacher-forced forward on CUDA;
 - shared-prefix rollout scoring against per-sample scoring on CUDA (float32 and bfloat16);
+- multi-turn episodes (generation/episodes.py, KV cache continued across observations) against a teacher-forced
+  forward on CUDA;
 - the SFT, DPO, GRPO and PPO recipes end to end on CUDA in bfloat16 (tiny model), reloading SFT's final/ with plain
   transformers;
+- chunked two-head distillation divergences (reverse KL, JSD) on CUDA in float32 and bfloat16 against float64 full
+  logits, and on-policy distillation in bfloat16 with the teacher on another device (the CPU);
 - the test-time samplers on the device (tiny model, float32): MCMC power sampling with batched KV reuse against the
   re-encoding reference (same chains), scalable power sampling and particle filtering with exact token counts;
 - throughput of one SFT and one GRPO step on a SmolLM2-shaped model (random weights: the real ones do not travel to
@@ -194,6 +198,42 @@ def dpo_recipe():
     return acc is not None and acc > 0.5, {k: v for k, v in summary.items() if isinstance(v, float)}
 
 
+class _CountEnv:
+    """Three turns; observations of a length that varies by turn (ragged chunks in the cache)."""
+
+    name = "count"
+
+    def reset(self, row):
+        self.t = 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        from posttrain.envs import StepResult
+
+        self.t += 1
+        return StepResult("Observation: " + "x" * (3 * self.t) + "\n", len(text) / 100, self.t >= 3)
+
+
+@check("episodes_multi_turn")
+def episodes_multi_turn():
+    from posttrain.envs.rl import episode_sequences
+    from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
+    from posttrain.generation.sampler import SamplingParams
+    from posttrain.models import tiny_model, tiny_tokenizer
+    from posttrain.models.forward import TokenLogps
+
+    model, tok = tiny_model(init_std=0.25, seed=4).to(DEV), tiny_tokenizer()
+    out = EpisodeSampler(model, tok).run(_CountEnv, [{"prompt": "hi"}, {"prompt": "a longer prompt"}],
+                                         SamplingParams(max_new_tokens=8, seed=1), n=3,
+                                         budget=EpisodeBudget(max_turns=3, max_turn_tokens=8))
+    batch = episode_sequences(out, tok.pad_token_id).to(DEV)
+    with torch.no_grad():
+        logps = TokenLogps(model)(batch.input_ids, batch.labels, batch.position_ids).logps
+    err = float((logps - batch.gen_logps)[batch.mask].abs().max())
+    obs = sum(len(e.token_ids) - e.model_tokens for e in out.episodes)
+    return err < 1e-4 and obs > 0, {"max_abs_err": err, "model_tokens": int(batch.mask.sum()), "obs_tokens": obs}
+
+
 def _vowels(prompts, completions, **kw):
     return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
 
@@ -227,6 +267,54 @@ def ppo_recipe():
                                 max_new_tokens=12, lr=1e-3, max_steps=3, progress=False, tensorboard=False))
     figures = {k: summary[k] for k in ("reward/score_mean", "kl/sequence_mean", "value/loss") if k in summary}
     return all(math.isfinite(v) for v in figures.values()) and len(figures) == 3, figures
+
+
+@check("distill_divergences")
+def distill_divergences():
+    """Chunked two-head reverse KL / JSD on the device in float32 and bfloat16 against float64 full logits."""
+    from posttrain.losses.distill import row_divergence
+    from posttrain.ops.distill import divergence_at_rows
+
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 300, 64, 4096
+    figures, ok = {}, True
+    for name, beta in (("reverse_kl", 0.0), ("jsd", 0.5)):
+        fn = row_divergence(name, beta)
+        h64, w64 = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(V, D, generator=g, dtype=torch.float64) * 0.1
+        t64, u64 = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(V, D, generator=g, dtype=torch.float64) * 0.1
+        h_ref = h64.clone().requires_grad_(True)
+        ref = fn((h_ref @ w64.t()).log_softmax(-1), (t64 @ u64.t()).log_softmax(-1))
+        (g_ref,) = torch.autograd.grad(ref.sum(), h_ref)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+            h = h64.to(DEV, dtype).requires_grad_(True)
+            out = divergence_at_rows(h, w64.to(DEV, dtype), t64.to(DEV, dtype), u64.to(DEV, dtype), fn, chunk_size=64)
+            (grad,) = torch.autograd.grad(out.sum(), h)
+            err = max(float((out.double().cpu() - ref.detach()).abs().max() / ref.abs().max()),
+                      float((grad.double().cpu() - g_ref).abs().max() / g_ref.abs().max()))
+            figures[f"{name}_{str(dtype).split('.')[-1]}_rel_err"] = err
+            ok &= err < tol
+    return ok, figures
+
+
+@check("distill_recipe_bf16_teacher_on_cpu")
+def distill_recipe():
+    """On-policy reverse-KL distillation in bfloat16 with the teacher on another device (the CPU)."""
+    from posttrain.models import tiny_model, tiny_tokenizer
+    from posttrain.recipes.distill import DistillConfig, run
+    from posttrain.train.logging import read_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = tiny_model(seed=1, init_std=0.3)
+        teacher.save_pretrained(f"{tmp}/teacher")
+        tiny_tokenizer().save_pretrained(f"{tmp}/teacher")
+        data = _write(Path(tmp) / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(16)])
+        run(DistillConfig(train_file=data, eval_file=data, eval_size=8, model="tiny", teacher=f"{tmp}/teacher",
+                          teacher_device="cpu", rewards=[], output_dir=f"{tmp}/run", device=DEV, dtype="bfloat16",
+                          prompts_per_step=8, max_new_tokens=12, lr=1e-2, max_steps=12, progress=False,
+                          tensorboard=False, seed=3))
+        evals = [m for m in read_metrics(Path(tmp) / "run" / "metrics.jsonl") if "eval/reverse_kl_token" in m]
+    first, last = evals[0]["eval/reverse_kl_token"], evals[-1]["eval/reverse_kl_token"]
+    return last < first, {"reverse_kl_token_start": first, "reverse_kl_token_end": last}
 
 
 @check("smollm2_shape_throughput_bf16")
@@ -565,8 +653,8 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(RESULTS["device"], RESULTS["versions"], flush=True)
-    checks = [fused_logps, sampler_logps, shared_prefix, sft_recipe, dpo_recipe, grpo_recipe, ppo_recipe,
-              fsdp2_recipes, fsdp2_throughput, ttc_samplers]
+    checks = [fused_logps, sampler_logps, shared_prefix, episodes_multi_turn, sft_recipe, dpo_recipe, grpo_recipe,
+              ppo_recipe, fsdp2_recipes, fsdp2_throughput, ttc_samplers, distill_divergences, distill_recipe]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
     vllm_checks()

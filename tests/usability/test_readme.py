@@ -50,6 +50,10 @@ class Override:
 OVERRIDES: list[tuple[str, Override]] = [
     (r"^make (demo|test)\b", Override(skip="bootstraps .venv and runs the demo / the whole suite (tested elsewhere)")),
     (r"^python3 -m venv|^\.venv/bin/pip install", Override(skip="installs packages")),
+    (r"^torchrun .* sft .*--resume", Override(
+        append=[*TINY, "max_steps=3", "micro_batch_size=2"],
+        after="torchrun --nproc_per_node 2 -m posttrain.cli sft --config configs/sft_arithmetic.yaml parallelism=fsdp2 "
+              f"{' '.join(TINY)} max_steps=2 micro_batch_size=2")),  # --resume needs a checkpoint to continue
     (r"^torchrun .* sft ", Override(append=[*TINY, "max_steps=2", "micro_batch_size=2"])),
     (r"^torchrun .* (dpo|reward) ", Override(append=[*TINY, "max_steps=2", "max_length=64", "eval_steps=0"])),
     (r"^torchrun .* grpo ", Override(append=RL)),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import field
+from posttrain.envs.formats import ToolFormatName
 from posttrain.errors import ConfigError
 from posttrain.eval.metrics import majority_at_k, mean_stderr, pass_at_k
 from posttrain.eval.tasks import Problem, Task, make_task
@@ -36,7 +37,7 @@ from posttrain.generation.strategies import DECODERS, Decoded, DecodeOptions, Ge
 from posttrain.models.loading import EMBEDDED_DEFAULT
 
 SELECTORS = ("majority", "weighted_majority", "best_of_n_verifier", "best_of_n_reward", "particles")
-STRATEGIES = tuple(DECODERS) + SELECTORS
+STRATEGIES = tuple(DECODERS) + SELECTORS + ("react",)  # react: tool use through the ReAct controller (eval/react.py)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class EvalConfig(GenerationOptions):
     perplexity_max_length: int = field(1024, help="rows of perplexity_file are cut to this many tokens")
     output_dir: str = field("runs/eval", help="where the JSON result goes")
     save_samples: bool = field(True, help="keep every completion in the JSON file")
+    tools: list[str] = field(default_factory=lambda: ["calculator"], help="react: tools (calculator, python, search)")
+    tool_format: ToolFormatName = field("auto", help="react: auto (chat-template tool calls if supported), react or chat")
+    max_turns: int = field(4, help="react: model turns per episode (max_new_tokens is the budget per turn)")
+    max_episode_tokens: int = field(512, help="react: tokens per episode after the prompt (model + observations)")
     device: str = field("auto", help="auto (cuda when available, as in training), cpu or cuda")
     dtype: str = field("float32", help="float32, bfloat16 or float16")
 
@@ -90,6 +95,14 @@ class EvalConfig(GenerationOptions):
         if self.generation_backend != "hf" and decoder in ("beam", "power"):
             raise ConfigError(f"key 'generation_backend': {self.generation_backend} samples only; strategy/sampler "
                               f"'{self.strategy}'/'{self.sampler}' needs generation_backend=hf")
+        if self.max_turns < 1 or self.max_episode_tokens < 1:
+            raise ConfigError("keys 'max_turns' and 'max_episode_tokens' must be >= 1")
+        if self.strategy == "react":
+            from posttrain.envs.tools import TOOLS
+
+            unknown = [t for t in self.tools if t not in TOOLS]
+            if unknown:
+                raise ConfigError(f"key 'tools': unknown tool(s) {unknown}; expected some of {sorted(TOOLS)}")
         if self.strategy == "best_of_n_reward" and not self.reward_model:
             raise ConfigError("strategy best_of_n_reward needs key 'reward_model' (a folder saved by posttrain reward)")
 
@@ -160,13 +173,19 @@ def _particles(model, tokenizer, problems, texts, task: Task, n: int, options: D
 def evaluate(model, tokenizer, task: Task, problems: Sequence[Problem], strategy: str = "greedy", *,
              options: DecodeOptions | None = None, num_samples: int = 1, pass_k: Sequence[int] = (1,),
              sampler: str = "temperature", reward_model: str = "", keep_samples: bool = False,
-             step_tokens: int = 16) -> dict[str, Any]:
-    """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}."""
+             step_tokens: int = 16, react: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate `strategy` on `problems`; returns {"metrics": {...}, "problems": [...] (if keep_samples)}.
+    react: the react strategy's options (tools, tool_format, max_turns, max_episode_tokens)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     options = options or DecodeOptions()
     n, B = num_samples, len(problems)
     texts = _render(tokenizer, problems)
+    if strategy == "react":
+        from posttrain.eval.react import evaluate_react
+
+        return evaluate_react(model, tokenizer, task, problems, options=options, num_samples=num_samples,
+                              pass_k=pass_k, keep_samples=keep_samples, **(react or {}))
     start = time.perf_counter()
     selected: list[int | None] | None = None
     if strategy in DECODERS:
@@ -228,7 +247,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of metrics dicts: the fixed columns, then any pass@k / maj@k present."""
     extra = sorted({k for r in rows for k in r if k.startswith(("pass@", "maj@"))},
                    key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    columns = COLUMNS + [(k, k, "{:.3f}") for k in extra]
+    if any("tool_call_validity" in r for r in rows):
+        extra.append("tool_call_validity")
+    columns = COLUMNS + [(k, "tool valid" if k == "tool_call_validity" else k, "{:.3f}") for k in extra]
     cells = [[h for _, h, _ in columns]]
     for r in rows:
         cells.append([fmt.format(r[key]) if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))
@@ -286,7 +307,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
         result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
                           num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
                           reward_model=config.reward_model, keep_samples=config.save_samples,
-                          step_tokens=config.particle_step_tokens)
+                          step_tokens=config.particle_step_tokens,
+                          react={"tools": config.tools, "tool_format": config.tool_format,
+                                 "max_turns": config.max_turns, "max_episode_tokens": config.max_episode_tokens})
     result = {"config": asdict(config), **result}
     print(f"{config.task} · {len(problems)} problems · model {config.model}")
     print(format_table([result["metrics"]]))

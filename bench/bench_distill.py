@@ -1,0 +1,126 @@
+"""On-policy distillation step time: posttrain distill vs TRL's experimental GKDTrainer, same pair, batch and lengths.
+
+    python bench/bench_distill.py [--student smollm2-135m-instruct:layers=0-5,24-29] [--teacher smollm2-135m-instruct]
+                                  [--steps 5] [--rounds 1]
+
+Setting (both sides): the student samples one completion per prompt (λ = 1: every step on-policy), temperature 1, no
+top-k/top-p, at most 32 new tokens; the teacher scores the student's tokens; the per-token loss is the
+full-distribution reverse KL KL(q‖p) (TRL: GKD's JSD with β = 1, which is that reverse KL), summed over completion
+tokens / their count; B = 8 reasoning-gym chain_sum prompts per step in the chat template; full fine-tuning of the
+student, AdamW lr 1e-5, constant schedule, fp32 on CPU, no gradient checkpointing. Each side runs in its own
+subprocess; the median step time over steps 2..N is reported, with each side's peak RSS. TRL computes both models'
+full [B, T, V] logits; posttrain applies both heads in chunks at the completion positions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import run_sides, step_clock  # noqa: E402
+
+TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."
+B, MAX_NEW = 8, 32
+
+
+def _rows():
+    from posttrain.rewards.gym import gym_rows
+
+    return gym_rows("chain_sum", 64, 0, instruction=INSTRUCTION, **TASK_KW)
+
+
+def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
+    from posttrain.recipes.distill import DistillConfig, run
+    from posttrain.train.logging import read_metrics
+
+    rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["answer"]}]} for r in _rows()]
+    data = out / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = DistillConfig(model=student, teacher=teacher, train_file=str(data), eval_size=0, rewards=[],
+                           mode="on_policy", divergence="reverse_kl", estimator="full", lmbda=1.0,
+                           prompts_per_step=B, num_generations=1, micro_batch_size=B, max_new_tokens=MAX_NEW,
+                           temperature=1.0, lr=1e-5, max_steps=steps, output_dir=str(out / "pt"), progress=False,
+                           tensorboard=False, keep_last=1)
+    run(config)
+    metrics = [r for r in read_metrics(out / "pt" / "metrics.jsonl") if "time/step" in r]
+    split = {k: statistics.median(r.get(k, 0.0) for r in metrics[1:]) for k in ("time/generate", "time/update")}
+    return {"step_seconds": [r["time/step"] for r in metrics], "split": split,
+            "tokens": [r["tokens"] for r in metrics]}
+
+
+def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from posttrain.models.loading import load_tokenizer, resolve
+
+    rows = [{"messages": [{"role": "user", "content": r["prompt"][-1]["content"] if isinstance(r["prompt"], list)
+                           else r["prompt"]}, {"role": "assistant", "content": r["answer"]}]} for r in _rows()]
+    ds = datasets.Dataset.from_list(rows)
+
+    clock = step_clock()
+    args = GKDConfig(output_dir=str(out / "trl"), per_device_train_batch_size=B, lmbda=1.0, beta=1.0, temperature=1.0,
+                     max_new_tokens=MAX_NEW, seq_kd=False, learning_rate=1e-5, max_steps=steps, use_cpu=True,
+                     bf16=False, report_to="none", save_strategy="no", logging_steps=1000,
+                     gradient_checkpointing=False, disable_tqdm=True, lr_scheduler_type="constant", seed=0)
+    tokenizer = load_tokenizer(student)
+    trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(resolve(student)),
+                         teacher_model=AutoModelForCausalLM.from_pretrained(resolve(teacher)), args=args,
+                         train_dataset=ds, processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    return {"step_seconds": clock.times}
+
+
+def child(side: str, student: str, teacher: str, steps: int) -> None:
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_trl if side == "trl" else run_posttrain
+        result = run(student, teacher, steps, Path(tmp))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--student", default="smollm2-135m-instruct:layers=0-5,24-29")
+    p.add_argument("--teacher", default="smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
+    p.add_argument("--sides", default="posttrain,trl")
+    p.add_argument("--child", nargs=4, metavar=("SIDE", "STUDENT", "TEACHER", "STEPS"))
+    a = p.parse_args()
+    if a.child:
+        child(a.child[0], a.child[1], a.child[2], int(a.child[3]))
+        return
+    from posttrain.models.loading import resolve
+
+    resolve(a.student)  # build a layer-subset folder once, before the sides start
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    runs = run_sides(__file__, [a.student, a.teacher, str(a.steps)], a.sides.split(","), a.rounds, env)
+    sides = a.sides.split(",")
+    best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
+    rss = {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in sides}
+    summary = {"student": a.student, "teacher": a.teacher, "prompts": B, "max_new_tokens": MAX_NEW,
+               "steps": a.steps, "rounds": a.rounds, "step_s": best, "peak_rss_mb": rss}
+    if "trl" in best and "posttrain" in best:
+        summary["speedup"] = best["trl"] / best["posttrain"]
+        summary["memory_ratio"] = rss["posttrain"] / rss["trl"]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

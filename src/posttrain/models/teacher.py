@@ -1,0 +1,73 @@
+"""A frozen teacher beside a trained student: final hidden states at the scored positions, and per-token divergences.
+
+The distillation losses need whole next-token distributions of both models at every scored position. Neither model's
+[B, T, V] logits are built: each model's decoder gives its final hidden states, the rows that carry a label are kept
+([N, D]), and ops.distill.divergence_at_rows applies both LM heads chunk by chunk. The teacher can sit on another
+device (`device=`); its hidden rows and each chunk's log-probs are moved to the student's device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from posttrain.models.forward import TokenLogps, base_model, fusable
+from posttrain.ops.distill import RowDivergence, divergence_at_rows
+from posttrain.ops.logps import DEFAULT_CHUNK, IGNORE_INDEX
+
+
+def hidden_at_labels(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states at the positions whose label is not IGNORE_INDEX [N, D], LM head weight [V, D]).
+
+    input_ids, position_ids, labels [B, T] (on the model's device). Needs a plain linear head (models.forward.fusable).
+    Rows are in row-major order of the [B, T] positions, the order of `labels[labels != IGNORE_INDEX]`.
+    """
+    if not fusable(model):
+        raise ValueError("distillation scores hidden states through a plain linear LM head; this model's head is not "
+                         "one (logit soft-capping, a scale, or a LoRA-wrapped head)")
+    inner = base_model(model)
+    hidden = inner.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    B, T, D = hidden.shape
+    rows = (labels.reshape(B * T) != IGNORE_INDEX).nonzero().squeeze(1)  # [N]
+    return hidden.reshape(B * T, D).index_select(0, rows), inner.get_output_embeddings().weight
+
+
+class FrozenTeacher:
+    """The teacher: eval mode, no gradients, on its own device (default: where it already is)."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, chunk_size: int = DEFAULT_CHUNK):
+        self.model = model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.chunk_size = chunk_size
+        self._logps = TokenLogps(self.model, chunk_size=chunk_size)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def hidden_at_labels(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `hidden_at_labels`, run on the teacher's device (inputs are moved there)."""
+        return hidden_at_labels(self.model, input_ids.to(self.device), position_ids.to(self.device),
+                                labels.to(self.device))
+
+    @torch.no_grad()
+    def token_logps(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(labels) [B, T] (0 where ignored), chunked, returned on the inputs' device."""
+        out = self._logps(input_ids.to(self.device), labels.to(self.device), position_ids.to(self.device))
+        return out.logps.to(input_ids.device)
+
+
+def token_divergences(student: nn.Module, teacher: FrozenTeacher, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      labels: torch.Tensor, divergence: RowDivergence, *, chunk_size: int = DEFAULT_CHUNK,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """D(q_θ(·|y_<t), p(·|y_<t)) at every labelled position: [N] (row-major over [B, T]), differentiable w.r.t. the
+    student. Peak extra memory: a few [chunk, V] buffers, never either model's [B, T, V] logits."""
+    student_rows, student_weight = hidden_at_labels(student, input_ids, position_ids, labels)
+    teacher_rows, teacher_weight = teacher.hidden_at_labels(input_ids, position_ids, labels)
+    return divergence_at_rows(student_rows, student_weight, teacher_rows, teacher_weight,
+                              divergence, chunk_size=chunk_size, temperature=temperature)
