@@ -31,7 +31,8 @@ TASK_KW = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 B, G, MAX_NEW = 4, 8, 32
 
 
-def run_posttrain(model: str, steps: int, out: Path, shared_prefix: bool = True) -> dict:
+def run_posttrain(model: str, steps: int, out: Path, shared_prefix: bool = True, **extra) -> dict:
+    """GRPO steps of posttrain; `extra`: more GRPOConfig keys (bench_vllm.py passes generation_backend)."""
     from posttrain.recipes.grpo import GRPOConfig, run
     from posttrain.train.logging import read_metrics
 
@@ -39,15 +40,16 @@ def run_posttrain(model: str, steps: int, out: Path, shared_prefix: bool = True)
                         rewards=["gym"], reward_options={"gym": {"extract": "last_number"}}, loss="grpo",
                         num_generations=G, prompts_per_step=B, max_new_tokens=MAX_NEW, micro_batch_size=B * G,
                         zero_variance_filter=False, lr=1e-6, max_steps=steps, output_dir=str(out / "pt"),
-                        progress=False, tensorboard=False, shared_prefix=shared_prefix)
+                        progress=False, tensorboard=False, shared_prefix=shared_prefix, **extra)
     run(config)
     rows = [r for r in read_metrics(out / "pt" / "metrics.jsonl") if "time/step" in r]
     split = {k: statistics.median(r.get(k, 0.0) for r in rows[1:]) for k in
-             ("time/generate", "time/reward", "time/update", "time/step")}
+             ("time/generate", "time/reward", "time/update", "time/weight_sync", "time/step")}
     return {"step_seconds": [r["time/step"] for r in rows], "split": split}
 
 
-def run_trl(model: str, steps: int, out: Path) -> dict:
+def run_trl(model: str, steps: int, out: Path, **extra) -> dict:
+    """GRPO steps of TRL's GRPOTrainer; `extra`: more trl.GRPOConfig arguments (e.g. use_vllm=True)."""
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
@@ -64,7 +66,7 @@ def run_trl(model: str, steps: int, out: Path) -> dict:
                       max_completion_length=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="grpo",
                       epsilon=0.2, learning_rate=1e-6, max_steps=steps, use_cpu=True, bf16=False, report_to="none",
                       save_strategy="no", logging_steps=1000, gradient_checkpointing=False, disable_tqdm=True,
-                      lr_scheduler_type="constant", seed=0)
+                      lr_scheduler_type="constant", seed=0, **extra)
     trainer = GRPOTrainer(model=str(resolve(model)), reward_funcs=reward, args=args, train_dataset=ds,
                           callbacks=[clock])
     trainer.train()

@@ -23,6 +23,10 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
   re-encoding reference (same chains), scalable power sampling and particle filtering with exact token counts;
 - throughput of one SFT and one GRPO step on a SmolLM2-shaped model (random weights: the real ones do not travel to
   the GPU machine) in bfloat16;
+- the vLLM backend, when `vllm` is importable (otherwise one SKIP line says how to install it): greedy output equal
+  to the own sampler's before and after a weight sync, a 3-step colocated GRPO run with its mismatch and sync-time
+  metrics, and on CUDA the generation tokens/s of vLLM vs the own sampler (8/32/128 × 64 tokens) and the weight-sync
+  time of a SmolLM2-shaped model;
 - SFT and GRPO with parallelism=fsdp2 end to end, and FSDP2 bf16 (fp32 master weights, bf16 compute, fp32 reduction)
   SFT and GRPO steps on the SmolLM2 shape: tokens/s and MFU. World size 1 (nccl on CUDA, gloo on the CPU); the
   2-process paths are tested on the CPU in tests/parallel.
@@ -451,6 +455,110 @@ def throughput():
                   "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+VLLM_TINY = dict(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128, init_std=0.25)
+
+
+def vllm_checks() -> None:
+    """The vLLM engine (generation/vllm_engine.py): skipped with a message when `vllm` is not importable."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        msg = ("vllm is not importable here; install it (pip install -e '.[vllm-cuda]' on CUDA, '.[vllm]' on a CPU) "
+               "to check the vLLM backend")
+        RESULTS["vllm"] = {"pass": None, "skipped": msg}
+        print(f"SKIP vllm: {msg}", flush=True)
+        return
+    vllm_exactness()
+    vllm_grpo()
+    if DEV == "cuda":
+        vllm_throughput()
+
+
+@check("vllm_exactness_and_sync")
+def vllm_exactness():
+    """Greedy vLLM = own sampler token for token (fp32), before and after a weight sync; max |Δ log p|."""
+    from posttrain.generation.backends import save_policy
+    from posttrain.generation.sampler import HFGenerator, SamplingParams
+    from posttrain.generation.vllm_engine import VLLMEngine
+    from posttrain.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(**VLLM_TINY).to(DEV)
+    prompts = [tok(t)["input_ids"] for t in ("hello world", "abc", "The quick brown fox")]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    figures, ok = {}, True
+    with tempfile.TemporaryDirectory() as tmp:
+        save_policy(model, tok, tmp)
+        engine = VLLMEngine(tmp, tokenizer=tok, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3,
+                            kv_cache_gib=0.125)
+        for phase in ("before", "after"):
+            if phase == "after":
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p) * 0.05)
+                figures["sync_s"] = round(engine.sync(model), 4)
+            a = engine.generate(prompts, params)
+            b = HFGenerator(model, tok).generate(prompts, params)
+            same = a.token_lists() == b.token_lists()
+            gap = float((a.logps - b.logps.to(a.logps.device)).abs().max()) if same else float("nan")
+            figures[f"greedy_equal_{phase}"], figures[f"max_abs_dlogp_{phase}"] = same, gap
+            ok = ok and same and gap < 1e-3
+        engine.close()
+    return ok, figures
+
+
+@check("vllm_grpo_colocate")
+def vllm_grpo():
+    from posttrain.recipes.grpo import GRPOConfig, run
+    from posttrain.rewards import REWARDS
+    from posttrain.train.logging import read_metrics
+
+    REWARDS["vowels"] = lambda: _vowels
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _write(Path(tmp) / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(8)])
+        run(GRPOConfig(train_file=data, model="tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128",
+                       rewards=["vowels"], output_dir=f"{tmp}/run", device=DEV, num_generations=4,
+                       prompts_per_step=2, max_new_tokens=8, max_steps=3, lr=1e-2, progress=False,
+                       zero_variance_filter=False,
+                       tensorboard=False, generation_backend="vllm", vllm_gpu_memory_utilization=0.3,
+                       vllm_kv_cache_gib=0.125))
+        rows = read_metrics(f"{tmp}/run/metrics.jsonl")
+    last = rows[-1]
+    figures = {k: last[k] for k in ("mismatch/logp_abs_mean", "mismatch/logp_abs_max", "mismatch/seq_ratio_mean",
+                                    "time/weight_sync", "time/generate", "time/step") if k in last}
+    return len(rows) == 3 and last.get("mismatch/logp_abs_max", 1.0) < 1e-2, figures
+
+
+@check("vllm_throughput_and_sync_smollm2_shape")
+def vllm_throughput():
+    """Tokens/s of vLLM vs the own sampler at 8/32/128 sequences × 64 tokens (bf16), and the weight-sync time of
+    a SmolLM2-shaped model (random weights: the real ones do not travel to the GPU machine)."""
+    from posttrain.generation.backends import save_policy
+    from posttrain.generation.sampler import HFGenerator, SamplingParams
+    from posttrain.generation.vllm_engine import VLLMEngine
+    from posttrain.models import load_model
+
+    model, tok = load_model(SMOL, dtype="bfloat16", device=DEV)
+    model.eval()
+    prompts = [tok(f"question {i}: what is {i} + {i}?")["input_ids"] for i in range(16)]
+    params = SamplingParams(max_new_tokens=64, temperature=1.0, stop_token_ids=(), seed=0)
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_policy(model, tok, tmp)
+        engine = VLLMEngine(tmp, tokenizer=tok, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.3)
+    ours = HFGenerator(model, tok)
+    for n_seq in (8, 32, 128):
+        for name, gen in (("own", ours), ("vllm", engine)):
+            gen.generate(prompts[:1], params, n=2)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = gen.generate(prompts[:n_seq // 8], params, n=8)
+            torch.cuda.synchronize()
+            figures[f"{name}_tok_s_{n_seq}"] = round(out.generated_tokens / (time.perf_counter() - t), 1)
+        figures[f"vllm_over_own_{n_seq}"] = round(figures[f"vllm_tok_s_{n_seq}"] / figures[f"own_tok_s_{n_seq}"], 2)
+    figures["weight_sync_s"] = round(min(engine.sync(model) for _ in range(3)), 4)
+    engine.close()
+    return True, figures
 def _process_group() -> None:
     """A one-process group as torchrun would set it up (nccl on CUDA, gloo on the CPU), so fsdp2 runs here."""
     import socket
@@ -634,6 +742,7 @@ def main() -> None:
               distill_divergences, distill_recipe]
     for fn in checks + ([throughput] if DEV == "cuda" else []):
         fn()
+    vllm_checks()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(RESULTS, indent=2) + "\n")
     failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("pass") is False]

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "diffusion train": ("posttrain.diffusion.recipe", "DiffusionTrainConfig", "train"),
     "diffusion sample": ("posttrain.diffusion.recipe", "DiffusionSampleConfig", "sample"),
     "demo": ("posttrain.demo", "DemoConfig", "run"),
+    "serve": ("posttrain.generation.server", "ServeConfig", "serve"),
 }
 
 DESCRIPTIONS = {
@@ -46,6 +47,7 @@ DESCRIPTIONS = {
     "diffusion train": "train a diffusion denoiser (2-D data or 8x8 digits)",
     "diffusion sample": "sample from a trained diffusion denoiser with DDPM or DDIM",
     "demo": "the end-to-end demo on the embedded SmolLM2, with a report",
+    "serve": "a vLLM generation server for RL in server mode (generation_backend=vllm vllm_mode=server)",
 }
 
 

@@ -32,6 +32,7 @@ from posttrain.envs.formats import ToolFormatName
 from posttrain.errors import ConfigError
 from posttrain.eval.metrics import majority_at_k, mean_stderr, pass_at_k
 from posttrain.eval.tasks import Problem, Task, make_task
+from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine
 from posttrain.generation.strategies import DECODERS, Decoded, DecodeOptions, GenerateFn
 from posttrain.models.loading import EMBEDDED_DEFAULT
 
@@ -40,7 +41,7 @@ STRATEGIES = tuple(DECODERS) + SELECTORS + ("react",)  # react: tool use through
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationOptions):
     model: str = field(EMBEDDED_DEFAULT, help="model: the embedded smollm2-135m-instruct, a local HF folder, or tiny")
     task: str = field("chain_sum", help="a reasoning-gym task name, 'humaneval', or a .jsonl file with prompt/answer")
     task_kwargs: dict = field(default_factory=dict, help="reasoning-gym generator settings, e.g. {min_terms: 2}")
@@ -89,6 +90,11 @@ class EvalConfig:
             raise ConfigError(f"key 'sampler': unknown decoder {self.sampler!r}; expected one of {list(DECODERS)}")
         if self.num_samples < 1:
             raise ConfigError("key 'num_samples' must be >= 1")
+        self.validate_generation()
+        decoder = self.sampler if self.strategy in SELECTORS else self.strategy
+        if self.generation_backend != "hf" and decoder in ("beam", "power"):
+            raise ConfigError(f"key 'generation_backend': {self.generation_backend} samples only; strategy/sampler "
+                              f"'{self.strategy}'/'{self.sampler}' needs generation_backend=hf")
         if self.max_turns < 1 or self.max_episode_tokens < 1:
             raise ConfigError("keys 'max_turns' and 'max_episode_tokens' must be >= 1")
         if self.strategy == "react":
@@ -295,6 +301,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
     problems = task.problems(config.num_problems, config.seed)
     with phase(f"loading {config.model}"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=_device(config.device))
+        if config.generation_backend != "hf":  # the decoders sample on the engine instead of the torch model
+            model = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     with phase(f"{config.strategy} on {len(problems)} problems × {config.num_samples} samples"):
         result = evaluate(model, tokenizer, task, problems, config.strategy, options=config.decode_options(),
                           num_samples=config.num_samples, pass_k=config.pass_k, sampler=config.sampler,
@@ -309,4 +317,5 @@ def run(config: EvalConfig) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+    close_generator(model)
     return result

@@ -1,102 +1,167 @@
-"""Generation backends behind the `Generator` interface: the torch engine (sampler.HFGenerator) and vLLM for GPUs.
+"""Generation backends behind the `Generator` interface, chosen by one key, `generation_backend`:
 
-`make_generator("hf" | "vllm", ...)` is what a recipe calls; it never imports vLLM unless asked to.
+    hf      the torch engine (sampler.HFGenerator): KV-cached sampling on the trainer's own model; exact, the default
+    vllm    vLLM (generation/vllm_engine.py), in one of two modes (`vllm_mode`):
+              colocate  the engine lives in the training process; weights are copied in after every update
+              server    the engine runs in another process (`posttrain serve`, generation/server.py), reached over
+                        HTTP at `vllm_url`; with no URL the recipe starts one locally and stops it at the end
 
-VLLMGenerator maps SamplingParams onto vLLM's and converts its outputs into the same `Rollouts`. It asks vLLM for
-the log-prob of each sampled token under the *processed* distribution (`logprobs_mode="processed_logprobs"`, vLLM ≥
-0.10.2: after temperature and top-k/top-p), which is what sampler.py returns too. It cannot be exercised on this
-CPU-only machine; the mapping is written against vLLM's documented offline API (`LLM.generate` with token-id prompts,
-`SamplingParams(n=..., logprobs=0)`, `CompletionOutput.token_ids / logprobs / finish_reason / stop_reason`).
-Differences from HFGenerator: vLLM samples with its own RNG (a seed gives reproducible but different draws), and the
-cost counters report the prompt tokens once per prompt and one decode token per generated token (vLLM's prefix
-cache may compute fewer).
+Recipes (grpo, ppo), `posttrain eval` and its test-time strategies (best-of-N, majority vote) take the keys of
+`GenerationOptions`, call `rollout_engine(...)` once, `generate(...)` for every batch, and `sync_weights(...)`
+after each optimizer step; the torch engine needs no sync (it samples from the trainer's model itself).
+vLLM is imported only when asked for; a machine without it gets one error naming the install command.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any, Literal
 
-import torch
-
+from posttrain.config import field
 from posttrain.errors import ConfigError
-from posttrain.generation.sampler import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, HFGenerator, Rollouts, SamplingParams
+from posttrain.generation.sampler import HFGenerator
+
+BACKENDS = ("hf", "vllm")
+VLLM_MODES = ("colocate", "server")
 
 
-class VLLMGenerator:
-    """Rollouts from a vLLM engine. `model_path`: a local HF checkpoint folder; extra kwargs go to `vllm.LLM`.
+@dataclasses.dataclass(kw_only=True)
+class GenerationOptions:
+    """Config keys choosing the generation engine (shared by grpo, ppo and eval)."""
 
-    After a policy update, call `load_weights(model)` to push the new weights into the engine.
+    generation_backend: Literal["hf", "vllm"] = field("hf", help="hf (the torch sampler, exact, default) or vllm")
+    vllm_mode: Literal["colocate", "server"] = field("colocate", help="vllm: colocate (engine in this process) or "
+                                                     "server (`posttrain serve` in another process)")
+    vllm_url: str = field("", help="vllm server mode: http://host:port of a running `posttrain serve`; empty: "
+                                   "start one locally for the run")
+    vllm_timeout_s: float = field(120.0, help="vllm server mode: longest wait for the server to answer")
+    vllm_kv_cache_gib: float = field(1.0, help="vllm on a CPU: KV-cache size in GiB")
+    vllm_gpu_memory_utilization: float = field(0.4, help="vllm on a GPU: fraction of its memory vLLM may take")
+    vllm_max_model_len: int = field(0, help="vllm: prompt + completion tokens reserved per sequence (0: the model's)")
+    vllm_sleep: bool = field(True, help="vllm colocate on a GPU: free the KV cache during updates (no-op on CPU)")
+
+    def validate_generation(self) -> None:
+        """Check the generation keys (called from the recipe's validate)."""
+        if self.generation_backend not in BACKENDS:
+            raise ConfigError(f"key 'generation_backend' must be one of {list(BACKENDS)}, got "
+                              f"{self.generation_backend!r}.")
+        if self.vllm_mode not in VLLM_MODES:
+            raise ConfigError(f"key 'vllm_mode' must be one of {list(VLLM_MODES)}, got {self.vllm_mode!r}.")
+        if self.vllm_url and not self.vllm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"key 'vllm_url' must start with http:// or https://, got {self.vllm_url!r}.")
+        if self.vllm_timeout_s <= 0:
+            raise ConfigError(f"key 'vllm_timeout_s' must be > 0, got {self.vllm_timeout_s}.")
+        if self.vllm_kv_cache_gib <= 0:
+            raise ConfigError(f"key 'vllm_kv_cache_gib' must be > 0, got {self.vllm_kv_cache_gib}.")
+        if self.vllm_max_model_len < 0:
+            raise ConfigError(f"key 'vllm_max_model_len' must be >= 0, got {self.vllm_max_model_len}.")
+
+
+def save_policy(model, tokenizer, folder: str) -> str:
+    """Write the policy (LoRA merged) and tokenizer as a Hugging Face folder an engine can load."""
+    from safetensors.torch import save_file
+
+    from posttrain.generation.vllm_engine import policy_weights
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    os.makedirs(folder, exist_ok=True)
+    base.config.save_pretrained(folder)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)
+    weights, seen = {}, set()
+    for name, tensor in policy_weights(model):
+        ptr = tensor.data_ptr()
+        weights[name] = tensor.detach().to("cpu").contiguous().clone() if ptr in seen else tensor.detach().to("cpu").contiguous()
+        seen.add(ptr)
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+class _OwnedFolder:
+    """A temporary folder holding the policy the engine loaded; removed when the engine is closed."""
+
+    def __init__(self, model, tokenizer):
+        self.path = tempfile.mkdtemp(prefix="posttrain-vllm-")
+        save_policy(model, tokenizer, self.path)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def rollout_engine(options: GenerationOptions, model, tokenizer, *, seed: int = 0, dtype: str = "float32"):
+    """The generator a recipe samples with: HFGenerator on `model`, or a vLLM engine holding `model`'s weights.
+
+    vLLM loads the current policy from a temporary folder (so random, resumed and LoRA models all work); in server
+    mode the server's weights are then replaced by the trainer's, whatever model it was started with.
     """
+    options.validate_generation()
+    if options.generation_backend == "hf":
+        return HFGenerator(model, tokenizer)
+    max_len = options.vllm_max_model_len or None
+    if options.vllm_mode == "colocate":
+        from posttrain.generation.vllm_engine import VLLMEngine, import_vllm
 
-    def __init__(self, model_path: str, *, tokenizer=None, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
-                 seed: int = 0, **llm_kwargs: Any):
+        import_vllm()  # the install message before anything is written
+        folder = _OwnedFolder(model, tokenizer)
         try:
-            import vllm
-        except ImportError as e:
-            raise ConfigError(
-                "generation backend 'vllm' needs the vllm package (a CUDA GPU machine): pip install vllm; "
-                "or use backend 'hf', the torch engine, which runs anywhere") from e
-        self._vllm = vllm
-        self.llm = vllm.LLM(model=str(model_path), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                            logprobs_mode="processed_logprobs", **llm_kwargs)
-        self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+            engine = VLLMEngine(folder.path, tokenizer=tokenizer, eos_token_ids=HFGenerator(model, tokenizer).eos_token_ids,
+                                dtype=dtype, max_model_len=max_len, kv_cache_gib=options.vllm_kv_cache_gib,
+                                gpu_memory_utilization=options.vllm_gpu_memory_utilization, seed=seed,
+                                sleep_between_steps=options.vllm_sleep)
+        finally:
+            folder.remove()  # the engine holds the weights and tokenizer now
+        return engine
+    from posttrain.generation.server import VLLMServerClient, start_local_server
 
-    def load_weights(self, model: torch.nn.Module) -> None:
-        """Copy a torch model's weights into an in-process engine (same architecture; merge LoRA adapters first),
-        e.g. after each RL step. This is the path TRL's colocate mode uses; the prefix cache is reset after."""
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights(list(model.state_dict().items()))
-        self.llm.reset_prefix_cache()
+    eos = HFGenerator(model, tokenizer).eos_token_ids
+    if options.vllm_url:
+        client = VLLMServerClient(options.vllm_url, tokenizer=tokenizer, eos_token_ids=eos,
+                                  timeout_s=options.vllm_timeout_s)
+    else:
+        folder = _OwnedFolder(model, tokenizer)
+        try:
+            client = start_local_server(folder.path, tokenizer=tokenizer, eos_token_ids=eos, dtype=dtype,
+                                        max_model_len=max_len, kv_cache_gib=options.vllm_kv_cache_gib, seed=seed,
+                                        timeout_s=options.vllm_timeout_s)
+        finally:
+            folder.remove()  # the server has loaded it (or failed to)
+    client.sync(model)  # the server now holds exactly the trainer's weights
+    return client
 
-    def _params(self, params: SamplingParams, n: int):
-        kwargs: dict[str, Any] = dict(
-            n=n, max_tokens=params.max_new_tokens, temperature=params.temperature,
-            top_k=params.top_k if params.top_k > 0 else -1, top_p=params.top_p, stop=list(params.stop) or None,
-            seed=params.seed, logprobs=0, skip_special_tokens=True)
-        if params.stop_token_ids is not None:
-            kwargs["stop_token_ids"] = list(params.stop_token_ids)
-            kwargs["ignore_eos"] = True  # only the given stop tokens end a completion, as in HFGenerator
-        return self._vllm.SamplingParams(**kwargs)
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, n: int = 1) -> Rollouts:
-        if params.return_raw_logps:
-            raise ConfigError("backend 'vllm' returns only the sampled distribution's log-probs; compute the "
-                              "temperature-1 log-probs with a teacher-forced pass (models.forward.TokenLogps)")
-        from vllm.inputs import TokensPrompt
+def sync_weights(generator, model, timer) -> dict[str, float]:
+    """After an optimizer step: push the weights into a vLLM engine, timed under `timer("weight_sync")` (so the
+    step logs `time/weight_sync`); returns {"vllm/weights_version": k}. The torch engine samples from `model`
+    itself and needs nothing: {}. timer: a train.rl.StageTimer (any callable returning a context manager)."""
+    sync = getattr(generator, "sync", None)
+    if sync is None:
+        return {}
+    with timer("weight_sync"):
+        sync(model)
+    return {"vllm/weights_version": float(generator.version)}
 
-        start = time.perf_counter()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
-                                    self._params(params, n), use_tqdm=False)
-        tokens, logps, texts, finish = [], [], [], []
-        for request in outputs:
-            for out in request.outputs:
-                ids = list(out.token_ids)
-                tokens.append(ids)
-                logps.append([step[t].logprob for step, t in zip(out.logprobs, ids)])
-                texts.append(out.text)
-                if out.finish_reason == "length":
-                    finish.append(FINISH_LENGTH)
-                elif isinstance(out.stop_reason, str):
-                    finish.append(FINISH_STOP)
-                else:
-                    finish.append(FINISH_EOS)
-        N, T = len(tokens), max(len(t) for t in tokens)
-        ids_t = torch.full((N, T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((N, T), dtype=torch.long)
-        logps_t = torch.zeros((N, T), dtype=torch.float32)
-        for i, (t, lp) in enumerate(zip(tokens, logps)):
-            ids_t[i, :len(t)], mask[i, :len(t)], logps_t[i, :len(t)] = torch.tensor(t), 1, torch.tensor(lp)
-        return Rollouts(prompt_ids=[list(p) for p in prompt_ids], completion_ids=ids_t, completion_mask=mask,
-                        logps=logps_t, raw_logps=None, texts=texts, finish_reasons=finish, n=n,
-                        prefill_tokens=sum(len(p) for p in prompt_ids), decode_tokens=int(mask.sum()) - N,
-                        wall_s=time.perf_counter() - start, pad_token_id=self.pad_token_id)
+
+def sleep_engine(generator) -> None:
+    """Before the update: let a colocated vLLM engine free its KV cache where the device supports it."""
+    sleep = getattr(generator, "sleep", None)
+    if sleep is not None:
+        sleep()
+
+
+def close_generator(generator) -> None:
+    """Release an engine (stop a server this run started); a no-op for HFGenerator."""
+    close = getattr(generator, "close", None)
+    if close is not None:
+        close()
 
 
 def make_generator(backend: str, model=None, tokenizer=None, *, model_path: str | None = None, **kwargs: Any):
-    """'hf': HFGenerator(model, tokenizer); 'vllm': VLLMGenerator(model_path) (needs a saved checkpoint folder)."""
+    """'hf': HFGenerator(model, tokenizer); 'vllm': VLLMEngine(model_path) (a saved Hugging Face folder)."""
     if backend == "hf":
         if model is None:
             raise ConfigError("backend 'hf' needs a loaded model")
@@ -104,5 +169,7 @@ def make_generator(backend: str, model=None, tokenizer=None, *, model_path: str 
     if backend == "vllm":
         if model_path is None:
             raise ConfigError("backend 'vllm' needs model_path, a local checkpoint folder (save_pretrained output)")
-        return VLLMGenerator(model_path, tokenizer=tokenizer, **kwargs)
-    raise ConfigError(f"unknown generation backend {backend!r}; expected 'hf' or 'vllm'")
+        from posttrain.generation.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, tokenizer=tokenizer, **kwargs)
+    raise ConfigError(f"unknown generation backend {backend!r}; expected one of {list(BACKENDS)}")

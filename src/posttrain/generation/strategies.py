@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from posttrain.errors import ConfigError
 from posttrain.generation.beam import BeamParams, BeamSearch
 from posttrain.generation.sampler import HFGenerator, SamplingParams
 
@@ -79,8 +80,19 @@ def _chunks(items: Sequence, size: int):
         yield i // max(1, size), items[i:i + size]
 
 
+def _engine(model, tokenizer, strategy: str):
+    """HFGenerator on a torch model; an engine already built (vLLM, generation/backends.py) is used as it is.
+    Decoders that need the model's forward (beam, power) accept only a torch model."""
+    if isinstance(model, nn.Module):
+        return HFGenerator(model, tokenizer)
+    if strategy:
+        raise ConfigError(f"decoder '{strategy}' needs the torch model (generation_backend=hf): it scores and "
+                          f"re-encodes tokens itself, which a vLLM engine does not expose")
+    return model
+
+
 def _sample(model, tokenizer, prompt_ids, n, options: DecodeOptions, params: SamplingParams) -> Decoded:
-    generator = HFGenerator(model, tokenizer)
+    generator = _engine(model, tokenizer, "")
     texts, ids, logps, forward, start = [], [], [], 0, time.perf_counter()
     for index, chunk in _chunks(prompt_ids, options.batch_size):
         params_i = replace(params, seed=options.seed + index)
@@ -126,6 +138,7 @@ def decode_low_temperature(model, tokenizer, prompt_ids, n, options: DecodeOptio
 
 def decode_beam(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Decoded:
     """The n best hypotheses of a beam of width max(beam_width, n)."""
+    _engine(model, tokenizer, "beam")
     params = BeamParams(width=max(options.beam_width, n), max_new_tokens=options.max_new_tokens,
                         length_penalty=options.length_penalty, num_return=n)
     out = BeamSearch(model, tokenizer).generate(list(prompt_ids), params)
@@ -141,6 +154,7 @@ def decode_power(model, tokenizer, prompt_ids, n, options: DecodeOptions) -> Dec
     """n power-sampling chains per prompt (α, block size, N_MCMC from options), batched with KV-cache reuse."""
     from posttrain.ttc.power import PowerParams, PowerSampler
 
+    _engine(model, tokenizer, "power")
     params = PowerParams(alpha=options.alpha, max_new_tokens=options.max_new_tokens, block_size=options.block_size,
                          mcmc_steps=options.mcmc_steps, seed=options.seed)
     out = PowerSampler(model, tokenizer, batch_size=options.batch_size).generate(list(prompt_ids), params, n=n)

@@ -26,6 +26,7 @@ from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.envs import check_rows, env_factory
 from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError
+from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
@@ -34,6 +35,7 @@ from posttrain.models.forward import TokenLogps, fusable
 from posttrain.ops.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from posttrain.ops.logps import IGNORE_INDEX
 from posttrain.ops.masked import masked_mean
+from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards, score_completions
 from posttrain.rewards.guard import check_reward_columns
 from posttrain.rewards.user import TrainerState, prepare_rewards
@@ -51,7 +53,7 @@ RL_LOSSES = [k for k in POLICY_LOSSES if k != "ppo"]
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(RunOptions, PromptSource):
+class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
     model: str = field("smollm2-135m-instruct", help="embedded model name, local HF folder, or tiny[:k=v,...]")
     eval_file: str | None = field(None, help="held-out prompt rows; default: held-out `task` prompts")
     eval_size: int = field(64, help="held-out prompts evaluated (greedy) at eval steps")
@@ -110,6 +112,9 @@ class GRPOConfig(RunOptions, PromptSource):
 
     def validate(self) -> None:
         self.validate_prompt_source()
+        self.validate_generation()
+        if self.env and self.generation_backend != "hf":
+            raise ConfigError("key 'env': multi-turn episodes sample with the torch engine; set generation_backend=hf.")
         if self.loss not in RL_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {RL_LOSSES}, got {self.loss!r}.")
         if self.advantage is not None and self.advantage not in ADVANTAGE_ESTIMATORS:
@@ -291,6 +296,9 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     if config.prompts_per_step % d.world_size:
         raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
                           f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
+    if d.enabled and config.generation_backend != "hf":
+        raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
+                          "or use generation_backend=hf with parallelism.")
     out_dir = Path(config.output_dir)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)
@@ -319,7 +327,8 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
-    generator: HFGenerator | EpisodeRollouts = HFGenerator(model, tokenizer)
+    generator: Any = (HFGenerator(model, tokenizer) if config.env else
+                      rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype))
     budget = EpisodeBudget(max_turns=config.max_turns, max_turn_tokens=config.max_new_tokens,
                            max_episode_tokens=config.max_episode_tokens, env_timeout_s=config.env_timeout_s)
     if config.env:
@@ -377,12 +386,14 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if len(sampled.kept_rewards):
+            sleep_engine(generator)
             all_advantages = estimator(sampled.kept_rewards)  # [B'_all, G] over every rank's kept groups
             metrics.update(_update(sampled.batch, all_advantages[sampled.mine].reshape(-1), model=model,
                                    logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer, scheduler=scheduler,
                                    config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards),
                                    guard=guard))
             metrics["advantage/abs_mean"] = float(all_advantages.abs().mean())
+            metrics.update(sync_weights(generator, model, timer))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
@@ -407,6 +418,7 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
+    close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
     logger.close(summary)
     print_run_summary("grpo", summary, enabled=d.is_main)
@@ -478,13 +490,16 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
 
     totals: dict[str, float] = {}
     weight_sum = 0.0
+    mismatch = Mismatch()  # sampler vs trainer log-probs at θ_old: the first pass's forward
     applied = False
-    for _ in range(config.updates_per_batch):
+    for epoch in range(config.updates_per_batch):
         pass_loss = 0.0
         for i, s in enumerate(slices):
             with timer("update"):
                 out = score(logps_fn, i, temperature=temperature, with_entropy=True)
                 mask = batch.mask[s]
+                if epoch == 0:
+                    mismatch.add(out.logps, batch.gen_logps[s], mask)
                 old = old_logps[s] if old_logps is not None else out.logps.detach()
                 is_w = None
                 stats = importance_sampling_weights(old, batch.gen_logps[s], mask,
@@ -522,4 +537,5 @@ def _update(rollout: RolloutBatch | None, advantages: torch.Tensor, *, model, lo
         metrics["train/loss"] = metrics.pop("loss")  # one key for the optimized loss across commands
     metrics["grad_norm"] = grad_norm
     metrics["update/sequences"] = float(num_groups * G)
+    metrics.update(mismatch.metrics())  # this rank's tokens
     return metrics

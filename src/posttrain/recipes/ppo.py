@@ -21,14 +21,16 @@ import torch
 from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError
+from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
 from posttrain.generation.rollout import completion_view, rollout_sequences
-from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
+from posttrain.generation.sampler import SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, clipped_value_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.value import ValueModel
 from posttrain.ops.advantages import gae, masked_whiten
 from posttrain.ops.kl import kl_penalized_token_rewards
 from posttrain.ops.masked import masked_mean
+from posttrain.ops.mismatch import logprob_mismatch
 from posttrain.rewards import score_completions
 from posttrain.rewards.guard import check_reward_columns
 from posttrain.rewards.user import TrainerState, prepare_rewards
@@ -44,7 +46,7 @@ from posttrain.train.timing import StageTimer
 
 
 @dataclass(kw_only=True)
-class PPOConfig(RunOptions, PromptSource):
+class PPOConfig(RunOptions, PromptSource, GenerationOptions):
     model: str = field("smollm2-135m-instruct", help="the policy to train (usually an SFT model)")
     reward_model: str | None = field(None, help="a reward model folder written by `posttrain reward`")
     rewards: list[str] = field(default_factory=list, help="or verifier rewards: registered names, "
@@ -71,6 +73,7 @@ class PPOConfig(RunOptions, PromptSource):
 
     def validate(self) -> None:
         self.validate_prompt_source()
+        self.validate_generation()
         if (self.reward_model is None) == (not self.rewards):
             raise ConfigError("set exactly one of 'reward_model' (a `posttrain reward` folder) or 'rewards' (names).")
         for key in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "minibatch_size", "max_steps"):
@@ -112,6 +115,9 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     if config.prompts_per_step % d.world_size:
         raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
                           f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
+    if d.enabled and config.generation_backend != "hf":
+        raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
+                          "or use generation_backend=hf with parallelism.")
     out_dir = Path(config.output_dir)
     rows, _ = config.prompt_rows()
     reward_fns = load_reward_fns(config, rows)
@@ -130,7 +136,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
     critic_fn = parallelize(critic, d)
-    generator = HFGenerator(model, tokenizer)
+    generator = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
     optimizer = build_optimizer(model.parameters(), lr=config.lr)
     optimizer.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad], "lr": config.critic_lr,
                                "weight_decay": 0.0})
@@ -178,6 +184,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
                 ref_logps = (ref_fn or logps_fn)(batch.input_ids, batch.labels, batch.position_ids,
                                                  temperature=config.temperature).logps
             old_values = critic_fn(batch.input_ids, batch.position_ids)
+        mismatch = logprob_mismatch(old_logps, batch.gen_logps, batch.mask)  # trainer vs sampler at θ_old
         old_logps_c, ref_logps_c = completion_view(old_logps, batch), completion_view(ref_logps, batch)
         old_values_c = completion_view(old_values, batch)
         token_rewards = kl_penalized_token_rewards(scores, old_logps_c, ref_logps_c, mask, kl_coef=config.kl_coef,
@@ -191,6 +198,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         totals: dict[str, float] = {}
         updates = 0
         g = torch.Generator().manual_seed(config.seed * 31 + step)
+        sleep_engine(generator)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(N, generator=g)
             for i in range(0, N, config.minibatch_size):
@@ -224,6 +232,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
                              "entropy": float(masked_mean(completion_view(out.entropy, sub), m)),
                              "grad_norm": grad_norm}.items():
                     totals[k] = totals.get(k, 0.0) + v
+        metrics_sync = sync_weights(generator, model, timer)
         kl_seq = (torch.where(mask, old_logps_c - ref_logps_c, 0.0)).sum(1)  # [N_local] sequence KL (k1)
         non_score = torch.where(mask, token_rewards, 0.0).sum(1) - scores  # [N_local]
         everyone = all_gather_objects((positions, scores.cpu(), kl_seq.cpu(), non_score.cpu(),
@@ -238,7 +247,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "reward/non_score_mean": float(all_non_score.mean()),
             "kl/sequence_mean": float(all_kl.mean()), "value/explained_variance": float(vf.explained_variance),
             "completion/mean_length": float(all_lengths.mean()),
-            "train/lr": scheduler.get_last_lr()[0], **timer.pop(), **guard.metrics(),
+            "train/lr": scheduler.get_last_lr()[0], **mismatch, **metrics_sync, **timer.pop(), **guard.metrics(),
         })
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
@@ -257,6 +266,7 @@ def _run(config: PPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
               modules={"critic": critic})
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
+    close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
     logger.close(summary)
     print_run_summary("ppo", summary, enabled=d.is_main)
