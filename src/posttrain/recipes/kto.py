@@ -127,6 +127,7 @@ def mismatched(examples: list[dict[str, Any]], index: list[int], max_length: int
 
 
 def run(config: KTOConfig, resume: str | None = None) -> dict[str, Any]:
+    """`posttrain kto`: train on unpaired desirable/undesirable completions and return the run summary."""
     return run_distributed(_run, config, resume)
 
 
