@@ -56,6 +56,10 @@ def start_runs(args: list[str], log: Path, pause_in_checkpoint: bool, world_size
             port = s.getsockname()[1]
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a group left in this worker (e.g. by an in-process vLLM engine of an earlier test):
+        dist.destroy_process_group()  # a forked child would inherit it without its threads and hang in collectives
     pids = []
     for rank in range(world_size):
         pid = os.fork()
