@@ -15,6 +15,11 @@ from pathlib import Path
 
 
 def _module_tree(module: str) -> tuple[ast.Module, str] | None:
+    if module.startswith("posttrain."):  # by path: find_spec would import the parent packages (and with them torch)
+        base = Path(__file__).resolve().parent.joinpath(*module.split(".")[1:])
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return ast.parse(path.read_text(encoding="utf-8")), module
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
