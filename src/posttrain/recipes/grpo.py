@@ -39,7 +39,7 @@ from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards, score_completions
 from posttrain.rewards.guard import check_reward_columns
 from posttrain.rewards.user import TrainerState, prepare_rewards
-from posttrain.train.distributed import Dist, all_reduce_sum, run_distributed
+from posttrain.train.distributed import Dist, all_reduce_sum, check_rl_launch, run_distributed
 from posttrain.train.guards import NonFiniteGuard
 from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -293,12 +293,7 @@ def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
 
 
 def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
-    if config.prompts_per_step % d.world_size:
-        raise ConfigError(f"key 'prompts_per_step' ({config.prompts_per_step}) must be a multiple of the world size "
-                          f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
-    if d.enabled and config.generation_backend != "hf":
-        raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
-                          "or use generation_backend=hf with parallelism.")
+    check_rl_launch(config.prompts_per_step, config.generation_backend, d)
     out_dir = Path(config.output_dir)
     # validated before any model is loaded
     rows, held_out = config.prompt_rows(config.eval_file, config.eval_size)

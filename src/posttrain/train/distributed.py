@@ -96,3 +96,15 @@ def run_distributed(body: Callable[[Any, Any, Dist], R], config: Any, resume: An
         close_runs()
         if owned:
             cleanup(d)
+
+
+def check_rl_launch(prompts_per_step: int, generation_backend: str, d: Dist) -> None:
+    """The launch rules GRPO and PPO share: whole prompt groups per rank, and vLLM in one training process only."""
+    from posttrain.errors import ConfigError
+
+    if prompts_per_step % d.world_size:
+        raise ConfigError(f"key 'prompts_per_step' ({prompts_per_step}) must be a multiple of the world size "
+                          f"({d.world_size}): each rank generates whole groups for its share of the step's prompts.")
+    if d.enabled and generation_backend != "hf":
+        raise ConfigError("generation_backend=vllm runs in one training process for now; launch without torchrun, "
+                          "or use generation_backend=hf with parallelism.")
