@@ -72,3 +72,50 @@ def test_no_grad_forward_keeps_nothing_for_backward():
     with torch.no_grad():
         out = logps_at_rows(hidden, weight, torch.randint(0, 30, (5,)))
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("need_w", [False, True])
+def test_labels_of_vanishing_probability_keep_exact_log_probs_and_gradients(need_w):
+    # fp32 probabilities below ~1e-38 underflow: the fused path forms the softmax in place, so log p(y) and the
+    # log-normaliser the backward reuses must not be read off (or cancel against) tiny probabilities
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    hidden[0] = weight[7] * 6.0  # label 3 of row 0 is > 100 nats below the top logit
+    hidden[4] = weight[11] * 3.0
+    labels = torch.randint(0, 50, (9,), generator=g)
+    labels[0], labels[4] = 30, 34
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(need_w)
+    got = logps_at_rows(h, w, labels, chunk_size=4)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_(need_w)
+    exact = torch.log_softmax(h64 @ w64.t(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    assert exact[0] < -104 and -87 < exact[4] < -69  # p(y) = 0 and p(y) < 1e-30 in fp32
+    naive = torch.softmax(hidden @ weight.t(), -1).gather(-1, labels[:, None]).squeeze(-1).log()
+    assert torch.isinf(naive[0])  # what reading log p(y) off the fp32 softmax would give
+    torch.testing.assert_close(got.double(), exact.detach(), atol=2e-4, rtol=1e-6)
+    up = torch.randn(9, generator=g)
+    (got * up).sum().backward()
+    (exact * up.double()).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-4, rtol=1e-5)
+    if need_w:
+        torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_rows, chunk", [(10, 4), (8, 4), (3, 8), (1, 1)])
+def test_trained_head_gradients_with_the_forwards_last_chunk_reused(n_rows, chunk):
+    # the backward starts with the forward's last chunk (still in its buffer, possibly a partial chunk) and
+    # recomputes the others; a second backward (retain_graph) recomputes every chunk and gives the same gradients
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n_rows, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 30, (n_rows,), generator=g)
+    up = torch.randn(n_rows, generator=g, dtype=torch.float64)
+    out = logps_at_rows(hidden, weight, labels, chunk_size=chunk, temperature=0.7)
+    first = torch.autograd.grad((out * up).sum(), [hidden, weight], retain_graph=True)
+    second = torch.autograd.grad((out * up).sum(), [hidden, weight])
+    ref = torch.log_softmax(hidden @ weight.t() / 0.7, -1).gather(-1, labels[:, None]).squeeze(-1)
+    want = torch.autograd.grad((ref * up).sum(), [hidden, weight])
+    for a, b, c in zip(first, second, want):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+        torch.testing.assert_close(b, c, atol=1e-12, rtol=0)

@@ -70,18 +70,30 @@ def _chunk_logits(h: torch.Tensor, weight_acc: torch.Tensor, temperature: float)
     return z.div_(temperature) if temperature != 1.0 else z
 
 
+def _softmax_(z: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim, in place: one row-wise pass of ATen's softmax kernel writing into its input (the
+    kernel reads each row's max and sum before writing the row), so a chunk costs one [c, V] buffer and no second
+    pass of separate max / subtract / exp / sum / divide kernels over it."""
+    return torch.ops.aten._softmax.out(z, -1, False, out=z)
+
+
 class _FusedLinearLogps(torch.autograd.Function):
     """log softmax(h Wᵀ / τ)[y] per row, in chunks of rows, never holding more than one chunk of logits.
 
     d log p(y) / d z = onehot(y) − softmax(z), so for an upstream gradient g per row and S = softmax(z) − onehot(y):
 
-        dh = −(g/τ) · S W            dW = −Σ_rows (g/τ) Sᵀ h
+        dh = −(g/τ) · S W            dW = −Sᵀ (g/τ ⊙ h)     (g/τ scales the rows of h, not the [c, V] block)
 
-    dh does not depend on g except through a per-row factor, so the forward pass, which holds S for the chunk
-    anyway, computes U = S W [N, D] (one GEMM) and the backward pass only scales it: no logits are recomputed for
-    the hidden-state gradient. dW needs g inside the sum, so when the head itself is trained (full fine-tuning) the
-    backward recomputes each chunk's logits (one GEMM) and accumulates dW in place (one GEMM). Per chunk the
-    softmax is formed in place in the logits buffer (max, exp, sum, divide), so a chunk costs one [c, V] buffer.
+    dh depends on g only through a per-row factor, so the forward pass, which holds S for the chunk anyway,
+    computes U = S W [N, D] (one GEMM) and the backward pass only scales it: no logits are recomputed for the
+    hidden-state gradient. dW needs g inside the sum, so when the head itself is trained (full fine-tuning) the
+    backward recomputes each chunk's logits (one GEMM) and accumulates dW in place (one GEMM); it walks the chunks
+    last to first and starts with the forward's last chunk, whose S is still in the buffer (one recompute fewer).
+
+    Per chunk, in one reused [c, V] buffer: the logits' GEMM writes into it, one pass takes each row's max and
+    argmax, the softmax is formed in place (one fused row-wise kernel), and the log-normaliser is read off the
+    softmax at the argmax, lse = max − log softmax[argmax] (= max + log Σ exp(z − max); softmax[argmax] ≥ 1/V never
+    underflows), so log p(y) = z_y − lse as in log_softmax, with no cancellation between large numbers.
     """
 
     @staticmethod
@@ -89,26 +101,30 @@ class _FusedLinearLogps(torch.autograd.Function):
         N = hidden.shape[0]
         weight_acc = _head_weight(weight)
         acc_dtype = weight_acc.dtype
-        need_h = ctx.needs_input_grad[0]  # (grad mode is off inside forward; this flag is set from the inputs)
+        need_h, need_w = ctx.needs_input_grad[:2]  # (grad mode is off inside forward; set from the inputs)
         logps = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         lse = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         u = torch.empty((N, hidden.shape[1]), dtype=acc_dtype, device=hidden.device) if need_h else None
+        buf = torch.empty((min(chunk_size, N), weight.shape[0]), dtype=acc_dtype, device=hidden.device)
         for start in range(0, N, chunk_size):
             end = min(start + chunk_size, N)
-            z = _chunk_logits(hidden[start:end], weight_acc, temperature)  # [c, V]
+            h = hidden[start:end].to(acc_dtype)
+            h = h / temperature if temperature != 1.0 else h  # [c, D]: τ scales the rows of h, not the [c, V] logits
+            z = torch.mm(h, weight_acc.t(), out=buf[:end - start])  # [c, V]
             y = labels[start:end, None]
             picked = z.gather(-1, y).squeeze(-1)  # [c]
-            zmax = z.amax(dim=-1, keepdim=True)  # [c, 1]
-            e = z.sub_(zmax).exp_()  # [c, V], in place
-            total = e.sum(dim=-1, keepdim=True)  # [c, 1]
-            lse[start:end] = (zmax + total.log()).squeeze(-1)
+            zmax, top = z.max(dim=-1, keepdim=True)  # [c, 1]
+            s = _softmax_(z)  # [c, V], in place
+            lse[start:end] = (zmax - s.gather(-1, top).log()).squeeze(-1)  # S[top] = 1 / Σ exp(z − zmax)
             logps[start:end] = picked - lse[start:end]
-            if need_h:
-                s = e.div_(total)  # softmax, in place
+            if need_h or need_w:
                 s.scatter_add_(-1, y, torch.full_like(picked[:, None], -1.0))  # S = softmax − onehot
+            if need_h:
                 torch.mm(s, weight_acc, out=u[start:end])  # U = S W
         ctx.save_for_backward(hidden, weight, labels, lse, u)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        # the last chunk's S is still in the buffer: the backward starts with it instead of recomputing it
+        ctx.kept = buf if need_w and N else None
         return logps
 
     @staticmethod
@@ -120,17 +136,24 @@ class _FusedLinearLogps(torch.autograd.Function):
         grad_hidden = (u * scale[:, None]).to(hidden.dtype) if need_h else None
         grad_weight = None
         if need_w:
+            N = hidden.shape[0]
             weight_acc = _head_weight(weight)
             grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-            for start in range(0, hidden.shape[0], chunk_size):
-                end = min(start + chunk_size, hidden.shape[0])
+            starts = list(range(0, N, chunk_size))[::-1]  # last chunk first: its S may still be in the forward's buffer
+            kept, ctx.kept = ctx.kept, None  # (a second backward, with retain_graph, recomputes every chunk)
+            buf = kept if kept is not None else torch.empty((min(chunk_size, N), weight.shape[0]), dtype=lse.dtype,
+                                                            device=weight.device)  # [min(c, N), V]
+            for start in starts:
+                end = min(start + chunk_size, N)
                 h = hidden[start:end].to(lse.dtype)
-                z = _chunk_logits(h, weight_acc, temperature)  # [c, V]
-                s = z.sub_(lse[start:end, None]).exp_()  # softmax, in place
-                s.scatter_add_(-1, labels[start:end, None], torch.full((end - start, 1), -1.0, dtype=s.dtype,
-                                                                      device=s.device))  # S = softmax − onehot
-                s.mul_(scale[start:end, None])  # dz = −(g/τ) S
-                grad_weight.addmm_(s.t(), h)  # dW += dzᵀ h, in place
+                if kept is not None:
+                    s, kept = buf[:end - start], None  # S = softmax − onehot from the forward
+                else:
+                    z = torch.mm(h / temperature if temperature != 1.0 else h, weight_acc.t(), out=buf[:end - start])
+                    s = z.sub_(lse[start:end, None]).exp_()  # softmax, in place
+                    s.scatter_add_(-1, labels[start:end, None], torch.full((end - start, 1), -1.0, dtype=s.dtype,
+                                                                          device=s.device))  # S = softmax − onehot
+                grad_weight.addmm_(s.t(), h * scale[start:end, None])  # dW += Sᵀ (−g/τ ⊙ h), in place
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
 
