@@ -135,6 +135,22 @@ def fused_logps_fp32_head():
     rounded = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, labels[:, None]).squeeze(-1)
     figures = {"bf16_head_max_abs_err": err, "bf16_rounded_logits_max_abs_err": float((rounded.double() - exact).abs().max())}
     ok = err < 1e-4
+    # float32 values and both gradients on DEV (in-place softmax, kept last chunk, recomputed chunks: 3 chunks of
+    # 200 rows + a partial one) against float64 autograd on the CPU
+    h32 = (torch.randn(700, 576, device=DEV, generator=g) / 4).requires_grad_()
+    w32 = (torch.randn(8192, 576, device=DEV, generator=g) / 8).requires_grad_()
+    y32 = torch.randint(0, 8192, (700,), device=DEV, generator=g)
+    up = torch.randn(700, device=DEV, generator=g)
+    got = logps_at_rows(h32, w32, y32, chunk_size=200, temperature=0.8)
+    (got * up).sum().backward()
+    h64, w64 = h32.detach().double().cpu().requires_grad_(), w32.detach().double().cpu().requires_grad_()
+    ref = torch.log_softmax(h64 @ w64.t() / 0.8, -1).gather(-1, y32.cpu()[:, None]).squeeze(-1)
+    (ref * up.double().cpu()).sum().backward()
+    figures["fp32_value_max_abs_err"] = float((got.detach().double().cpu() - ref.detach()).abs().max())
+    for name, a, b in (("hidden", h32.grad, h64.grad), ("weight", w32.grad, w64.grad)):
+        figures[f"fp32_grad_{name}_max_rel_err"] = float((a.double().cpu() - b).abs().max() / b.abs().max())
+    ok = ok and figures["fp32_value_max_abs_err"] < 1e-4 and max(
+        figures["fp32_grad_hidden_max_rel_err"], figures["fp32_grad_weight_max_rel_err"]) < 1e-4
     if DEV != "cuda":
         return ok, figures
     for B in (1, 4):
