@@ -120,34 +120,36 @@ def render(results: dict) -> None:
     """results.md from results.json."""
     cfg = results["config"]
     b = results["base"]
-    lines = ["# DPO vs IPO vs KTO vs ORPO vs SimPO on the identity pairs, with control preservation\n",
+    c = cfg["common"]
+    lines = ["# DPO vs IPO vs KTO vs ORPO vs SimPO on the identity + control mix, with control preservation\n",
              (f"Rerun: `python experiments/preference_losses/run.py` (config `config.yaml`). {cfg['model']}, LoRA "
-             f"r={cfg['common']['lora_r']}, lr {cfg['common']['lr']}, {cfg['common']['max_steps']} steps of 12 "
-             f"sequences (6 pairs; 12 unpaired rows for KTO), each loss at its paper's β, seeds {cfg['seeds']}, "
-             f"{cfg['threads']} CPU thread. Measures from `posttrain.eval.preservation`: identity rate on "
-             f"{b['identity']['n']} held-out identity phrasings, leakage of the new name into answers to "
-             f"{b['leakage']['n']} unrelated control prompts, the share of those answers left exactly unchanged, and "
-             "Δ = change of the log-likelihood of the base model's own control answers (nats per answer token, "
-             f"{b['control_tokens']} tokens; 0 = unchanged). Rates carry Wilson 95% intervals; Δ ± one standard "
-             "error over prompts.\n"),
-             ("| model | identity rate | leakage (control) | control answers unchanged | control Δ log-lik/token | "
-             "train loss first → last | train s |"), "|---|---|---|---|---|---|---|",
-             (f"| base | {_rate(b['identity'])} | {_rate(b['leakage'])} | {_rate(b['unchanged'])} | "
-             f"{b['control_logp_change']:+.3f} | | |")]
+              f"r={c['lora_r']}, lr {c['lr']}, {c['max_steps']} steps on `{cfg['train_file']}`, seeds {cfg['seeds']}, "
+              f"{cfg['threads']} CPU thread; each loss at its paper's β (settings column: pairs or unpaired rows "
+              "per step, and the weight of the chosen answers' NLL where one is added). Measures from "
+              f"`posttrain.eval.preservation`: identity rate on {b['identity']['n']} held-out identity phrasings, "
+              f"leakage of the new name into answers to {b['leakage']['n']} unrelated control prompts, the share of "
+              "those answers left exactly unchanged, and Δ = change of the log-likelihood of the base model's own "
+              f"control answers (nats per answer token, {b['control_tokens']} tokens; 0 = unchanged). Rates carry "
+              "Wilson 95% intervals; Δ ± one standard error over prompts.\n"),
+             ("| model | settings | identity rate | leakage (control) | control answers unchanged | "
+              "control Δ log-lik/token | train loss first → last | train s |"), "|---|---|---|---|---|---|---|---|",
+             (f"| base | | {_rate(b['identity'])} | {_rate(b['leakage'])} | {_rate(b['unchanged'])} | "
+              f"{b['control_logp_change']:+.3f} | | |")]
     for key, r in results["runs"].items():
-        lines.append(f"| {key} | {_rate(r['identity'])} | {_rate(r['leakage'])} | {_rate(r['unchanged'])} | "
-                     f"{r['control_logp_change']:+.3f} ± {r['control_logp_change_se']:.3f} | "
+        m = cfg["methods"].get(r["method"], {})
+        per_step = f"{m.get('micro_batch_size', '')} {'rows' if m.get('recipe') == 'kto' else 'pairs'}"
+        nll = f", NLL {m['sft_weight']}" if m.get("sft_weight") else (", own NLL" if m.get("loss") == "orpo" else "")
+        settings = f"{m.get('loss', r['method'])} β={m.get('beta')}, {per_step}{nll}"
+        lines.append(f"| {key} | {settings} | {_rate(r['identity'])} | {_rate(r['leakage'])} | "
+                     f"{_rate(r['unchanged'])} | {r['control_logp_change']:+.3f} ± {r['control_logp_change_se']:.3f} | "
                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['train_seconds']:.0f} |")
     lines += ["", "## Greedy answers to the first held-out identity question and the first two control prompts", ""]
     for key, r in [("base", b)] + list(results["runs"].items()):
         lines.append(f"- **{key}**: {r['identity_answers'][0]!r} / {r['control_answers'][0]!r} / "
                      f"{r['control_answers'][1]!r}")
-    lines += ["", ("Reading (one seed, 8 steps): no loss made the new name the greedy answer to a held-out identity "
-              "question within this budget (0/12 each; experiments/dpo_identity needs the winners' NLL term or more "
-              "steps for that), and none leaked it into control answers. They differ in what they did to the rest: "
-              "the base model's own control answers lost ~1.0 nats/token of log-likelihood under DPO, ~0.75 under "
-              "IPO and SimPO, ~0.57 under KTO and ~0.25 under ORPO (whose NLL term on the chosen answers keeps the "
-              "model closest to fluent text); no loss left more than 3/24 control answers unchanged.")]
+    reading = HERE / "reading.md"  # written by hand from the numbers above after a run
+    if reading.exists():
+        lines += ["", reading.read_text().strip()]
     notes = [f"- {key}: {r['note']}" for key, r in results["runs"].items() if r.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]

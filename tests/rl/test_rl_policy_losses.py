@@ -42,8 +42,10 @@ def test_micro_batching_does_not_change_the_update(tmp_path, letters, loss):
     a = run(_config(tmp_path, "full", loss=loss, micro_batch_size=32, **extra))
     b = run(_config(tmp_path, "micro", loss=loss, micro_batch_size=8, **extra))
     wa, wb = _weights(a["final_dir"]), _weights(b["final_dir"])
+    # Adam divides by √v: an element whose gradient nearly cancels (~1e-8) turns float-level differences of the
+    # split into steps of ~1e-5 (lr 2e-3); the per-step loss below is the sharp check
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-3)
     ra = next(r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "train/loss" in r)
     rb = next(r for r in read_metrics(tmp_path / "micro" / "metrics.jsonl") if "train/loss" in r)
     assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-6)
