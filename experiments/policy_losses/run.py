@@ -28,7 +28,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from posttrain.config import build_config
-from posttrain.recipes.grpo import GRPOConfig, greedy_accuracy, run
+from posttrain.recipes.grpo import GRPOConfig, run
 from posttrain.rewards import build_rewards
 from posttrain.train.logging import read_metrics
 
@@ -46,15 +46,31 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
-def held_out_accuracy(model_name: str, spec: dict) -> tuple[float, int]:
-    """Greedy accuracy of a model folder (or name) on the held-out prompts of the task."""
+def held_out_accuracy(model_name: str, spec: dict) -> tuple[float, int, list[float]]:
+    """Greedy accuracy of a model folder (or name) on the held-out prompts of the task, and the per-prompt rewards
+    (the same prompts in the same order for every model, so runs can be compared with the base model pairwise)."""
+    from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
     from posttrain.models.loading import load_model
+    from posttrain.rewards import score_completions
 
     config = build_config(GRPOConfig, {**spec["common"], "eval_size": spec["eval_prompts"]}, source="eval")
     _, held_out = config.prompt_rows(None, spec["eval_prompts"])
     verifier = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s)[0]
     model, tokenizer = load_model(model_name)
-    return greedy_accuracy(model, tokenizer, held_out, verifier, config.max_new_tokens), len(held_out)
+    generator = HFGenerator(model, tokenizer)
+    per_prompt: list[float] = []
+    for i in range(0, len(held_out), 64):
+        chunk = held_out[i:i + 64]
+        out = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in chunk]),
+                                 SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0))
+        values, _ = score_completions([verifier], [1.0], chunk, out.texts)
+        per_prompt += [float(v) for v in values]
+    return sum(per_prompt) / len(per_prompt), len(per_prompt), per_prompt
+
+
+def paired_delta(run: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean per-prompt difference run − base and its standard error (paired over the same held-out prompts)."""
+    return mean_se([a - b for a, b in zip(run, base)])
 
 
 def main() -> None:
@@ -72,8 +88,9 @@ def main() -> None:
     everything = not (a.only or a.base or a.render)
     if a.base or everything:
         t0 = time.time()
-        acc, n = held_out_accuracy(spec["common"]["model"], spec)
-        (root / "base.json").write_text(json.dumps({"accuracy": acc, "n": n, "seconds": time.time() - t0}) + "\n")
+        acc, n, per_prompt = held_out_accuracy(spec["common"]["model"], spec)
+        (root / "base.json").write_text(json.dumps({"accuracy": acc, "n": n, "per_prompt": per_prompt,
+                                                    "seconds": time.time() - t0}) + "\n")
         print("base", acc, n, flush=True)
     if a.only or everything:
         names = a.only.split(",") if a.only else list(spec["variants"])
@@ -88,7 +105,7 @@ def main() -> None:
                 t0 = time.time()
                 summary = run(config)
                 train_minutes = (time.time() - t0) / 60
-                acc, n = held_out_accuracy(summary["final_dir"], spec)
+                acc, n, per_prompt = held_out_accuracy(summary["final_dir"], spec)
                 rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "reward/mean" in r]
                 record = {
                     "loss": config.loss, "seed": seed, "steps": config.max_steps, "accuracy": acc, "n": n,
@@ -96,6 +113,7 @@ def main() -> None:
                     "clip_frac": sum(r.get("clip_frac", 0.0) for r in rows) / len(rows),
                     "seconds_per_update": sum(r.get("time/update", 0.0) for r in rows) / len(rows),
                     "train_minutes": train_minutes, "reward_curve": [r["reward/mean"] for r in rows],
+                    "per_prompt": per_prompt,
                 }
                 (out_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
                 print(name, seed, json.dumps({k: v for k, v in record.items() if k != "reward_curve"}), flush=True)
@@ -115,12 +133,14 @@ def render(spec: dict, root: Path) -> None:
              f"{c['max_steps']} steps of {c['prompts_per_step']} prompts × {c['num_generations']} samples, "
              f"{c['updates_per_batch']} optimizer passes per batch (so the second pass is off-policy and the clips, "
              f"masks and truncations act), LoRA r={c['lora_r']}, lr {c['lr']}, each loss at its preset's defaults. "
-             "Accuracy = greedy accuracy on held-out prompts (± binomial standard error; over seeds when several).\n"),
-             ("| loss | seeds | held-out accuracy | Δ vs base | train reward (mean over steps) | clip/mask frac. | "
-             "s/update |"), "|---|---|---|---|---|---|---|"]
+             "Accuracy = greedy accuracy on held-out prompts (± binomial standard error; over seeds when several). "
+             "Paired Δ = mean over the same held-out prompts of (run − base model) per prompt, ± its standard error "
+             "(for several seeds: of the seed-averaged per-prompt rewards).\n"),
+             ("| loss | seeds | held-out accuracy | Δ vs base | paired Δ vs base ± s.e. | train reward (mean over "
+              "steps) | clip/mask frac. | s/update |"), "|---|---|---|---|---|---|---|---|"]
     if base:
         lines.append(f"| base model | | {base['accuracy']:.3f} ± {binomial_se(base['accuracy'], base['n']):.3f} "
-                     f"(n={base['n']}) | | | | |")
+                     f"(n={base['n']}) | | | | | |")
     by_loss: dict[str, list[dict]] = {}
     for r in runs.values():
         by_loss.setdefault(r["loss"], []).append(r)
@@ -129,21 +149,19 @@ def render(spec: dict, root: Path) -> None:
         if len(rs) == 1:
             acc_se = binomial_se(acc, rs[0]["n"])
         delta = f"{acc - base['accuracy']:+.3f}" if base else ""
+        paired = ""
+        if base and base.get("per_prompt") and all(r.get("per_prompt") for r in rs):
+            per_prompt = [sum(v) / len(v) for v in zip(*(r["per_prompt"] for r in rs))]
+            d, d_se = paired_delta(per_prompt, base["per_prompt"])
+            paired = f"{d:+.3f} ± {d_se:.3f}"
         reward, _ = mean_se([r["reward_mean"] for r in rs])
         clip, _ = mean_se([r["clip_frac"] for r in rs])
         sec, _ = mean_se([r["seconds_per_update"] for r in rs])
-        lines.append(f"| {loss} | {len(rs)} | {acc:.3f} ± {acc_se:.3f} (n={rs[0]['n']}) | {delta} | {reward:.3f} | "
-                     f"{clip:.3f} | {sec:.1f} |")
-    lines += ["", ("Reading: at this size (one CPU shared by eight jobs) no difference between the losses is resolvable: "
-              "two seeds of 4 steps each, and the accuracy of one run on 24 prompts has a standard error of ~0.1. "
-              "Seed 0 moved every loss from 0.33 to 0.42-0.46, seed 1 left every loss at 0.33 (its rollouts drew "
-              "fewer mixed-reward groups). With LoRA at lr 3e-5 the second pass barely moves token ratios, so the "
-              "token-level clips of GRPO/CISPO and DPPO's TV mask almost never act (clip fraction ~0), while GSPO's "
-              "sequence band of 3e-4/4e-4 clips 12-38% of tokens: the only loss whose update differs measurably "
-              "here. s/update reflects the machine's load at the time of each run, not the loss "
-              "(bench/results/policy_losses.md: every loss costs < 0.1 ms more or less than GRPO's). A run that "
-              "could separate the losses needs ~100 steps × 3+ seeds with 8 prompts × 8 samples and 200 held-out "
-              "prompts: about 3 GPU-hours, or days on this CPU.")]
+        lines.append(f"| {loss} | {len(rs)} | {acc:.3f} ± {acc_se:.3f} (n={rs[0]['n']}) | {delta} | {paired} | "
+                     f"{reward:.3f} | {clip:.3f} | {sec:.1f} |")
+    reading = HERE / "reading.md"  # written by hand from the numbers above after a run
+    if reading.exists():
+        lines += ["", reading.read_text().strip()]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
