@@ -9,7 +9,8 @@ the model are the same. Two measurements, every preset interleaved with GRPO's i
    advantages, KL term on), `reps` repetitions;
 2. in a step: the policy update of one micro-batch of the same shape through a random model with SmolLM2-135M's
    vocabulary and head width (V = 49152, D = 576, 2 layers): forward through the fused log-prob path, the loss,
-   backward into the model, `step-reps` repetitions.
+   backward into the model, `step-reps` repetitions, each in a fresh random order of the losses, timed as this
+   process's CPU seconds (with 1 thread the least disturbed measure on a machine shared with other jobs).
 
 Each repetition runs every preset once, so the difference to GRPO is paired per repetition; reported: the median
 of the paired differences with a bootstrap 95% interval, and that difference as a share of the step. "No measurable
@@ -89,15 +90,16 @@ def in_step(names, B: int, T: int, reps: int) -> dict[str, list[float]]:
     adv = torch.randn(B, generator=g)
     counts = GlobalCounts.from_mask(mask, G)
     times: dict[str, list[float]] = {n: [] for n in names}
+    order = random.Random(0)
     for _ in range(reps + 1):  # the first round warms up
-        for name in names:
+        for name in order.sample(names, len(names)):  # a fresh order each round: no loss always runs first
             model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             logps = fn(ids, labels).logps
             out = POLICY_LOSSES[name](logps, old, adv, mask, counts=counts, group_size=G, max_length=T,
                                       ref_logps=ref, kl_coef=0.04)
             out.loss.backward()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(time.process_time() - t0)
     return {n: ts[1:] for n, ts in times.items()}
 
 
@@ -141,7 +143,8 @@ def main() -> None:
               f"log-probs on [{a.rows}, {a.tokens}] tensors (ragged mask, KL term on), {a.reps} repetitions. *In a "
               f"step*: forward through a random 2-layer model with SmolLM2's vocabulary and width (V = 49152, "
               f"D = 576) on [{a.step_rows}, {a.step_tokens}] tokens, the loss, backward into the model, "
-              f"{a.step_reps} repetitions (GRPO's: {grpo_step:.2f} s). Every repetition runs every loss once, so "
+              f"{a.step_reps} repetitions in a fresh random order, CPU seconds (GRPO's: {grpo_step:.2f} s). Every "
+              "repetition runs every loss once, so "
               "differences to GRPO are paired; shown: the median paired difference [bootstrap 95% interval].\n"),
              "| loss | alone µs | alone − grpo µs | in a step s | step − grpo ms | share of the step |",
              "|---|---|---|---|---|---|"]

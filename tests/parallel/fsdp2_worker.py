@@ -1,11 +1,12 @@
 """Run under `torchrun --nproc_per_node=2`: the 2-process side of tests/parallel/test_parallel_fsdp2.py.
 
     torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> jobs <hf_ckpt> <one2two_dir>
-    torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> victim|resume
+    torchrun --nproc_per_node=2 tests/parallel/fsdp2_worker.py <data_root> <out_root> victim|resume|losses
 
 `jobs` runs every comparison job with parallelism=fsdp2, resumes a 1-process fsdp2 run on 2 ranks, writes per-rank
 parameter + gradient + optimizer bytes under fsdp2 and ddp, and checks the bad inputs that need 2 ranks. `victim`
 runs the 5-step SFT job and SIGKILLs the launch while step 4's checkpoint is being written; `resume` continues it.
+`losses` runs the jobs of loss_jobs.py (tests/parallel/test_parallel_losses.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def main() -> None:
 
     data = {k: str(p) for k, p in ((p.stem, p) for p in data_root.glob("*.jsonl"))}
     data["rl"] = str(data_root / "prompts.jsonl")
+    if what == "losses":  # the new losses' jobs of tests/parallel/test_parallel_losses.py (default parallelism)
+        from loss_jobs import LOSS_JOBS, loss_job
+
+        for name in LOSS_JOBS:
+            run_job(*loss_job(name, data, out_root, world_size=2))
+        return
     if what in ("victim", "resume"):
         if what == "victim":  # SIGKILL the whole launch while step 4's shards are being written
             import signal

@@ -1,7 +1,7 @@
 """The new losses on 2 CPU processes (gloo) against 1 process, through their recipes: two optimizer steps of
 GRPO with GSPO / SAPO / DPPO-TV / DPPO-KL / RLOO (μ = 2, so the ratios leave 1 and the clips, gates and masks act),
 and of DPO with SimPO / ORPO / IPO on length-averaged log-probs give the same weights and the same logged losses.
-One torchrun launch runs every 2-process job (tests/parallel/losses_worker.py); the references run in pytest."""
+One torchrun launch runs every 2-process job (tests/parallel/fsdp2_worker.py, mode `losses`); the references run in pytest."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
         env.pop(key, None)
     torchrun = Path(sys.executable).with_name("torchrun")
     launch = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}",
-                             str(HERE / "losses_worker.py"), str(root / "data"), str(root / "two")], cwd=ROOT,
+                             str(HERE / "fsdp2_worker.py"), str(root / "data"), str(root / "two"), "losses"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600, check=False)
     assert launch.returncode == 0, (launch.stdout + launch.stderr)[-4000:]
     return root
