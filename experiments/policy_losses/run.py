@@ -134,31 +134,44 @@ def render(spec: dict, root: Path) -> None:
              f"{c['updates_per_batch']} optimizer passes per batch (so the second pass is off-policy and the clips, "
              f"masks and truncations act), LoRA r={c['lora_r']}, lr {c['lr']}, each loss at its preset's defaults. "
              "Accuracy = greedy accuracy on held-out prompts (± binomial standard error; over seeds when several). "
-             "Paired Δ = mean over the same held-out prompts of (run − base model) per prompt, ± its standard error "
-             "(for several seeds: of the seed-averaged per-prompt rewards).\n"),
-             ("| loss | seeds | held-out accuracy | Δ vs base | paired Δ vs base ± s.e. | train reward (mean over "
-              "steps) | clip/mask frac. | s/update |"), "|---|---|---|---|---|---|---|---|"]
+             "Paired Δ = mean over the same held-out prompts of (run − base model, or run − GRPO's run of the same "
+             "seed) per prompt, ± its standard error (for several seeds: of the seed-averaged per-prompt rewards).\n"),
+             ("| loss | seeds | held-out accuracy | Δ vs base | paired Δ vs base ± s.e. | paired Δ vs grpo ± s.e. | "
+              "train reward (mean over steps) | clip/mask frac. | s/update |"), "|---|---|---|---|---|---|---|---|---|"]
     if base:
         lines.append(f"| base model | | {base['accuracy']:.3f} ± {binomial_se(base['accuracy'], base['n']):.3f} "
-                     f"(n={base['n']}) | | | | | |")
+                     f"(n={base['n']}) | | | | | | |")
     by_loss: dict[str, list[dict]] = {}
     for r in runs.values():
         by_loss.setdefault(r["loss"], []).append(r)
+
+    def seed_mean(rs: list[dict]) -> list[float] | None:
+        """Per-prompt reward averaged over the seeds both sides share (None without per-prompt results)."""
+        return [sum(v) / len(v) for v in zip(*(r["per_prompt"] for r in rs))] if all(
+            r.get("per_prompt") for r in rs) else None
+
+    grpo_seeds = {r["seed"]: r for r in by_loss.get("grpo", [])}
     for loss, rs in by_loss.items():
         acc, acc_se = mean_se([r["accuracy"] for r in rs])
         if len(rs) == 1:
             acc_se = binomial_se(acc, rs[0]["n"])
         delta = f"{acc - base['accuracy']:+.3f}" if base else ""
-        paired = ""
-        if base and base.get("per_prompt") and all(r.get("per_prompt") for r in rs):
-            per_prompt = [sum(v) / len(v) for v in zip(*(r["per_prompt"] for r in rs))]
-            d, d_se = paired_delta(per_prompt, base["per_prompt"])
+        paired = vs_grpo = ""
+        mine = seed_mean(rs)
+        if base and base.get("per_prompt") and mine:
+            d, d_se = paired_delta(mine, base["per_prompt"])
             paired = f"{d:+.3f} ± {d_se:.3f}"
+        shared = [r for r in rs if r["seed"] in grpo_seeds]
+        if loss != "grpo" and shared and seed_mean(shared):
+            theirs = seed_mean([grpo_seeds[r["seed"]] for r in shared])
+            if theirs:
+                d, d_se = paired_delta(seed_mean(shared), theirs)
+                vs_grpo = f"{d:+.3f} ± {d_se:.3f}"
         reward, _ = mean_se([r["reward_mean"] for r in rs])
         clip, _ = mean_se([r["clip_frac"] for r in rs])
         sec, _ = mean_se([r["seconds_per_update"] for r in rs])
         lines.append(f"| {loss} | {len(rs)} | {acc:.3f} ± {acc_se:.3f} (n={rs[0]['n']}) | {delta} | {paired} | "
-                     f"{reward:.3f} | {clip:.3f} | {sec:.1f} |")
+                     f"{vs_grpo} | {reward:.3f} | {clip:.3f} | {sec:.1f} |")
     reading = HERE / "reading.md"  # written by hand from the numbers above after a run
     if reading.exists():
         lines += ["", reading.read_text().strip()]
