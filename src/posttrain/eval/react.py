@@ -83,6 +83,6 @@ def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *,
         out_dict["problems"] = [{
             "id": p.id, "question": rows[b]["question"], "answer": p.answer,
             "episodes": [{"turns": e.turn_texts, "observations": e.observations, "reward": e.reward,
-                          "finish": e.finish} for e in episodes[b * n:(b + 1) * n]],
+                          "finish": e.finish, "tool_calls": e.tool_calls()} for e in episodes[b * n:(b + 1) * n]],
             "answers": answers[b], "correct": correct[b]} for b, p in enumerate(problems)]
     return out_dict
