@@ -121,14 +121,20 @@ def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict[str, floa
 
 @torch.no_grad()
 def episode_accuracy(sampler: EpisodeSampler, make_env: Callable[[], Any], rows: list[dict[str, Any]],
-                     budget: EpisodeBudget, batch: int = 32) -> float:
-    """Mean verifier score of greedy episodes on `rows` (held-out accuracy with the environment's tools)."""
+                     budget: EpisodeBudget, batch: int = 32, rank: int = 0, world_size: int = 1,
+                     all_reduce_sum: Callable[[float], float] | None = None) -> float:
+    """Mean verifier score of greedy episodes on `rows` (held-out accuracy with the environment's tools). Split
+    across ranks: rank r plays rows r, r + W, ... and `all_reduce_sum` adds the ranks' sums (call on every rank)."""
     if not rows:
         return float("nan")
-    scores: list[float] = []
-    for i in range(0, len(rows), batch):
-        episodes = sampler.run(make_env, rows[i:i + batch], SamplingParams(max_new_tokens=budget.max_turn_tokens,
-                                                                           temperature=0.0),
-                               budget=budget, row_indices=list(range(i, i + len(rows[i:i + batch]))))
-        scores += [e.verifier or 0.0 for e in episodes.episodes]
-    return sum(scores) / len(scores)
+    mine = list(range(rank, len(rows), world_size))
+    total = 0.0
+    for k in range(0, len(mine), batch):
+        chunk = mine[k:k + batch]
+        episodes = sampler.run(make_env, [rows[i] for i in chunk],
+                               SamplingParams(max_new_tokens=budget.max_turn_tokens, temperature=0.0),
+                               budget=budget, row_indices=chunk)
+        total += sum(e.verifier or 0.0 for e in episodes.episodes)
+    if all_reduce_sum is not None:
+        total = all_reduce_sum(total)
+    return total / len(rows)
