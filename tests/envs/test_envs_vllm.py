@@ -205,20 +205,6 @@ def test_own_sampler_episodes_do_not_depend_on_the_rows_beside_them():
         sampler.run(StopEcho, ROWS, SamplingParams(max_new_tokens=2, prompt_seeds=(1, 2)), budget=budget)
 
 
-ENV_FILE = '''
-from posttrain.envs import StepResult
-
-class LetterEnv:
-    """Two turns; each turn's reward is the fraction of lowercase letters the model wrote."""
-    def reset(self, row):
-        self.t = 0
-        return [{"role": "user", "content": row["prompt"]}]
-
-    def step(self, text):
-        self.t += 1
-        score = sum(c.isalpha() and c.islower() for c in text) / max(len(text), 1)
-        return StepResult("Observation: again\\n", score, self.t >= 2, {"verifier": float(score > 0.5)})
-'''
 
 
 @needs_vllm
@@ -226,15 +212,16 @@ def test_grpo_env_run_on_vllm_colocated(tmp_path):
     from posttrain.recipes.grpo import GRPOConfig, run
     from posttrain.train.logging import read_metrics
 
-    (tmp_path / "myenv.py").write_text(ENV_FILE)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something #{i}"}) + "\n" for i in range(8)))
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(json.dumps({"prompt": f"Name a thing #{i}"}) + "\n" for i in range(3)))
-    config = GRPOConfig(train_file=str(prompts), eval_file=str(held_out), model="tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128",
+    config = GRPOConfig(train_file=str(prompts), eval_file=str(held_out),
+                        model="tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128",
                         output_dir=str(tmp_path / "run"), num_generations=4, prompts_per_step=2, max_new_tokens=6,
                         micro_batch_size=8, lr=1e-2, max_steps=2, progress=False, tensorboard=False, seed=0,
-                        env=f"{tmp_path / 'myenv.py'}:LetterEnv", max_turns=2, max_episode_tokens=64,
+                        env=f"{Path(__file__).parent / 'letter_env.py'}:LetterEnv", max_turns=2,
+                        max_episode_tokens=64,
                         generation_backend="vllm", vllm_kv_cache_gib=0.125, is_level="token")
     summary = run(config)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]

@@ -90,10 +90,11 @@ class EpisodeRollouts:
         return EpisodeGroups(episode_sequences(episodes, self.sampler.pad_token_id), rewards, verifier, lengths,
                              truncated, episodes)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """env/turns, env/obs_tokens, env/finish_<reason> fractions and env/tool_<status> per episode; then reset."""
+    def pop_metrics(self, gather: Callable[[list[Episode]], list[Episode]] | None = None) -> dict[str, float]:
+        """env/turns, env/obs_tokens, env/finish_<reason> fractions and env/tool_<status> per episode; then reset.
+        gather: the episodes of every rank from this rank's (multi-process runs; call on every rank)."""
         eps, self._episodes = self._episodes, []
-        return episode_metrics(eps, prefix="env/")
+        return episode_metrics(gather(eps) if gather is not None else eps, prefix="env/")
 
 
 def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict[str, float]:

@@ -377,7 +377,8 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "pool/retired": len(pool.retired),
         }
         if isinstance(generator, EpisodeRollouts):
-            metrics.update(generator.pop_metrics())
+            # every rank's episodes (one process's metrics whatever the world size)
+            metrics.update(generator.pop_metrics(lambda eps: [e for part in all_gather_objects(eps, d) for e in part]))
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if len(sampled.kept_rewards):
