@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 from posttrain.config import build_config
 from posttrain.envs import ToolEnv
 from posttrain.envs.rl import episode_sequences
+from posttrain.eval.metrics import mcnemar_p
 from posttrain.eval.preservation import wilson
 from posttrain.eval.runner import evaluate
 from posttrain.eval.tasks import make_task
@@ -226,15 +226,6 @@ def main() -> None:
         save()
         print("d", res["accuracy"], flush=True)
     write_report(results, out_dir)
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value for b and c discordant pairs (binomial(b + c, 1/2))."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def interval(k: int, n: int) -> str:

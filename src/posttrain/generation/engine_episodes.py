@@ -33,6 +33,7 @@ from posttrain.generation.episodes import (
     EpisodeBudget,
     Episodes,
     EpisodeSampler,
+    check_run,
     episode_seeds,
     mix_seed,
 )
@@ -58,12 +59,7 @@ class EngineEpisodeSampler(EpisodeSampler):
     def run(self, make_env: Callable[[], Any], rows: Sequence[dict[str, Any]], params: SamplingParams, n: int = 1,
             budget: EpisodeBudget | None = None, row_indices: Sequence[int] | None = None) -> Episodes:
         """Play n episodes per row (as EpisodeSampler.run); params.prompt_seeds: one seed per row."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not rows:
-            raise ValueError("run needs at least one row")
-        budget = budget or EpisodeBudget()
-        row_indices = list(row_indices) if row_indices is not None else list(range(len(rows)))
+        budget, row_indices = check_run(rows, n, budget, row_indices)
         start = time.perf_counter()
         envs, episodes, stops = self.start(make_env, list(rows), row_indices, params, n, budget)
         seeds = episode_seeds(params, len(rows), n)

@@ -165,6 +165,16 @@ def episode_seeds(params: SamplingParams, rows: int, n: int) -> list[int]:
     return [mix_seed(s, g) for s in row_seeds for g in range(n)]
 
 
+def check_run(rows: Sequence[Any], n: int, budget: EpisodeBudget | None, row_indices: Sequence[int] | None,
+              ) -> tuple[EpisodeBudget, list[int]]:
+    """The arguments every episode engine's `run` checks: (budget or the default, row numbers or 0..B-1)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not rows:
+        raise ValueError("run needs at least one row")
+    return budget or EpisodeBudget(), list(row_indices) if row_indices is not None else list(range(len(rows)))
+
+
 @dataclass
 class _Live:
     """Per-row state of the episodes still in the cache (index j = cache row)."""
@@ -237,12 +247,7 @@ class EpisodeSampler:
         """Play n episodes per row; row_indices: the rows' numbers in their dataset (for error messages).
         params gives the sampling rule and stop strings; the token limits come from `budget` (max_turn_tokens per
         turn, not params.max_new_tokens)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not rows:
-            raise ValueError("run needs at least one row")
-        budget = budget or EpisodeBudget()
-        row_indices = list(row_indices) if row_indices is not None else list(range(len(rows)))
+        budget, row_indices = check_run(rows, n, budget, row_indices)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -428,25 +433,8 @@ def play_scripted(sampler: EpisodeSampler, env: Any, row: dict[str, Any], texts:
         episode.token_ids += ids[:room]
         episode.model_mask += [1] * len(ids[:room])
         episode.logps += [0.0] * len(ids[:room])
-        decoded = sampler.tokenizer.decode(ids[:room], skip_special_tokens=True)
-        episode.turn_texts.append(decoded)
-        if len(ids) >= room:
-            episode.finish = FINISH_TOKENS
+        reason = "length" if len(ids) >= room else ("eos" if closed else "script")
+        if sampler.end_turn(episode, env, ids[:room], reason, turn, budget) is None:
             return episode
-        result = checked_step(env, decoded, row_index, turn, budget.env_timeout_s)
-        episode.turn_rewards.append(float(result.reward))
-        episode.infos.append(dict(result.info))
-        episode.observations.append(result.observation)
-        if result.done:
-            episode.finish = FINISH_DONE
-            return episode
-        assert result.observation is not None
-        obs = sampler.observation_ids(result.observation, closed=closed, env=env)
-        if len(episode.token_ids) + len(obs) >= budget.max_episode_tokens:
-            episode.finish = FINISH_TOKENS
-            return episode
-        episode.token_ids += obs
-        episode.model_mask += [0] * len(obs)
-        episode.logps += [0.0] * len(obs)
     episode.finish = FINISH_TURNS
     return episode
