@@ -135,6 +135,8 @@ def test_vllm_greedy_episodes_equal_the_own_sampler(engine, tok):
     budget = EpisodeBudget(max_turns=3, max_turn_tokens=7, max_episode_tokens=80)
     params = SamplingParams(max_new_tokens=7, temperature=0.0)
     own = EpisodeSampler(model, tok).run(StopEcho, ROWS, params, n=2, budget=budget)
+    # each turn re-sends the episode as token ids; the engine's prefix cache holds what it computed before
+    assert engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     sampler = EngineEpisodeSampler(engine, tok)
     out = sampler.run(StopEcho, ROWS, params, n=2, budget=budget)
     assert sum(e.turns for e in out.episodes) > len(out.episodes)  # multi-turn
