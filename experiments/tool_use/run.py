@@ -204,7 +204,8 @@ def main() -> None:
         print("c", results["c_sft"]["accuracy"], flush=True)
     if "d" in a.only:
         values = {**spec["grpo"], "model": str(sft_dir), "task": spec["task"], "task_kwargs": tk,
-                  "output_dir": str(root / "grpo"), "progress": False, "task_instruction": ""}
+                  "output_dir": str(root / "grpo"), "progress": False, "task_instruction": "",
+                  "overwrite": True}  # the experiment owns this folder: a rerun replaces it
         if a.steps:
             values["max_steps"] = a.steps
         config = build_config(GRPOConfig, values, source=f"{a.config}:grpo")
