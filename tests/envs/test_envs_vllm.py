@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_envs_engine import ROWS, Echo
 
 from posttrain.envs.rl import episode_sequences
+from posttrain.errors import ConfigError
 from posttrain.generation.backends import save_policy
 from posttrain.generation.engine_episodes import EngineEpisodeSampler
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
@@ -36,7 +37,8 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (ma
 pytestmark = pytest.mark.xdist_group("vllm_rl")
 
 # head_dim 32: the CPU attention kernels reject the default tiny model's head_dim 8
-VLLM_TINY = dict(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128, init_std=0.25)
+VLLM_TINY = dict(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128, init_std=0.25,
+                 max_position_embeddings=1024)  # the ReAct system prompt alone is ~550 tokens
 # fp32 on both sides; vLLM's CPU kernels sum in another order than a transformers forward (tests/generation bound the
 # single-turn gap by the same 1e-4; observed ~5e-6)
 LOGP_TOL = 1e-4
@@ -65,7 +67,7 @@ def engine(tmp_path_factory, tok):
 
     folder = tmp_path_factory.mktemp("vllm_env_tiny")
     save_policy(policy(), tok, str(folder))
-    eng = VLLMEngine(folder, tokenizer=tok, kv_cache_gib=0.125, max_model_len=256)
+    eng = VLLMEngine(folder, tokenizer=tok, kv_cache_gib=0.125, max_model_len=1024)  # ReAct's prompt: ~550 tokens
     yield eng
     eng.close()
 
@@ -209,6 +211,46 @@ def test_own_sampler_episodes_do_not_depend_on_the_rows_beside_them():
 
 
 
+def _react(model, tok, tmp_path):
+    from posttrain.eval.runner import evaluate
+    from posttrain.eval.tasks import make_task
+    from posttrain.generation.strategies import DecodeOptions
+
+    path = tmp_path / "mult.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {a} * {b}?", "answer": str(a * b)}) + "\n"
+                            for a, b in [(12, 34), (7, 8), (123, 45)]))
+    task = make_task(str(path), extract="last_number")
+    return evaluate(model, tok, task, task.problems(3, 0), "react", options=DecodeOptions(max_new_tokens=12),
+                    keep_samples=True, react={"tools": ["calculator"], "max_turns": 2, "max_episode_tokens": 60})
+
+
+def _same_react_results(a, b):
+    for key in ("accuracy", "mean_generated_tokens", "turns", "forward_tokens"):
+        assert a["metrics"][key] == b["metrics"][key], key
+    assert [p["episodes"] for p in a["problems"]] == [p["episodes"] for p in b["problems"]]
+
+
+def test_react_eval_on_a_generation_engine_equals_the_torch_model(tmp_path):
+    """`posttrain eval strategy=react generation_backend=vllm` hands the engine to evaluate_react; the engine path
+    (here on the torch generator) scores the same greedy episodes as the KV-cached sampler."""
+    model, tok = tiny_model(init_std=0.25, seed=6), tiny_tokenizer()
+    _same_react_results(_react(HFGenerator(model, tok), tok, tmp_path), _react(model, tok, tmp_path))
+
+
+@needs_vllm
+def test_react_eval_on_vllm_equals_the_torch_model(engine, tok, tmp_path):
+    model = policy()
+    engine.sync(model)
+    _same_react_results(_react(engine, tok, tmp_path), _react(model, tok, tmp_path))
+    # an episode that cannot fit the engine's context stops with a clear error naming the longest row (ROWS[1])
+    with pytest.raises(ConfigError, match=r"row 1: its prompt \(\d+ tokens\) plus max_episode_tokens \(2000\) "
+                                          r"exceeds the engine's max_model_len \(1024\)"):
+        EngineEpisodeSampler(engine, tok).run(Echo, ROWS, SamplingParams(max_new_tokens=4),
+                                              budget=EpisodeBudget(max_episode_tokens=2000))
+
+
+# last: the recipe builds and closes its own engine, which tears down vLLM's process groups that the module's
+# engine shares
 @needs_vllm
 def test_grpo_env_run_on_vllm_colocated(tmp_path):
     from posttrain.recipes.grpo import GRPOConfig, run
@@ -238,4 +280,3 @@ def test_grpo_env_run_on_vllm_colocated(tmp_path):
     for key in ("eval/accuracy_start", "eval/accuracy"):
         assert 0.0 <= summary[key] <= 1.0 and abs(summary[key] * 3 - round(summary[key] * 3)) < 1e-9
     assert (Path(summary["final_dir"]) / "config.json").exists()
-

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from posttrain.errors import ConfigError
 from posttrain.generation.episodes import (
     EpisodeBudget,
     Episodes,
@@ -62,6 +63,12 @@ class EngineEpisodeSampler(EpisodeSampler):
         budget, row_indices = check_run(rows, n, budget, row_indices)
         start = time.perf_counter()
         envs, episodes, stops = self.start(make_env, list(rows), row_indices, params, n, budget)
+        limit = getattr(self.engine, "max_model_len", None)
+        longest = max(range(len(episodes)), key=lambda i: len(episodes[i].prompt_ids))
+        if limit is not None and len(episodes[longest].prompt_ids) + budget.max_episode_tokens > limit:
+            raise ConfigError(f"row {episodes[longest].row_index}: its prompt ({len(episodes[longest].prompt_ids)} "
+                              f"tokens) plus max_episode_tokens ({budget.max_episode_tokens}) exceeds the engine's "
+                              f"max_model_len ({limit}); raise vllm_max_model_len or lower max_episode_tokens")
         seeds = episode_seeds(params, len(rows), n)
         stop_ids = tuple(params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids)
         out = Episodes(episodes, n)

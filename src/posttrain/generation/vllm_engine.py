@@ -218,6 +218,7 @@ class VLLMEngine:
             raise ModelNotFoundError(f"vLLM could not load the model folder '{folder}': {type(e).__name__}: "
                                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
+        self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)  # prompt + completion
         self.eos_token_ids = (tuple(eos_token_ids) if eos_token_ids is not None
                               else eos_ids_of(cast(Any, _ConfigView(folder)), self.tokenizer))
         pad = getattr(self.tokenizer, "pad_token_id", None)
