@@ -61,18 +61,16 @@ def run_method(name: str, c: dict, root: Path) -> None:
         return
     train, held = write_data(c, root)
     teacher = str(root / "teacher" / "final")
-    m = c["methods"][name]
-    base = common(c, root, train, held)
+    base = {**common(c, root, train, held), **c["methods"][name]}  # a method's own keys (lr, ...) win
     if name == "grpo":
         from posttrain.recipes.grpo import GRPOConfig, run
 
-        run(GRPOConfig(**base, output_dir=str(out), loss="grpo", eval_size=c["eval_problems"], **m))
+        run(GRPOConfig(**base, output_dir=str(out), loss="grpo", eval_size=c["eval_problems"]))
         return
     from posttrain.recipes.distill import DistillConfig, run
 
     # every method starts from the same student: its step-0 evaluation is done once, in the report
-    run(DistillConfig(**base, teacher=teacher, output_dir=str(out), eval_size=c["eval_problems"], eval_start=False,
-                      **m))
+    run(DistillConfig(**base, teacher=teacher, output_dir=str(out), eval_size=c["eval_problems"], eval_start=False))
 
 
 def student_params(path: str) -> int:
@@ -238,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(c.get("threads", 1))
     root = Path(c["run_root"])
     if not args.report:
-        for name in args.method or METHODS:
+        for name in args.method or c.get("order", METHODS):
             if name != "grpo":  # GRPO trains without the teacher (the report measures its KL to the teacher)
                 teacher_main(["--config", args.config])
             run_method(name, c, root)
+            if not args.method:
+                report(c, root)  # results written after every method: a run cut short still leaves numbers
     if args.report or not args.method:  # single-method runs leave the report to a final `--report`
         report(c, root)
     return 0
