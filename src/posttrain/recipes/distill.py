@@ -54,9 +54,11 @@ from posttrain.losses.distill import (
     token_divergence_loss,
 )
 from posttrain.losses.sft import sft_loss
+from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.teacher import DistillStudent, FrozenTeacher, token_divergences
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
+from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards
 from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import Dist, all_reduce_sum, check_rl_launch, run_distributed
@@ -338,6 +340,16 @@ def on_policy_step(step: int, config: DistillConfig) -> bool:
     return bool(torch.rand((), generator=g) < config.lmbda)
 
 
+@torch.no_grad()
+def sampler_mismatch(student, batch: dict[str, Any], chunk_size: int) -> dict[str, float]:
+    """How far a separate sampler's log-probs of the sampled tokens (batch["gen_logps"], e.g. vLLM's) are from the
+    trainer's own at the same weights (ops.mismatch: mismatch/logp_abs_mean, _max, sequence ratios)."""
+    logps = TokenLogps(student, chunk_size=chunk_size)(batch["input_ids"], batch["labels"], batch["position_ids"]).logps
+    m = Mismatch()
+    m.add(logps, batch["gen_logps"], batch["labels"] != IGNORE_INDEX)
+    return m.metrics()
+
+
 def sample_seed(seed: int, step: int, position: int) -> int:
     """The sampling seed of the prompt at `position` of step `step`'s (global) prompt list: what the student samples
     for it depends on (seed, step, position) alone, however the step's prompts are split across ranks."""
@@ -441,6 +453,7 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         indices = step_units(step, B, len(rows), config.seed)  # the step's global prompt list
         mine = [indices[j] for j in positions]
         sampled = on_policy_step(step, config)
+        mismatch: dict[str, float] = {}
         with timer("generate"):
             if sampled:
                 assert generator is not None
@@ -451,6 +464,8 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
                     rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
                 flops["student"] += 2.0 * n_student * all_reduce_sum(rollouts.forward_tokens, d)
                 batch = rollout_tensors(rollouts, pad_id, device)
+                if hasattr(generator, "sync"):  # vLLM (one process): its log-probs vs the trainer's, same weights
+                    mismatch = sampler_mismatch(student, batch, config.chunk_size)
             else:
                 assert fixed is not None
                 batch = sequence_tensors([fixed[i] for i in mine], pad_id, device)
@@ -484,7 +499,7 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         done = step + 1
         metrics = {"loss": loss_sum, "divergence": divergence_sum / max(num_tokens, 1.0), "tokens": num_tokens,
                    "on_policy": float(sampled), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "flops/student": flops["student"], "flops/teacher": flops["teacher"], **guard.metrics(), **sync,
+                   "flops/student": flops["student"], "flops/teacher": flops["teacher"], **guard.metrics(), **sync, **mismatch,
                    **timer.pop()}
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
