@@ -48,7 +48,15 @@ def _curve(run_dir: Path, keys=("loss", "divergence", "tokens", "grad_norm", "ev
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill_parallel")
-    os.environ.setdefault("POSTTRAIN_CACHE", str(root / "cache"))
+    mp = pytest.MonkeyPatch()  # tiny models only: a cache of this module's own, restored afterwards
+    mp.setenv("POSTTRAIN_CACHE", str(root / "cache"))
+    try:
+        yield _make_runs(root)
+    finally:
+        mp.undo()
+
+
+def _make_runs(root: Path) -> Path:
     data = write_data(root / "data")
     for name in ("token", "on_policy"):
         run_job(config_keys(name, data, root / "one", world_size=1))
