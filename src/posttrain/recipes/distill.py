@@ -20,7 +20,12 @@ divergence (teacher rows chunked, never a [B, T, V] tensor for either model) -> 
 -> step. Logged: loss, divergence, tokens, cumulative student and teacher FLOPs (2·N per forwarded token, 6·N per
 trained token), held-out greedy accuracy (verifier = first reward) and the student's reverse KL to the teacher on its
 own samples of held-out prompts. The data order, the λ draws and the sampling seeds are pure functions of (seed,
-step), so `--resume` continues exactly.
+step, prompt position), so `--resume` continues exactly and the run does not depend on the number of processes.
+
+Several processes (torchrun; `parallelism` none/ddp/fsdp2 as in every recipe): rank r takes prompts r, r + W, ... of
+each step, token counts are summed over ranks and the loss is scaled by W (DDP/FSDP2 average gradients), so a step
+equals one process's over the whole batch. The student samples with `generation_backend` hf (its own model) or vllm
+(one process; weights pushed into the engine after every optimizer step).
 """
 
 from __future__ import annotations
