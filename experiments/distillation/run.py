@@ -175,15 +175,17 @@ def report(c: dict, root: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, pts in curves.items():
         x = [p["flops"] / 1e12 for p in pts]
-        a.errorbar(x, [p["accuracy"] for p in pts], yerr=[p.get("accuracy_se", 0) for p in pts], marker="o",
-                   capsize=3, label=LABELS[name])
+        acc = [p["accuracy"] for p in pts]
+        ci = [wilson(round(v * len(held)), len(held)) for v in acc]  # Wilson 95% intervals
+        a.errorbar(x, acc, yerr=[[v - lo for v, (lo, _) in zip(acc, ci)], [hi - v for v, (_, hi) in zip(acc, ci)]],
+                   marker="o", capsize=3, label=LABELS[name])
         kl = [(p["flops"] / 1e12, p["reverse_kl_seq"], p.get("reverse_kl_seq_se", 0)) for p in pts if "reverse_kl_seq" in p]
         if kl:
             b.errorbar([k[0] for k in kl], [k[1] for k in kl], yerr=[k[2] for k in kl], marker="o", capsize=3,
                        label=LABELS[name])
     a.axhline(extra["teacher"]["eval/accuracy"], color="k", ls="--", label="teacher")
-    a.set(xlabel="student training TFLOPs", ylabel=f"held-out accuracy (n={len(held)}, greedy)")
-    b.set(xlabel="student training TFLOPs", ylabel="reverse KL(student ‖ teacher) per answer", yscale="log")
+    a.set(xlabel="student training TFLOPs", ylabel=f"held-out accuracy (n={len(held)}, greedy, Wilson 95%)")
+    b.set(xlabel="student training TFLOPs", ylabel="reverse KL(student ‖ teacher) per answer (± SE)", yscale="log")
     a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "curves.png", dpi=110)
