@@ -32,6 +32,8 @@ def write_data(root: Path) -> dict[str, str]:
 JOBS: dict[str, dict] = {
     # off-policy token-level forward KL on the data's sequences
     "token": dict(mode="token", divergence="forward_kl", num_generations=1),
+    # off-policy sequence-level: SFT on the teacher's greedy answers (decoded once on rank 0, shared with every rank)
+    "sequence": dict(mode="sequence", responses="teacher", teacher_decoder="greedy", num_generations=1),
     # on-policy full-distribution reverse KL on the student's own samples (G = 2 per prompt)
     "on_policy": dict(mode="on_policy", divergence="reverse_kl", estimator="full", num_generations=2),
     # the same under FSDP2, with a checkpoint per step (DCP) for the resume check

@@ -1,6 +1,6 @@
 """posttrain distill on 2 processes (torchrun, gloo) equals 1 process: the final weights, the per-step loss and
-divergence, and the held-out metrics, for off-policy token-level forward KL (DDP) and on-policy reverse KL (DDP and
-FSDP2); a 2-process FSDP2 run resumed from its step-1 DCP checkpoint ends where the uninterrupted one did; and in one
+divergence, and the held-out metrics, for off-policy token-level forward KL and sequence-level distillation (DDP) and
+on-policy reverse KL (DDP and FSDP2); a 2-process FSDP2 run resumed from its step-1 DCP checkpoint ends where the uninterrupted one did; and in one
 process the run does not depend on how a step is cut into micro-batches (gradient accumulation)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
 
 def _make_runs(root: Path) -> Path:
     data = write_data(root / "data")
-    for name in ("token", "on_policy"):
+    for name in ("token", "sequence", "on_policy"):
         run_job(config_keys(name, data, root / "one", world_size=1))
     run_job(config_keys("on_policy", data, root / "one", world_size=1, micro_batch_size=8,
                         output_dir=str(root / "one" / "on_policy_mb8")))
@@ -73,7 +73,7 @@ def _make_runs(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("one,two", [("token", "token"), ("on_policy", "on_policy"),
+@pytest.mark.parametrize("one,two", [("token", "token"), ("sequence", "sequence"), ("on_policy", "on_policy"),
                                      ("on_policy", "on_policy_fsdp2")])
 def test_two_processes_equal_one_process(runs, one, two):
     a, b = _weights(runs / "one" / one), _weights(runs / "two" / two)
@@ -89,6 +89,9 @@ def test_two_processes_equal_one_process(runs, one, two):
         for k in ra:
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (k, ra["step"])
     assert ca[-1]["eval/reverse_kl_seq"] > 0 and ca[1]["divergence"] > 0
+    if one == "sequence":  # every rank trained on the answers rank 0 decoded, written once
+        assert (runs / "two" / two / "teacher_answers.json").read_text() == \
+            (runs / "one" / one / "teacher_answers.json").read_text()
 
 
 def test_micro_batch_split_does_not_change_the_run(runs):
