@@ -274,7 +274,7 @@ def write_report(results: dict, out: Path) -> None:
         "| sampled acc. given format |"),
         "|---|---|---|---|---|---|---|",
     ]
-    rewards = dict((int(step), value) for step, value in results["train_reward"])
+    rewards = {int(step): value for step, value in results["train_reward"]}
     for e in evs:
         window = [v for st, v in rewards.items() if e["step"] - cfg["eval_every"] < st <= e["step"]]
         tr = "—" if not window else (f"{np.mean(window):.3f} ± {np.std(window, ddof=1) / math.sqrt(len(window)):.3f}"
