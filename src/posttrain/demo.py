@@ -361,7 +361,8 @@ def stage_dpo(ctx: DemoContext) -> Section:
         "identity_before": result.before["identity"], "identity_after": a["identity"], "leakage_after": a["leakage"],
         "unchanged_after": a["unchanged"], "control_logp_change": a["control_logp_change"],
         "control_logp_change_se": a["control_logp_change_se"], "control_tokens": a["control_tokens"],
-        "meets_targets": result.meets_targets, "eval_accuracy": result.metrics.get("eval/rewards/accuracies"),
+        "facts": result.facts, "meets_targets": result.meets_targets,
+        "eval_accuracy": result.metrics.get("eval/rewards/accuracies"),
         "seconds": result.seconds})
 
 

@@ -15,6 +15,7 @@ itself (CPU); `DPOStageSettings` holds the demo's.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,48 @@ class DPOStageSettings:
     seed: int = 0
 
 
+# Held-out control prompts with a checkable answer: any of the words (case-insensitive, whole words or numbers) counts
+# as right. "Unchanged" is strict (one changed token counts); "still correct" asks only whether the fact survived.
+FACT_KEYS: dict[str, tuple[str, ...]] = {
+    "What is the capital of France?": ("Paris",), "What is the chemical symbol for gold?": ("Au",),
+    "How many legs does a spider have?": ("8", "eight"), "What language is spoken in Brazil?": ("Portuguese",),
+    "What is the freezing point of water in Fahrenheit?": ("32",), "What is the capital of Japan?": ("Tokyo",),
+    "What is 9 squared?": ("81",), "What is the opposite of happy?": ("sad", "unhappy"),
+    "What gas do plants take in?": ("carbon dioxide", "CO2"), "What is 12 minus 5?": ("7", "seven"),
+    "What is 6 plus 9?": ("15", "fifteen"), "What is the color of grass?": ("green",),
+    "How many sides does a triangle have?": ("3", "three"), "What is the opposite of up?": ("down",),
+    "What is 3 times 4?": ("12", "twelve"), "Give me an antonym for light.": ("dark", "darkness", "heavy"),
+    "How many minutes are in an hour?": ("60", "sixty"), "What is the capital of Egypt?": ("Cairo",),
+    "What do caterpillars turn into?": ("butterfly", "butterflies", "moth", "moths"),
+    "What is the opposite of old?": ("new", "young"), "What is the capital of Australia?": ("Canberra",),
+    "What is 11 times 11?": ("121",), "What is the color of a ripe banana?": ("yellow",),
+    "How many months are in a year?": ("12", "twelve"), "What is the hottest planet?": ("Venus",),
+    "Name a planet close to the sun.": ("Mercury", "Venus"),
+}
+
+
+def fact_correct(question: str, answer: str) -> bool | None:
+    """Whether `answer` contains an accepted word for `question` (FACT_KEYS); None when the question has no key."""
+    keys = FACT_KEYS.get(question)
+    if keys is None:
+        return None
+    return any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w]|\.\d)", answer, flags=re.IGNORECASE) for k in keys)
+
+
+def fact_retention(questions: Sequence[str], before: Sequence[str], after: Sequence[str]) -> dict[str, Any]:
+    """On the questions with a key: correct before, correct after, and still correct among those correct before.
+
+    Returns {"correct_before", "correct_after", "still_correct"} as Wilson rates (dicts with value, n, low, high)."""
+    from posttrain.eval.preservation import wilson
+
+    judged = [(fact_correct(q, b), fact_correct(q, a)) for q, b, a in zip(questions, before, after, strict=True)]
+    judged = [(b, a) for b, a in judged if b is not None]
+    kept = [a for b, a in judged if b]
+    return {"correct_before": wilson(sum(b for b, _ in judged), len(judged)).__dict__,
+            "correct_after": wilson(sum(bool(a) for _, a in judged), len(judged)).__dict__,
+            "still_correct": wilson(sum(bool(a) for a in kept), len(kept)).__dict__}
+
+
 def own_answer_pairs(control_rows: Sequence[dict[str, Any]], answers: Sequence[str]) -> list[dict[str, Any]]:
     """Control preference pairs whose chosen side is the starting model's own answer.
 
@@ -79,6 +122,7 @@ class DPOStageResult:
     metrics: dict[str, float]
     final_dir: str
     seconds: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # fact_retention on the held-out control prompts
 
     @property
     def meets_targets(self) -> bool:
@@ -154,9 +198,11 @@ def run_identity_stage(model_path: str, out_dir: str | Path, settings: DPOStageS
                                 control_prompts=control_prompts, base_answers=own_held_out, base_logps=base_logps,
                                 max_new_tokens=settings.max_new_tokens)
     seconds["measure_after"] = time.perf_counter() - t0
+    control_questions = [_chat_text(q) for q in control_prompts]
     return DPOStageResult(
         identity_questions=[_chat_text(q) for q in identity_questions],
-        control_questions=[_chat_text(q) for q in control_prompts],
+        control_questions=control_questions,
+        facts=fact_retention(control_questions, before.control_answers, after.control_answers),
         before=before.to_dict(), after=after.to_dict(),
         train_pairs={"identity": len(identity_pairs), "control": len(control_pairs)},
         metrics={k: float(v) for k, v in summary.items() if isinstance(v, (int, float))},
@@ -169,6 +215,15 @@ def _rate(r: dict[str, Any]) -> str:
 
 def _cell(text: str, width: int = 90) -> str:
     return text.strip().replace("\n", " ⏎ ").replace("|", "\\|")[:width]
+
+
+def _fact_rows(facts: dict[str, Any]) -> list[str]:
+    if not facts or not facts["correct_before"]["n"]:
+        return []
+    cb, ca, sc = facts["correct_before"], facts["correct_after"], facts["still_correct"]
+    still = _rate(sc) + f" of the {sc['n']} right before" if sc["n"] else "—"
+    return [f"| unrelated questions with a checkable answer: right (n={cb['n']}) | {_rate(cb)} | {_rate(ca)} |",
+            f"| … still right after DPO | | {still} |"]
 
 
 def render_stage(result: DPOStageResult, settings: DPOStageSettings, *, num_examples: int = 4) -> str:
@@ -198,6 +253,7 @@ def render_stage(result: DPOStageResult, settings: DPOStageSettings, *, num_exam
         f"| leakage: new name in answers to unrelated prompts (n={n_ctl}) | {_rate(b['leakage'])} | "
         f"{_rate(a['leakage'])} |",
         f"| unrelated answers unchanged (n={n_ctl}) | {_rate(b['unchanged'])} | {_rate(a['unchanged'])} |",
+        *_fact_rows(result.facts),
         f"| starting model's answers: log-likelihood change (nats/token) | {b['control_logp_change']:+.3f} | "
         f"{a['control_logp_change']:+.3f} ± {a['control_logp_change_se']:.3f} |",
         "",

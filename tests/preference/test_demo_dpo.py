@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.demo_dpo import DPOStageSettings, meets_targets, own_answer_pairs, render_stage, run_identity_stage
+from posttrain.demo_dpo import (
+    FACT_KEYS,
+    DPOStageSettings,
+    fact_correct,
+    fact_retention,
+    meets_targets,
+    own_answer_pairs,
+    render_stage,
+    run_identity_stage,
+)
 
 
 def test_own_answer_pairs_take_the_answers_as_chosen_and_drop_empty_ones():
@@ -19,6 +28,33 @@ def test_own_answer_pairs_take_the_answers_as_chosen_and_drop_empty_ones():
     assert all(p["rejected"] == [{"role": "assistant", "content": "I'm Pico."}] for p in pairs)
     with pytest.raises(ValueError, match="3 control rows but 2 answers"):
         own_answer_pairs(rows, ["x", "y"])
+
+
+def test_fact_keys_match_whole_words_and_numbers():
+    assert fact_correct("What is 3 times 4?", "3 times 4 is 12.")
+    assert not fact_correct("What is 11 times 11?", "It is 1210.")  # 121 inside a longer number
+    assert not fact_correct("What is 12 minus 5?", "It is 7.5")  # 7 as the start of a decimal
+    assert fact_correct("What is the capital of France?", "paris, of course")
+    assert not fact_correct("What is the opposite of up?", "downtown")
+    assert fact_correct("Name a flower.", "a rose") is None  # no key
+    # every key belongs to a held-out control prompt of the shipped file
+    from posttrain.data.formats import read_rows
+    from posttrain.demo_dpo import repo_data
+
+    held_out = {r["prompt"][-1]["content"] for r in read_rows(repo_data("control_prompts.jsonl"))
+                if r["split"] == "heldout"}
+    assert set(FACT_KEYS) <= held_out and len(FACT_KEYS) >= 20
+
+
+def test_fact_retention_by_hand():
+    questions = ["What is the capital of France?", "What is 9 squared?", "What is the capital of Japan?", "Name a flower."]
+    before = ["Paris.", "81", "Kyoto", "rose"]
+    after = ["Paris!", "I'm Pico.", "Tokyo", "tulip"]
+    facts = fact_retention(questions, before, after)
+    # 3 judged questions; right before: France, 9² (2/3); right after: France, Japan (2/3); of the 2 right before, 1 kept
+    assert (facts["correct_before"]["value"], facts["correct_before"]["n"]) == (pytest.approx(2 / 3), 3)
+    assert facts["correct_after"]["value"] == pytest.approx(2 / 3)
+    assert (facts["still_correct"]["value"], facts["still_correct"]["n"]) == (0.5, 2)
 
 
 def test_targets_at_their_bounds():
