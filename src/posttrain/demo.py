@@ -53,7 +53,7 @@ class DemoConfig:
     ttc_samples: int = field(8, help="samples per problem for majority vote (maj@k)")
     power_alpha: float = field(4.0, help="power sampling exponent α (proposal temperature 1/α)")
     power_mcmc_steps: int = field(2, help="MH steps per block")
-    dpo_steps: int = field(32, help="DPO steps on the identity + control pairs (LoRA)")
+    dpo_steps: int = field(40, help="DPO steps on the identity + control pairs (LoRA)")
     dpo_lr: float = field(1e-3, help="DPO learning rate (LoRA)")
     dpo_controls: int = field(0, help="control prompts per split for the DPO stage (0 = all shipped: 59 + 59)")
     seed: int = field(0, help="seed for data and training")

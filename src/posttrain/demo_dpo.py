@@ -8,8 +8,10 @@ prompts never trained on (posttrain.eval.preservation): the identity rate on hel
 held-out unrelated prompts the new identity's leakage, the share of answers unchanged, and the per-token
 log-likelihood change of the starting model's own answers.
 
-Settings measured in experiments/dpo_identity_control (GPU) and, for the demo's cheaper variant, in the demo report
-itself (CPU); `DPOStageSettings` holds the demo's.
+The settings that work on a GPU (experiments/dpo_identity_control: lr 5e-4, 64 steps) cost ~16 CPU-minutes of
+training here; `DPOStageSettings` holds the demo's cheaper variant (lr 1e-3, 40 steps), measured on the CPU from the
+demo's SFT model: identity 11/12 held-out phrasings, leakage 0/59, base answers' log-likelihood +0.007 ± 0.029
+nats/token, 18/20 checkable facts still right; 500 CPU-seconds for the whole stage on one thread.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def repo_data(name: str) -> Path:
 class DPOStageSettings:
     """What the demo's DPO stage trains with (LoRA, DPO + NLL on the identity + control mix)."""
 
-    max_steps: int = 32
+    max_steps: int = 40
     lr: float = 1e-3
     beta: float = 0.1
     sft_weight: float = 1.0
