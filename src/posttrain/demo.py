@@ -3,8 +3,8 @@
 Stages (each adds a section to `<output_dir>/report.md`):
 - sft:  teach a strict answer format (a final line `Answer: <number>`) on reasoning-gym arithmetic problems;
         held-out format compliance and accuracy before and after.
-- grpo: GRPO with the task's own scorer as the reward, from the SFT model (LoRA); held-out accuracy before and
-        after, and the reward curve.
+- grpo: GRPO with the task's own scorer as the reward, from the SFT model (LoRA); held-out accuracy on the same
+        problems before and after (paired: McNemar's exact test), the train reward and held-out curves.
 - ttc:  test-time compute on held-out problems with the trained model: greedy vs temperature 1 vs maj@k vs
         low temperature vs power sampling (p^α by Metropolis-Hastings), each with its cost in forwarded tokens.
 - dpo:  DPO (plus the winners' NLL) on the shipped identity pairs mixed with control pairs on unrelated prompts:
