@@ -43,10 +43,11 @@ class DemoConfig:
     max_new_tokens: int = field(40, help="generation budget per answer")
     sft_lr: float = field(5e-5, help="SFT learning rate (full fine-tuning)")
     sft_epochs: float = field(1.0, help="SFT epochs")
-    grpo_steps: int = field(32, help="GRPO steps (B prompts x G samples each)")
+    grpo_steps: int = field(24, help="GRPO steps (B prompts x G samples each)")
     grpo_prompts: int = field(8, help="GRPO prompts per step")
-    grpo_generations: int = field(6, help="GRPO samples per prompt")
-    grpo_lr: float = field(1e-4, help="GRPO learning rate (LoRA)")
+    grpo_generations: int = field(8, help="GRPO samples per prompt")
+    grpo_lr: float = field(3e-5, help="GRPO learning rate (LoRA)")
+    grpo_temperature: float = field(1.2, help="GRPO sampling temperature (the SFT model is nearly deterministic at 1)")
     grpo_task_size: int = field(512, help="GRPO training problems (a generator seed apart from SFT's and held-out's)")
     grpo_eval_every: int = field(8, help="held-out greedy accuracy every N GRPO steps (and at start and end)")
     ttc_problems: int = field(24, help="held-out problems for the test-time compute comparison")
@@ -266,6 +267,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
                         eval_size=len(held_out), eval_steps=c.grpo_eval_every,
                         rewards=["gym"], reward_options={"gym": {"extract": "final_line"}}, loss="grpo",
                         num_generations=c.grpo_generations, prompts_per_step=c.grpo_prompts,
+                        temperature=c.grpo_temperature,
                         max_new_tokens=c.max_new_tokens, micro_batch_size=c.grpo_prompts * c.grpo_generations,
                         lr=c.grpo_lr, lora_r=16, lora_alpha=32, max_steps=c.grpo_steps, seed=c.seed,
                         output_dir=str(run_dir), tensorboard=False, overwrite=True)  # a rerun redoes the stage
@@ -288,7 +290,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
     curve = " → ".join(f"{r['eval/accuracy']:.0%} (step {r['step']})" for r in evals)
     md = (
         f"GRPO (LoRA r=16, lr {c.grpo_lr:g}) from the SFT model: {c.grpo_steps} steps of {c.grpo_prompts} prompts × "
-        f"{c.grpo_generations} samples (T=1), reward = the task's scorer on the `Answer:` line; {seconds:.0f} s in "
+        f"{c.grpo_generations} samples (T={c.grpo_temperature:g}), reward = the task's scorer on the `Answer:` line; {seconds:.0f} s in "
         f"all (per step: generate {timers['time/generate']:.1f} s, reward {timers['time/reward']:.2f} s, update "
         f"{timers['time/update']:.1f} s; held-out evaluations included in the total). Sampled train reward, mean of "
         f"the first {k} steps → last {k}: {first:.2f} → {last:.2f} ({c.grpo_prompts * c.grpo_generations} samples a "

@@ -85,8 +85,8 @@ def fact_retention(questions: Sequence[str], before: Sequence[str], after: Seque
     Returns {"correct_before", "correct_after", "still_correct"} as Wilson rates (dicts with value, n, low, high)."""
     from posttrain.eval.preservation import wilson
 
-    judged = [(fact_correct(q, b), fact_correct(q, a)) for q, b, a in zip(questions, before, after, strict=True)]
-    judged = [(b, a) for b, a in judged if b is not None]
+    judged = [(bool(fact_correct(q, b)), bool(fact_correct(q, a)))
+              for q, b, a in zip(questions, before, after, strict=True) if q in FACT_KEYS]
     kept = [a for b, a in judged if b]
     return {"correct_before": wilson(sum(b for b, _ in judged), len(judged)).__dict__,
             "correct_after": wilson(sum(bool(a) for _, a in judged), len(judged)).__dict__,
