@@ -73,6 +73,9 @@ OVERRIDES: list[tuple[str, Override]] = [
     (r"^posttrain grpo ", Override(append=RL)),
     (r"^posttrain ppo ", Override(append=[t.replace("micro_batch_size", "minibatch_size") for t in RL
                                           if not t.startswith("eval_size")])),
+    (r"^torchrun .* distill ", Override(append=["model=tiny", "teacher=tiny", "progress=false", "max_steps=1",
+                                                "prompts_per_step=2", "max_new_tokens=8", "micro_batch_size=4",
+                                                "eval_size=2", "task_size=8", "eval_steps=0"])),
     (r"^posttrain distill ", Override(append=["model=tiny", "teacher=tiny", "progress=false", "max_steps=1",
                                               "prompts_per_step=2", "max_new_tokens=8", "micro_batch_size=4",
                                               "eval_size=2", "task_size=8", "eval_steps=0"])),
