@@ -145,7 +145,7 @@ class Runner:
             out = pf.generate(ids, lambda prompts, comps: rm(prompts, comps),
                               ParticleParams(num_particles=spec["num_particles"], max_new_tokens=T,
                                              step_tokens=spec["step_tokens"], step_stop_ids=self.newline_ids,
-                                             seed=seed),
+                                             select=spec.get("select", "max_weight"), seed=seed),
                               prompts=[p.prompt for p in problems])
             share = out.forward_tokens / len(ids)
             extra = [{"resamples": r.resamples, "steps": r.steps} for r in out.results]
@@ -274,12 +274,13 @@ def main() -> None:
     if not a.report:
         runner = Runner(cfg, a.device, out)
         problems = runner.task.problems(cfg["num_problems"], cfg["seed"])
-        names = a.only.split(",") if a.only else list(cfg["strategies"])
+        only = a.only.split(",") if a.only else list(cfg["strategies"])
+        phases = [[n for n in phase if n in only] for phase in cfg.get("phases", [list(cfg["strategies"])])]
         path = out / a.records
         starts = list(range(0, len(problems), cfg["chunk"]))
-        for lo in (reversed(starts) if a.reverse else starts):
+        for phase, lo in ((ph, lo) for ph in phases for lo in (reversed(starts) if a.reverse else starts)):
             chunk = problems[lo:lo + cfg["chunk"]]
-            for name in names:
+            for name in phase:
                 done = load_records(out).get(name, {})
                 if all(p.id in done for p in chunk):
                     continue
