@@ -185,6 +185,26 @@ def derived_rows(cfg, pool: dict[str, dict], equivalent) -> dict[str, dict[str, 
     return rows
 
 
+def split_by_terms(task, cfg: dict, table: dict[str, dict[str, dict]]) -> dict[str, dict[int, dict]]:
+    """strategy -> number of terms -> {n, accuracy, stderr}, for reasoning-gym problems whose metadata names
+    num_terms (chain_sum); {} for other tasks."""
+    terms = {}
+    for p in task.problems(cfg["num_problems"], cfg["seed"]):
+        entry = p.data.get("entry") if isinstance(p.data, dict) else None
+        meta = (json.loads(entry) if isinstance(entry, str) else entry or {}).get("metadata", {})
+        if "num_terms" not in meta:
+            return {}
+        terms[p.id] = int(meta["num_terms"])
+    out: dict[str, dict[int, dict]] = {}
+    for name, rows in table.items():
+        for k in sorted(set(terms.values())):
+            vals = [float(r["correct"]) for pid, r in rows.items() if terms.get(pid) == k]
+            if vals:
+                ms = mean_stderr(vals)
+                out.setdefault(name, {})[k] = {"n": ms.n, "accuracy": ms.mean, "stderr": ms.stderr}
+    return out
+
+
 def report(cfg: dict, out: Path, dest: Path) -> str:
     records = load_records(out)
     task = make_task(cfg["task"], cfg["task_kwargs"], extract=cfg["extract"], template=cfg["template"],
@@ -219,6 +239,17 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
         lines.append(f"{name:<16} {ms.n:>4} {ms.mean:>6.3f} {ms.stderr:>6.3f} {fwd:>12.0f} {wall:>7.2f} "
                      f"{(b if not frac else '-'):>11} {(c if not frac else '-'):>3} {p:>6}")
     text = "\n".join(lines)
+    by_terms = split_by_terms(task, cfg, table)
+    if by_terms:
+        results_split = {name: {str(k): v for k, v in row.items()} for name, row in by_terms.items()}
+        keys = sorted({k for row in by_terms.values() for k in row})
+        split_lines = [f"{'strategy':<16} " + " ".join(f"{f'{k} terms: n':>12} {'acc':>6} {'±se':>6}" for k in keys)]
+        for name, row in by_terms.items():
+            split_lines.append(f"{name:<16} " + " ".join(
+                f"{row[k]['n']:>12} {row[k]['accuracy']:>6.3f} {row[k]['stderr']:>6.3f}" if k in row else " " * 26
+                for k in keys))
+        for name, row in results.items():
+            row["by_num_terms"] = results_split.get(name, {})
     full = {name: {"forward_tokens": r["forward_tokens_per_problem"] * cfg["num_problems"],
                    "cpu_hours_at_measured_rate": r["wall_s_per_problem"] * cfg["num_problems"] / 3600}
             for name, r in results.items()}
@@ -236,6 +267,7 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
           "not counted). s/prob: wall seconds per problem on the machine that ran it. vs low-T: problems solved by "
           "the strategy but not by low temperature (+) and the reverse (-), on the problems both finished, with "
           "the exact McNemar p-value (not shown for expectation rows).", "",
+          *(["By number of terms in the chain sum:", "", "```", *split_lines, "```", ""] if by_terms else []),
           "Full run (all planned problems) at the measured per-problem cost:", "",
           "| strategy | forward tokens | hours at the measured wall time |", "|---|---|---|"]
     md += [f"| {k} | {v['forward_tokens']:.3g} | {v['cpu_hours_at_measured_rate']:.2f} |" for k, v in full.items()]
