@@ -144,7 +144,7 @@ class Runner:
             pf = ParticleFilter(self.model, self.tok)
             out = pf.generate(ids, lambda prompts, comps: rm(prompts, comps),
                               ParticleParams(num_particles=spec["num_particles"], max_new_tokens=T,
-                                             step_tokens=spec["step_tokens"], step_stop_ids=self.newline_ids,
+                                             step_tokens=spec["step_tokens"], step_stop_ids=self.newline_ids if spec.get("newline_steps", True) else (),
                                              select=spec.get("select", "max_weight"), seed=seed),
                               prompts=[p.prompt for p in problems])
             share = out.forward_tokens / len(ids)
