@@ -165,23 +165,26 @@ def load_records(folder: Path) -> dict[str, dict[str, dict]]:
 
 
 def derived_rows(cfg, pool: dict[str, dict], equivalent) -> dict[str, dict[str, dict]]:
-    """T=1, maj@k and best-of-k (reward model) from the sample pool's first k samples per problem."""
+    """T=1 (the mean over the pool), maj@k (the exact expectation over the pool's k-subsets) and best-of-k (reward
+    model; the pool's first k samples, so each problem is solved or not) from the sample pool. out_tokens: the
+    pool's mean sample length."""
     rows: dict[str, dict[str, dict]] = {"temperature1": {}}
     for pid, r in pool.items():
         n = len(r["corrects"])
         cost = lambda k, r=r: r["prompt_tokens"] - 1 + sum(r["gen_tokens"][:k])
         one = r["prompt_tokens"] - 1 + sum(r["gen_tokens"]) / n  # one sample: the prompt and its tokens
+        mean_len = sum(r["gen_tokens"]) / n
         rows["temperature1"][pid] = {"correct": sum(r["corrects"]) / n, "forward_tokens": one,
-                                     "wall_s": r["wall_s"] / n}
+                                     "wall_s": r["wall_s"] / n, "out_tokens": mean_len}
         for k in cfg["derived"]["maj"]:
-            acc = majority_at_k(r["answers"][:k], [c == 1.0 for c in r["corrects"][:k]], k, equivalent)
+            acc = majority_at_k(r["answers"], [c == 1.0 for c in r["corrects"]], k, equivalent)  # over k-subsets
             rows.setdefault(f"maj@{k}", {})[pid] = {"correct": acc, "forward_tokens": cost(k),
-                                                    "wall_s": r["wall_s"] * k / n}
+                                                    "wall_s": r["wall_s"] * k / n, "out_tokens": mean_len}
         for k in cfg["derived"]["best_of"]:
             scores = r["rm_scores"][:k]
             best = max(range(k), key=lambda g: (scores[g], -g))
             rows.setdefault(f"best_of_{k}_rm", {})[pid] = {"correct": r["corrects"][best], "forward_tokens": cost(k),
-                                                           "wall_s": r["wall_s"] * k / n}
+                                                           "wall_s": r["wall_s"] * k / n, "out_tokens": mean_len}
     return rows
 
 
@@ -218,9 +221,16 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
         else:
             table[name] = records[name]
     base = table.get("low_temperature", {})
+    from posttrain.models.loading import load_tokenizer
+
+    tok = load_tokenizer(cfg["model"])
+    for rows in table.values():
+        for r in rows.values():
+            if "out_tokens" not in r:
+                r["out_tokens"] = len(tok(r.get("text") or "", add_special_tokens=False)["input_ids"])
     results, lines = {}, []
-    header = (f"{'strategy':<16} {'n':>4} {'acc':>6} {'±se':>6} {'fwd tok/prob':>12} {'s/prob':>7} "
-              f"{'vs low-T: +':>11} {'-':>3} {'p':>6}")
+    header = (f"{'strategy':<16} {'n':>4} {'acc':>6} {'±se':>6} {'out tok':>7} {'fwd tok/prob':>12} {'s/prob':>7} "
+              f"{'Δ vs low-T':>10} {'±se':>6} {'+':>3} {'-':>3} {'p':>6}")
     lines += [header, "-" * len(header)]
     for name, rows in table.items():
         vals = [float(r["correct"]) for r in rows.values()]
@@ -231,13 +241,17 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
         b = sum(1 for pid in common if float(rows[pid]["correct"]) == 1.0 and float(base[pid]["correct"]) == 0.0)
         c = sum(1 for pid in common if float(rows[pid]["correct"]) == 0.0 and float(base[pid]["correct"]) == 1.0)
         frac = any(0.0 < float(rows[pid]["correct"]) < 1.0 for pid in common)  # maj@k / T=1 are expectations
+        out_tok = sum(r["out_tokens"] for r in rows.values()) / len(rows)
+        diff = mean_stderr([float(rows[pid]["correct"]) - float(base[pid]["correct"]) for pid in common] or [0.0])
         results[name] = {"n": ms.n, "accuracy": ms.mean, "stderr": ms.stderr, "forward_tokens_per_problem": fwd,
-                         "wall_s_per_problem": wall, "paired_n": len(common),
+                         "wall_s_per_problem": wall, "output_tokens_per_problem": out_tok, "paired_n": len(common),
+                         "difference_vs_low_temperature": diff.mean, "difference_stderr": diff.stderr,
                          "better_than_low_temperature": b, "worse_than_low_temperature": c,
                          "mcnemar_p": None if frac else mcnemar_p(b, c)}
         p = "-" if frac or name == "low_temperature" else f"{mcnemar_p(b, c):.3f}"
-        lines.append(f"{name:<16} {ms.n:>4} {ms.mean:>6.3f} {ms.stderr:>6.3f} {fwd:>12.0f} {wall:>7.2f} "
-                     f"{(b if not frac else '-'):>11} {(c if not frac else '-'):>3} {p:>6}")
+        lines.append(f"{name:<16} {ms.n:>4} {ms.mean:>6.3f} {ms.stderr:>6.3f} {out_tok:>7.1f} {fwd:>12.0f} "
+                     f"{wall:>7.2f} {diff.mean:>+10.3f} {diff.stderr:>6.3f} {(b if not frac else '-'):>3} "
+                     f"{(c if not frac else '-'):>3} {p:>6}")
     text = "\n".join(lines)
     by_terms = split_by_terms(task, cfg, table)
     if by_terms:
