@@ -276,11 +276,13 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
           f"{cfg['alpha']} (low temperature τ = {1 / cfg['alpha']:g}), max_new_tokens {cfg['max_new_tokens']}.", "",
           "```", text, "```", "",
           "acc: accuracy ± standard error over problems (T=1 and maj@k are exact expectations over the 8-sample "
-          "pool: maj@k by the exact subset formula with answers grouped by math-verify, T=1 the mean of the 8). "
-          "fwd tok/prob: tokens forwarded through the policy per problem (prompt included; reward-model passes "
-          "not counted). s/prob: wall seconds per problem on the machine that ran it. vs low-T: problems solved by "
-          "the strategy but not by low temperature (+) and the reverse (-), on the problems both finished, with "
-          "the exact McNemar p-value (not shown for expectation rows).", "",
+          "pool: T=1 the mean of the 8, maj@k the exact expectation over the pool's k-subsets with answers grouped "
+          "by math-verify; best-of-k takes the pool's first k). out tok: mean length of the returned completion "
+          "(T=1/maj/best-of: of the pool's samples). fwd tok/prob: tokens forwarded through the policy per problem "
+          "(prompt included; reward-model passes not counted). s/prob: wall seconds per problem on the machine that "
+          "ran it. Δ vs low-T: mean paired difference in accuracy against low temperature on the same problems, "
+          "± its standard error. + / -: problems solved by the strategy but not by low temperature and the reverse, "
+          "with the exact two-sided McNemar (binomial) p-value (not shown for expectation rows).", "",
           *(["By number of terms in the chain sum:", "", "```", *split_lines, "```", ""] if by_terms else []),
           "Full run (all planned problems) at the measured per-problem cost:", "",
           "| strategy | forward tokens | hours at the measured wall time |", "|---|---|---|"]
