@@ -77,8 +77,18 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
     trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(resolve(student)),
                          teacher_model=AutoModelForCausalLM.from_pretrained(resolve(teacher)), args=args,
                          train_dataset=ds, processing_class=tokenizer, callbacks=[clock])
+    tokens: list[float] = []
+    generate = trainer.generate_on_policy_outputs
+
+    def counted(model, inputs, generation_config):
+        """TRL's own on-policy generation; records the step's completion tokens (labels != -100), as posttrain logs."""
+        out = generate(model, inputs, generation_config)
+        tokens.append(float((out[2] != -100).sum()))
+        return out
+
+    trainer.generate_on_policy_outputs = counted
     trainer.train()
-    return {"step_seconds": clock.times}
+    return {"step_seconds": clock.times, "tokens": tokens}
 
 
 def child(side: str, student: str, teacher: str, steps: int) -> None:
@@ -112,10 +122,17 @@ def main() -> None:
     sides = a.sides.split(",")
     best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
     rss = {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in sides}
+    def per_token(x: dict) -> float:
+        """Median over steps 2..N of seconds per completion token (the sides sample different lengths)."""
+        return statistics.median(t / n for t, n in zip(x["step_seconds"][1:], x["tokens"][1:]))
+
+    per_tok = {s: min(per_token(x) for x in runs if x["side"] == s) for s in sides}
     summary = {"student": a.student, "teacher": a.teacher, "prompts": B, "max_new_tokens": MAX_NEW,
-               "steps": a.steps, "rounds": a.rounds, "step_s": best, "peak_rss_mb": rss}
+               "steps": a.steps, "rounds": a.rounds, "step_s": best, "s_per_completion_token": per_tok,
+               "peak_rss_mb": rss, "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}
     if "trl" in best and "posttrain" in best:
         summary["speedup"] = best["trl"] / best["posttrain"]
+        summary["speedup_per_token"] = per_tok["trl"] / per_tok["posttrain"]
         summary["memory_ratio"] = rss["posttrain"] / rss["trl"]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")

@@ -25,7 +25,8 @@ Each check prints one line `PASS|FAIL name: figures` and the JSON file keeps the
   the GPU machine) in bfloat16;
 - the vLLM backend, when `vllm` is importable (otherwise one SKIP line says how to install it): greedy output equal
   to the own sampler's before and after a weight sync, a 3-step colocated GRPO run with its mismatch and sync-time
-  metrics, and on CUDA the generation tokens/s of vLLM vs the own sampler (8/32/128 × 64 tokens) and the weight-sync
+  metrics, multi-turn episodes through vLLM (greedy = own sampler, sampled log-probs = teacher-forced forward of the
+  whole episode, a 2-step GRPO run with an environment), and on CUDA the generation tokens/s of vLLM vs the own sampler (8/32/128 × 64 tokens) and the weight-sync
   time of a SmolLM2-shaped model;
 - SFT and GRPO with parallelism=fsdp2 end to end, and FSDP2 bf16 (fp32 master weights, bf16 compute, fp32 reduction)
   SFT and GRPO steps on the SmolLM2 shape: tokens/s and MFU. World size 1 (nccl on CUDA, gloo on the CPU); the
@@ -470,6 +471,7 @@ def vllm_checks() -> None:
         return
     vllm_exactness()
     vllm_grpo()
+    vllm_episodes()
     if DEV == "cuda":
         vllm_throughput()
 
@@ -527,6 +529,61 @@ def vllm_grpo():
     figures = {k: last[k] for k in ("mismatch/logp_abs_mean", "mismatch/logp_abs_max", "mismatch/seq_ratio_mean",
                                     "time/weight_sync", "time/generate", "time/step") if k in last}
     return len(rows) == 3 and last.get("mismatch/logp_abs_max", 1.0) < 1e-2, figures
+
+
+@check("vllm_episodes_multi_turn")
+def vllm_episodes():
+    """Multi-turn episodes through vLLM (token ids in, prefix cache): greedy = own sampler token for token and mask for
+    mask; sampled episodes' log-probs = a teacher-forced forward of the whole episode; GRPO env=... on vLLM runs."""
+    from posttrain.envs.rl import episode_sequences
+    from posttrain.generation.backends import save_policy
+    from posttrain.generation.engine_episodes import EngineEpisodeSampler
+    from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
+    from posttrain.generation.sampler import SamplingParams
+    from posttrain.generation.vllm_engine import VLLMEngine
+    from posttrain.models import tiny_model, tiny_tokenizer
+    from posttrain.models.forward import TokenLogps
+    from posttrain.recipes.grpo import GRPOConfig, run
+    from posttrain.train.logging import read_metrics
+
+    tok = tiny_tokenizer()
+    model = tiny_model(**VLLM_TINY).to(DEV)
+    rows = [{"prompt": "hi"}, {"prompt": "a longer prompt"}]
+    budget = EpisodeBudget(max_turns=3, max_turn_tokens=8)
+    figures, ok = {}, True
+    with tempfile.TemporaryDirectory() as tmp:
+        save_policy(model, tok, tmp)
+        engine = VLLMEngine(tmp, tokenizer=tok, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3,
+                            kv_cache_gib=0.125)
+        greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+        a = EngineEpisodeSampler(engine, tok).run(_CountEnv, rows, greedy, n=2, budget=budget)
+        b = EpisodeSampler(model, tok).run(_CountEnv, rows, greedy, n=2, budget=budget)
+        same = all(x.token_ids == y.token_ids and x.model_mask == y.model_mask for x, y in zip(a.episodes, b.episodes))
+        out = EngineEpisodeSampler(engine, tok).run(_CountEnv, rows, SamplingParams(max_new_tokens=8, seed=1), n=3,
+                                                    budget=budget)
+        batch = episode_sequences(out, tok.pad_token_id).to(DEV)
+        with torch.no_grad():
+            logps = TokenLogps(model)(batch.input_ids, batch.labels, batch.position_ids).logps
+        err = float((logps - batch.gen_logps)[batch.mask].abs().max())
+        engine.close()
+        figures.update(greedy_equal=same, max_abs_dlogp_sampled=err)
+        ok = same and err < 1e-3
+        env_file = Path(tmp) / "count_env.py"
+        env_file.write_text("from posttrain.envs import StepResult\n"
+                            "class Env:\n    def reset(self, row):\n        self.t = 0\n"
+                            "        return [{'role': 'user', 'content': row['prompt']}]\n"
+                            "    def step(self, text):\n        self.t += 1\n"
+                            "        return StepResult('Observation: more\\n', sum(c in 'aeiou' for c in text) / "
+                            "max(len(text), 1), self.t >= 2)\n")
+        data = _write(Path(tmp) / "p.jsonl", [{"prompt": f"Say something #{i}"} for i in range(8)])
+        run(GRPOConfig(train_file=data, model="tiny:hidden=64,heads=2,kv_heads=1,intermediate_size=128",
+                       output_dir=f"{tmp}/run", device=DEV, num_generations=4, prompts_per_step=2, max_new_tokens=8,
+                       max_steps=2, lr=1e-2, progress=False, tensorboard=False, env=f"{env_file}:Env", max_turns=2,
+                       max_episode_tokens=64, generation_backend="vllm", vllm_gpu_memory_utilization=0.3,
+                       vllm_kv_cache_gib=0.125, zero_variance_filter=False))
+        last = [r for r in read_metrics(f"{tmp}/run/metrics.jsonl") if "reward/mean" in r][-1]
+    figures.update({k: last[k] for k in ("mismatch/logp_abs_max", "env/turns", "time/generate") if k in last})
+    return ok and last.get("mismatch/logp_abs_max", 1.0) < 1e-2 and last.get("env/turns") == 2.0, figures
 
 
 @check("vllm_throughput_and_sync_smollm2_shape")

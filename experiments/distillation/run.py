@@ -31,9 +31,10 @@ from posttrain.demo import worked_answer
 from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.logging import read_metrics
 
-METHODS = ("gold", "sequence", "on_policy", "grpo")
+METHODS = ("gold", "sequence", "on_policy", "grpo", "sequence_then_on_policy")
 LABELS = {"gold": "(a) SFT on gold", "sequence": "(b) off-policy sequence distillation",
-          "on_policy": "(c) on-policy reverse KL", "grpo": "(d) GRPO with the verifier"}
+          "on_policy": "(c) on-policy reverse KL", "grpo": "(d) GRPO with the verifier",
+          "sequence_then_on_policy": "(e) (b) then on-policy reverse KL"}
 
 
 def write_data(c: dict, root: Path) -> tuple[Path, Path]:
@@ -61,18 +62,19 @@ def run_method(name: str, c: dict, root: Path) -> None:
         return
     train, held = write_data(c, root)
     teacher = str(root / "teacher" / "final")
-    m = c["methods"][name]
-    base = common(c, root, train, held)
+    base = {**common(c, root, train, held), **c["methods"][name]}  # a method's own keys (lr, ...) win
+    init_from = base.pop("init_from", None)
+    if init_from is not None:  # continue from another method's final student
+        base["model"] = str(root / init_from / "final")
     if name == "grpo":
         from posttrain.recipes.grpo import GRPOConfig, run
 
-        run(GRPOConfig(**base, output_dir=str(out), loss="grpo", eval_size=c["eval_problems"], **m))
+        run(GRPOConfig(**base, output_dir=str(out), loss="grpo", eval_size=c["eval_problems"]))
         return
     from posttrain.recipes.distill import DistillConfig, run
 
     # every method starts from the same student: its step-0 evaluation is done once, in the report
-    run(DistillConfig(**base, teacher=teacher, output_dir=str(out), eval_size=c["eval_problems"], eval_start=False,
-                      **m))
+    run(DistillConfig(**base, teacher=teacher, output_dir=str(out), eval_size=c["eval_problems"], eval_start=False))
 
 
 def student_params(path: str) -> int:
@@ -149,9 +151,16 @@ def report(c: dict, root: Path) -> None:
             # GRPO's first eval is the same student as every other method's step 0
             curves[name] = pts
             continue
-        start = {"step": 0, "flops": 0.0, "teacher_flops": 0.0,
-                 **{k.split("/")[1]: v for k, v in extra["student_init"].items()}}
-        curves[name] = [start] + [{"step": r["step"], "flops": r["flops/student"], "teacher_flops": r["flops/teacher"],
+        init_from = c["methods"][name].get("init_from")
+        if init_from is not None:  # starts where init_from's curve ends, its FLOPs included
+            if init_from not in curves or not curves[init_from]:
+                continue
+            start = dict(curves[init_from][-1])
+        else:
+            start = {"step": 0, "flops": 0.0, "teacher_flops": 0.0,
+                     **{k.split("/")[1]: v for k, v in extra["student_init"].items()}}
+        curves[name] = [start] + [{"step": r["step"], "flops": start["flops"] + r["flops/student"],
+                                   "teacher_flops": start.get("teacher_flops", 0.0) + r["flops/teacher"],
                                    **{k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/")}}
                                   for r in read_metrics(metrics) if "eval/accuracy" in r]
     training = {name: [{"step": r["step"], "flops": r["flops/student"], "divergence": r["divergence"],
@@ -166,21 +175,33 @@ def report(c: dict, root: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, pts in curves.items():
         x = [p["flops"] / 1e12 for p in pts]
-        a.errorbar(x, [p["accuracy"] for p in pts], yerr=[p.get("accuracy_se", 0) for p in pts], marker="o",
-                   capsize=3, label=LABELS[name])
+        acc = [p["accuracy"] for p in pts]
+        ci = [wilson(round(v * len(held)), len(held)) for v in acc]  # Wilson 95% intervals
+        a.errorbar(x, acc, yerr=[[v - lo for v, (lo, _) in zip(acc, ci)], [hi - v for v, (_, hi) in zip(acc, ci)]],
+                   marker="o", capsize=3, label=LABELS[name])
         kl = [(p["flops"] / 1e12, p["reverse_kl_seq"], p.get("reverse_kl_seq_se", 0)) for p in pts if "reverse_kl_seq" in p]
         if kl:
             b.errorbar([k[0] for k in kl], [k[1] for k in kl], yerr=[k[2] for k in kl], marker="o", capsize=3,
                        label=LABELS[name])
     a.axhline(extra["teacher"]["eval/accuracy"], color="k", ls="--", label="teacher")
-    a.set(xlabel="student training TFLOPs", ylabel=f"held-out accuracy (n={len(held)}, greedy)")
-    b.set(xlabel="student training TFLOPs", ylabel="reverse KL(student ‖ teacher) per answer", yscale="log")
+    a.set(xlabel="student training TFLOPs", ylabel=f"held-out accuracy (n={len(held)}, greedy, Wilson 95%)")
+    b.set(xlabel="student training TFLOPs", ylabel="reverse KL(student ‖ teacher) per answer (± SE)", yscale="log")
     a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "curves.png", dpi=110)
     plt.close(fig)
     write_markdown(results, len(held))
     print(json.dumps({k: v[-1] if v else None for k, v in curves.items()}, indent=1))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def write_markdown(results: dict, n_held: int) -> None:
@@ -191,6 +212,15 @@ def write_markdown(results: dict, n_held: int) -> None:
         se = p.get(f"{key}_se")
         return f"{p[key]:{fmt}} ± {se:{fmt}}" if se is not None and not math.isnan(se) else f"{p[key]:{fmt}}"
 
+    def acc_cell(p: dict) -> str:
+        """k/n and the Wilson 95% interval of the greedy accuracy."""
+        a = p.get("accuracy", p.get("eval/accuracy"))
+        if a is None or math.isnan(a):
+            return "–"
+        k = round(a * n_held)
+        lo, hi = wilson(k, n_held)
+        return f"{k}/{n_held} = {a:.3f} [{lo:.3f}, {hi:.3f}]"
+
     c = results["config"]
     lines = [
         "# Strong-to-weak distillation on chain_sum: SFT vs off-policy vs on-policy distillation vs GRPO", "",
@@ -199,28 +229,27 @@ def write_markdown(results: dict, n_held: int) -> None:
         f"- Teacher: `{c['model']}` after SFT on {c['teacher']['train_problems']} problems "
         f"({c['teacher']['epochs']} epoch, lr {c['teacher']['lr']}).",
         f"- Student: `{c['student']}` ({results['student_parameters'] / 1e6:.1f} M parameters), full fine-tuning, "
-        f"AdamW lr {c['lr']}, {c['warmup_steps']} warmup steps, constant.",
+        f"AdamW lr {c['lr']} unless the method sets its own ({ {k: m['lr'] for k, m in c['methods'].items() if 'lr' in m} }), "
+        f"{c['warmup_steps']} warmup steps, constant.",
         f"- Task: reasoning-gym `{c['task']}` {c['task_kwargs']}, {c['train_problems']} training prompts, "
         f"{n_held} held-out problems (seed {c['eval_seed']}), answers ≤ {c['max_new_tokens']} tokens.",
-        "- Accuracy: greedy, the task's scorer on a strict last line `Answer: <n>`; ± is the binomial standard error.",
+        "- Accuracy: greedy, the task's scorer on a strict last line `Answer: <n>`; k/n with the Wilson 95% interval.",
         "- Reverse KL: Σ_t KL(q(·|y<t) ‖ p(·|y<t)) over one temperature-1 student sample per held-out prompt (nats per "
         "answer), mean ± standard error over prompts; per token: the same summed over all answers / their tokens.",
         "- FLOPs: 2·N per token forwarded without gradient, 6·N per token trained (N = student parameters); teacher "
         "FLOPs separately (its SFT not counted). Evaluation not counted.", "",
         "| model | student TFLOPs | teacher TFLOPs | held-out accuracy | reverse KL / answer | reverse KL / token |",
         "|---|---|---|---|---|---|",
-        f"| teacher | – | – | {cell(results['teacher'], 'eval/accuracy', '.3f')} | 0 | 0 |",
-        f"| student before training | 0 | 0 | {cell(results['student_init'], 'eval/accuracy', '.3f')} | "
+        f"| teacher | – | – | {acc_cell(results['teacher'])} | 0 | 0 |",
+        f"| student before training | 0 | 0 | {acc_cell(results['student_init'])} | "
         f"{cell(results['student_init'], 'eval/reverse_kl_seq', '.2f')} | "
         f"{cell(results['student_init'], 'eval/reverse_kl_token', '.3f')} |",
     ]
     for name, pts in results["curves"].items():
-        if not pts:
-            continue
-        p = pts[-1]
-        lines.append(f"| {LABELS[name]} (step {p['step']}) | {p['flops'] / 1e12:.2f} | "
-                     f"{p.get('teacher_flops', 0.0) / 1e12:.2f} | {cell(p, 'accuracy', '.3f')} | "
-                     f"{cell(p, 'reverse_kl_seq', '.2f')} | {cell(p, 'reverse_kl_token', '.3f')} |")
+        for p in pts[1:]:  # every evaluation after the start (the start is the row above, or init_from's end)
+            lines.append(f"| {LABELS[name]} (step {p['step']}) | {p['flops'] / 1e12:.2f} | "
+                         f"{p.get('teacher_flops', 0.0) / 1e12:.2f} | {acc_cell(p)} | "
+                         f"{cell(p, 'reverse_kl_seq', '.2f')} | {cell(p, 'reverse_kl_token', '.3f')} |")
     lines += ["", "![curves](curves.png)", "", "<!-- findings -->"]
     path = HERE / "results.md"
     findings = path.read_text().split("<!-- findings -->", 1)[1] if path.exists() and "<!-- findings -->" in \
@@ -238,10 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(c.get("threads", 1))
     root = Path(c["run_root"])
     if not args.report:
-        for name in args.method or METHODS:
+        for name in args.method or c.get("order", METHODS):
             if name != "grpo":  # GRPO trains without the teacher (the report measures its KL to the teacher)
                 teacher_main(["--config", args.config])
             run_method(name, c, root)
+            if not args.method:
+                report(c, root)  # results written after every method: a run cut short still leaves numbers
     if args.report or not args.method:  # single-method runs leave the report to a final `--report`
         report(c, root)
     return 0

@@ -176,7 +176,8 @@ def render(results: dict, heldout_rows, keep_reading_from: Path | None = None) -
              f"{cfg['common']['max_steps']} steps × {cfg['common']['micro_batch_size']} pairs, "
              f"{cfg['threads']} CPU thread). Held-out = {len(heldout_rows)} question phrasings never trained on; rates "
              f"carry Wilson 95% intervals over those n = {len(heldout_rows)}; one seed per method. The control "
-             f"log-prob covers {len(CONTROL_QUESTIONS)} unrelated questions only: "
+             f"log-prob (per token, pooled over the answers; per-question values were not stored, so it has no "
+             f"interval) covers {len(CONTROL_QUESTIONS)} unrelated questions only: "
              "`experiments/dpo_identity_control` measures what each run does to 59 held-out unrelated prompts.", "",
              "| model | held-out implicit-reward acc | held-out logp acc (log π(y_w) > log π(y_l)) | per-token logp acc "
              "| identity rate (greedy answers say \"Pico\") | control log-prob/token | log π(y_w) | log π(y_l) |",
@@ -196,7 +197,7 @@ def render(results: dict, heldout_rows, keep_reading_from: Path | None = None) -
     lines.append(row("base", base, "0.00 (all ties)"))
     for name, r in methods.items():
         ref = cfg["methods"][name].get("start_from", "base")
-        lines.append(row(name, r, f"{r['implicit_reward_accuracy']:.2f} (margin {r['implicit_reward_margin']:.2f}; "
+        lines.append(row(name, r, f"{rate(r['implicit_reward_accuracy'])} (margin {r['implicit_reward_margin']:.2f}; "
                                   f"π_ref = {ref})"))
     lines += ["", "## log π(y_w) and log π(y_l) over training (train batch means, summed over answer tokens)", ""]
     steps = sorted({t["step"] for r in methods.values() for t in r["trajectory"]})

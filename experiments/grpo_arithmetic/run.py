@@ -65,6 +65,15 @@ def main() -> None:
     write_report(results, out)
 
 
+def _mean_se(values: list[float]) -> str:
+    """Mean ± standard error over the values (steps)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return f"{mean:.3f} ± {(var / len(values)) ** 0.5:.3f}"
+
+
 def write_report(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -94,15 +103,30 @@ def write_report(results: dict, out: Path) -> None:
              "Rerun: `python experiments/grpo_arithmetic/run.py` (config: `config.yaml`). Numbers below are from the "
              "committed `results.json`.\n",
              f"Held-out accuracy: greedy, on n = {n_eval} problems, with Wilson 95% intervals. Train reward: mean of "
-             f"the step's {n_samples} sampled completions (temperature 1), averaged over 5 steps. One seed per run.\n",
+             f"the step's {n_samples} sampled completions (temperature 1), averaged over 5 steps (n = {5 * n_samples} "
+             "samples) ± the standard error over those steps. One seed per run.\n",
              "| run | loss | held-out acc. start | end | train reward first 5 | last 5 | filtered groups | retired prompts | s/step (gen / reward / update) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["runs"].items():
         t = r["seconds_per_step"]
         lines.append(f"| {name} | {r['loss']} | {acc(r['accuracy_start'])} | {acc(r['accuracy_end'])} | "
-                     f"{r['reward_first5']:.3f} | {r['reward_last5']:.3f} | {r['filtered_frac']:.2f} | "
+                     f"{_mean_se(r['reward_curve'][:5])} | {_mean_se(r['reward_curve'][-5:])} | {r['filtered_frac']:.2f} | "
                      f"{r['retired_prompts']} | {t['time/step']:.1f} ({t['time/generate']:.1f} / {t['time/reward']:.2f} / "
                      f"{t['time/update']:.1f}) |")
+    lines += ["\n## At each evaluation\n",
+              f"Train reward: mean of the steps since the previous evaluation ({n_samples} samples a step) ± the "
+              "standard error over those steps. Greedy held-out accuracy on n = "
+              f"{n_eval} with its Wilson 95% interval. Answer format: this run's reward reads the last number of the "
+              "reply and its evaluation logged accuracy only, so the strict `Answer: <number>` rate was not measured "
+              "here; `experiments/rlvr_passk` (same task and reward) measures it at every evaluation: 0% of greedy "
+              "answers throughout, i.e. the gain is arithmetic, not format.\n",
+              "| run | step | train reward (window) | greedy held-out accuracy |", "|---|---|---|---|"]
+    for name, r in results["runs"].items():
+        previous = 0
+        for step, value in r["eval"]:
+            window = r["reward_curve"][previous:step]
+            lines.append(f"| {name} | {step} | {_mean_se(window) if window else '—'} | {acc(value)} |")
+            previous = step
     lines.append("\nThe rise in greedy accuracy comes with a flat sampled train reward; "
                  "`experiments/rlvr_passk` separates format from arithmetic at every evaluation.")
     lines.append("\n![curves](curves.png)\n")

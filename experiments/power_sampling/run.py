@@ -26,11 +26,25 @@ from posttrain.eval.runner import EvalConfig, evaluate, format_table
 from posttrain.eval.tasks import make_task
 
 
-def temperature_row(maj: dict) -> dict:
-    """The temperature-1 row from the maj@8 run's samples: accuracy = pass@1, cost per sampled token."""
+def passk_se(problems: list[dict], k: int) -> float:
+    """Standard error over problems of the per-problem unbiased pass@k estimate 1 − C(n−c, k)/C(n, k)."""
+    from math import comb, sqrt
+
+    values = []
+    for p in problems:
+        n, c = len(p["correct"]), sum(x >= 1.0 for x in p["correct"])
+        values.append(1.0 - comb(n - c, k) / comb(n, k))
+    mean = sum(values) / len(values)
+    return sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) if len(values) > 1 else float("nan")
+
+
+def temperature_row(maj: dict, problems: list[dict] | None = None) -> dict:
+    """The temperature-1 row from the maj@8 run's samples: accuracy = pass@1 (± its standard error over problems
+    when the per-problem samples are at hand), cost per sampled token."""
     n, B = maj["num_samples"], maj["num_problems"]
     generated = maj["mean_generated_tokens"] * n * B
-    return {"strategy": "temperature (τ=1)", "accuracy": maj["pass@1"], "accuracy_stderr": float("nan"),
+    se = passk_se(problems, 1) if problems else float("nan")
+    return {"strategy": "temperature (τ=1)", "accuracy": maj["pass@1"], "accuracy_stderr": se,
             "mean_generated_tokens": maj["mean_generated_tokens"],
             "forward_per_output_token": maj["forward_tokens"] / generated,
             "wall_s_per_problem": maj["wall_s_per_problem"] / n, "forward_tokens": maj["forward_tokens"] / n}
@@ -89,7 +103,7 @@ def write_report(results: dict, out: Path) -> None:
     rows = []
     for name, m in runs.items():
         if name == "temperature_maj8":
-            rows.append(temperature_row(m))
+            rows.append(temperature_row(m, results["runs"][name].get("problems")))
             rows.append({**{k: v for k, v in m.items() if not k.startswith(("pass@", "maj@"))},
                          "strategy": f"maj@{m['num_samples']} (τ=1)"})
         else:
@@ -115,7 +129,11 @@ def write_report(results: dict, out: Path) -> None:
     ]
     if maj:
         ks = sorted(int(k.split("@")[1]) for k in maj if k.startswith("pass@"))
-        lines += ["From the same 8 samples at τ = 1: " + ", ".join(f"pass@{k} {maj[f'pass@{k}']:.3f}" for k in ks)
+        problems = results["runs"]["temperature_maj8"].get("problems")
+        se = {k: f" ± {passk_se(problems, k):.3f}" if problems else "" for k in ks}
+        lines += [f"From the same 8 samples at τ = 1 on the {maj['num_problems']} problems (± standard error over "
+                  "problems of the unbiased per-problem estimate): "
+                  + ", ".join(f"pass@{k} {maj[f'pass@{k}']:.3f}{se[k]}" for k in ks)
                   + "; " + ", ".join(f"maj@{k} {maj[f'maj@{k}']:.3f}" for k in ks if f"maj@{k}" in maj) + ".", ""]
     for name, m in runs.items():
         if m["strategy"] == "power":
@@ -131,7 +149,11 @@ def write_report(results: dict, out: Path) -> None:
         "Metropolis–Hastings steps on p^α over whole replies, started from a low-temperature draw. With so few "
         "steps a chain stays close to its low-temperature start; the paper's settings (N_MCMC = 10, replies of "
         "hundreds of tokens, 7B models) are far from these.", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    previous = out / "results.md"  # a hand-written note (a `> ` quote under the title) is kept
+    notes = [line for line in previous.read_text().splitlines() if line.startswith("> ")] if previous.exists() else []
+    if notes:
+        lines[1:1] = ["", *notes]
+    previous.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -135,7 +135,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script end to end")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds after which no further checkpoint is evaluated (base and final always are)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md and curves.png from the stored results.json (no model run)")
     a = p.parse_args()
+    if a.report_only:
+        write_report(json.loads((Path(a.out) / "results.json").read_text()), Path(a.out))
+        return
     spec = yaml.safe_load(Path(a.config).read_text())
     cfg = {**spec, **(spec.get("quick", {}) if a.quick else {})}
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -257,17 +262,31 @@ def write_report(results: dict, out: Path) -> None:
         f"{cfg['steps']} steps × {cfg['grpo']['prompts_per_step']} prompts × {cfg['grpo']['num_generations']} "
         f"samples, lr {cfg['grpo']['lr']}. Held-out: {evs[0]['n_problems']} chain_sum problems (seed "
         f"{cfg['held_out_seed']}, disjoint generator seed from training).\n"),
-        "## Each evaluation (± standard error over problems)\n",
+        "## Each evaluation\n",
+        (f"n = {evs[0]['n_problems']} held-out problems; greedy accuracy ± its standard error over problems; sampled "
+         f"columns from {evs[0]['samples_per_problem']} temperature-1 samples per problem "
+         f"({evs[0]['n_problems'] * evs[0]['samples_per_problem']} samples), accuracy ± the standard error over "
+         "problems; format rates with Wilson 95% intervals over answers; 'given format' counts the formatted "
+         f"samples (k/n). Train reward: mean over the steps since the previous evaluation (fresh prompts, "
+         f"{cfg['grpo']['prompts_per_step'] * cfg['grpo']['num_generations']} samples a step) ± the standard error "
+         "over those steps.\n"),
         ("| step | train reward (window) | greedy acc. | greedy format | sampled acc. T=1 (pass@1) | sampled format "
         "| sampled acc. given format |"),
         "|---|---|---|---|---|---|---|",
     ]
+    rewards = {int(step): value for step, value in results["train_reward"]}
     for e in evs:
-        tr = "—" if e["train_reward_window"] is None else f"{e['train_reward_window']:.3f}"
-        given = "—" if e["sampled_accuracy_given_format"] is None else f"{e['sampled_accuracy_given_format']:.3f}"
+        window = [v for st, v in rewards.items() if e["step"] - cfg["eval_every"] < st <= e["step"]]
+        tr = "—" if not window else (f"{np.mean(window):.3f} ± {np.std(window, ddof=1) / math.sqrt(len(window)):.3f}"
+                                     if len(window) > 1 else f"{window[0]:.3f}")
+        n, m = e["n_problems"], e["n_problems"] * e["samples_per_problem"]
+        formatted = round(e["sampled_format_rate"] * m)
+        given = ("—" if e["sampled_accuracy_given_format"] is None else
+                 f"{e['sampled_accuracy_given_format']:.3f} "
+                 f"({round(e['sampled_accuracy_given_format'] * formatted)}/{formatted})")
         lines.append(f"| {e['step']} | {tr} | {e['greedy_accuracy']:.3f} ± {e['greedy_accuracy_se']:.3f} | "
-                     f"{e['greedy_format_rate']:.3f} | {e['sampled_accuracy']:.3f} ± {e['sampled_accuracy_se']:.3f} | "
-                     f"{e['sampled_format_rate']:.3f} | {given} |")
+                     f"{_rate(e['greedy_format_rate'], n)} | {e['sampled_accuracy']:.3f} ± "
+                     f"{e['sampled_accuracy_se']:.3f} | {_rate(e['sampled_format_rate'], m)} | {given} |")
     lines += ["", f"Sampled columns use {evs[0]['samples_per_problem']} samples per problem.", "",
               "## pass@k, base vs GRPO (mean and 95% bootstrap band over problems)", "",
               "| k | " + " | ".join(results["passk"]) + " | difference |", "|---|" + "---|" * (len(results["passk"]) + 1)]
@@ -290,7 +309,19 @@ def write_report(results: dict, out: Path) -> None:
                   f"{', '.join(f['at_bounds']) or 'none'}. Predicting the second half: mean |error| "
                   f"{fit['mean_abs_error']:.3f}, max {fit['max_abs_error']:.3f}.")]
     lines += ["", "![curves](curves.png)", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    previous = out / "results.md"  # the hand-written reading below the generated tables is kept
+    reading = previous.read_text().split("## Reading", 1) if previous.exists() else []
+    if len(reading) == 2:
+        lines += ["## Reading" + reading[1].rstrip(), ""]
+    previous.write_text("\n".join(lines))
+
+
+def _rate(value: float, n: int) -> str:
+    """A rate over n with its Wilson 95% interval."""
+    from posttrain.eval.preservation import wilson
+
+    w = wilson(round(value * n), n)
+    return f"{value:.3f} [{w.low:.3f}, {w.high:.3f}]"
 
 
 if __name__ == "__main__":

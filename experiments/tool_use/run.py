@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 from posttrain.config import build_config
 from posttrain.envs import ToolEnv
 from posttrain.envs.rl import episode_sequences
+from posttrain.eval.metrics import mcnemar_p
 from posttrain.eval.preservation import wilson
 from posttrain.eval.runner import evaluate
 from posttrain.eval.tasks import make_task
@@ -60,19 +61,45 @@ def react_eval(model, tok, task, problems, spec) -> dict:
     return out
 
 
-def summarize(result: dict, seconds: float) -> dict:
+def summarize(result: dict, seconds: float, cpu_s: float) -> dict:
+    """The stage's metrics, per-problem outcomes (for paired comparisons) and its compute."""
     m = result["metrics"]
     keep = ("accuracy", "accuracy_stderr", "num_problems", "mean_generated_tokens", "forward_tokens", "turns",
             "tool_call_validity", "tool_valid", "tool_failed", "tool_malformed", "tool_unknown_tool",
             "finish_done", "finish_max_turns", "finish_max_tokens")
     out = {k: m[k] for k in keep if k in m}
-    calls = sum(m.get(k, 0.0) for k in ("tool_valid", "tool_failed", "tool_malformed", "tool_unknown_tool"))
-    out["attempted_calls"] = round(calls * m["num_problems"])
-    out["valid_calls"] = round(m.get("tool_valid", 0.0) * m["num_problems"])
+    problems = result.get("problems", [])
+    calls = [e.get("tool_calls", {}) for p in problems for e in p.get("episodes", [])]
+    out["attempted_calls"] = sum(sum(c.values()) for c in calls)
+    out["valid_calls"] = sum(c.get("valid", 0) for c in calls)
+    # per problem: correct (greedy, one sample) and whether its episode made at least one valid tool call
+    out["correct"] = [int(p["correct"][0] >= 1.0) for p in problems]
+    out["used_tool"] = [int(any(e.get("tool_calls", {}).get("valid", 0) for e in p.get("episodes", [])))
+                        for p in problems]
     out["wall_s"] = seconds
-    samples = result.get("problems", [])[:3]
-    out["examples"] = samples
+    out["cpu_s"] = cpu_s
+    out["examples"] = problems[:3]
     return out
+
+
+def timed(fn):
+    """(fn(), wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.time(), time.process_time()
+    value = fn()
+    return value, time.time() - t0, time.process_time() - c0
+
+
+def overlap(spec: dict, problems) -> dict:
+    """Held-out questions that also appear among the SFT demonstrations or the GRPO training rows (must be 0)."""
+    tk = spec["task_kwargs"]
+    held = {json.loads(p.data["entry"])["question"] for p in problems}
+    demos = {json.loads(r["entry"])["question"]
+             for r in gym_rows(spec["task"], spec["sft"]["demos"], spec["sft"]["demo_seed"], instruction="", **tk)}
+    train = {json.loads(r["entry"])["question"]
+             for r in gym_rows(spec["task"], spec["grpo"]["task_size"], spec["grpo"]["task_seed"], instruction="", **tk)}
+    return {"held_out": len(held), "demos": len(demos), "grpo_rows": len(train),
+            "held_out_in_demos": len(held & demos), "held_out_in_grpo_rows": len(held & train),
+            "demos_in_grpo_rows": len(demos & train)}
 
 
 def sft(model, tok, spec, task_kwargs, sft_dir: Path) -> dict:
@@ -91,7 +118,7 @@ def sft(model, tok, spec, task_kwargs, sft_dir: Path) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     model.train()
-    losses, trained_tokens, t0 = [], 0, time.time()
+    losses, trained_tokens, t0, c0 = [], 0, time.time(), time.process_time()
     for epoch in range(s["epochs"]):
         order = torch.randperm(len(demos), generator=g)
         for i in range(0, len(demos), s["batch_size"]):
@@ -108,7 +135,7 @@ def sft(model, tok, spec, task_kwargs, sft_dir: Path) -> dict:
     save_final(model, tok, sft_dir)  # LoRA merged into an ordinary checkpoint
     return {"demos": len(demos), "lora_r": s["lora_r"], "lr": s["lr"], "epochs": s["epochs"], "loss_first": losses[0], "loss_last": losses[-1],
             "masked_observation_tokens": int(sum(len(d.token_ids) - d.model_tokens for d in demos)),
-            "target_tokens": int(batch.mask.sum()), "trained_tokens": trained_tokens, "wall_s": time.time() - t0}
+            "target_tokens": int(batch.mask.sum()), "trained_tokens": trained_tokens, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
 
 
 def main() -> None:
@@ -145,20 +172,24 @@ def main() -> None:
     nt = spec["no_tools"]
     base_task = make_task(spec["task"], tk, extract=nt["extract"], template=nt["template"])
     problems = base_task.problems(n_eval, spec["eval_seed"])
+    results["overlap"] = overlap(spec, problems)
+    done.add("overlap")
+    assert results["overlap"]["held_out_in_demos"] == 0 and results["overlap"]["held_out_in_grpo_rows"] == 0, \
+        f"held-out problems overlap the training data: {results['overlap']}"
+    save()
     model, tok = load_model(spec["model"])
 
     if "a" in a.only:
-        t0 = time.time()
-        res = evaluate(model, tok, base_task, problems, "greedy",
-                       options=DecodeOptions(max_new_tokens=nt["max_new_tokens"], batch_size=10), keep_samples=True)
+        res, wall, cpu = timed(lambda: evaluate(model, tok, base_task, problems, "greedy", keep_samples=True,
+                                                options=DecodeOptions(max_new_tokens=nt["max_new_tokens"],
+                                                                      batch_size=10)))
         done.add("a_no_tools")
-        results["a_no_tools"] = summarize(res, time.time() - t0)
+        results["a_no_tools"] = summarize(res, wall, cpu)
         save()
         print("a", results["a_no_tools"]["accuracy"], flush=True)
     if "b" in a.only:
-        t0 = time.time()
         done.add("b_react_prompting")
-        results["b_react_prompting"] = summarize(react_eval(model, tok, base_task, problems, spec), time.time() - t0)
+        results["b_react_prompting"] = summarize(*timed(lambda: react_eval(model, tok, base_task, problems, spec)))
         save()
         print("b", results["b_react_prompting"]["accuracy"], flush=True)
     sft_dir = root / "sft"
@@ -168,31 +199,29 @@ def main() -> None:
         save()
         del model
         model, tok = load_model(str(sft_dir))
-        t0 = time.time()
-        results["c_sft"].update(summarize(react_eval(model, tok, base_task, problems, spec), time.time() - t0))
+        results["c_sft"].update(summarize(*timed(lambda: react_eval(model, tok, base_task, problems, spec))))
         save()
         print("c", results["c_sft"]["accuracy"], flush=True)
     if "d" in a.only:
         values = {**spec["grpo"], "model": str(sft_dir), "task": spec["task"], "task_kwargs": tk,
-                  "output_dir": str(root / "grpo"), "progress": False, "task_instruction": ""}
+                  "output_dir": str(root / "grpo"), "progress": False, "task_instruction": "",
+                  "overwrite": True}  # the experiment owns this folder: a rerun replaces it
         if a.steps:
             values["max_steps"] = a.steps
         config = build_config(GRPOConfig, values, source=f"{a.config}:grpo")
         model = None  # the GRPO recipe loads its own copy
-        t0 = time.time()
-        grpo_run(config)
-        train_s = time.time() - t0
+        _, train_s, train_cpu = timed(lambda: grpo_run(config))
         rows = [r for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if "reward/mean" in r]
         model, tok = load_model(str(root / "grpo" / "final"))
-        t0 = time.time()
-        res = summarize(react_eval(model, tok, base_task, problems, spec), time.time() - t0)
+        res = summarize(*timed(lambda: react_eval(model, tok, base_task, problems, spec)))
         res["training"] = {
             "steps": config.max_steps, "episodes": config.max_steps * config.prompts_per_step * config.num_generations,
             "reward_curve": [r["reward/mean"] for r in rows], "pass_rate_curve": [r["pass_rate"] for r in rows],
             "tool_call_validity_curve": [r.get("env/tool_call_validity") for r in rows],
             "filtered_frac": sum(r["filter/zero_variance_frac"] for r in rows) / max(len(rows), 1),
             "model_tokens_per_episode": sum(r["completion/mean_length"] for r in rows) / max(len(rows), 1),
-            "wall_s": train_s}
+            "obs_tokens_per_episode": sum(r.get("env/obs_tokens", 0.0) for r in rows) / max(len(rows), 1),
+            "wall_s": train_s, "cpu_s": train_cpu}
         done.add("d_grpo")
         results["d_grpo"] = res
         save()
@@ -200,25 +229,54 @@ def main() -> None:
     write_report(results, out_dir)
 
 
+def interval(k: int, n: int) -> str:
+    rate = wilson(k, n)
+    return f"{k}/{n} = {rate.value:.2f} [{rate.low:.2f}, {rate.high:.2f}]"
+
+
+NAMES = [("a_no_tools", "(a) no tools, greedy CoT"), ("b_react_prompting", "(b) ReAct prompting + calculator"),
+         ("c_sft", "(c) after SFT on demos, ReAct"), ("d_grpo", "(d) after tool-use GRPO from (c), ReAct")]
+
+
 def write_report(results: dict, out: Path) -> None:
-    names = [("a_no_tools", "(a) no tools, greedy CoT"), ("b_react_prompting", "(b) ReAct prompting + calculator"),
-             ("c_sft", "(c) after SFT on demos, ReAct"), ("d_grpo", "(d) after tool-use GRPO from (c), ReAct")]
-    header = ("| condition | n | accuracy ± s.e. | 95% Wilson | tool-call validity (valid/attempted) | turns "
-              "| eval forward tokens | eval wall s |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    for key, label in names:
+    """table.md: accuracy and tool use with Wilson 95% intervals, paired counts between conditions, compute."""
+    lines = ["| condition | n | accuracy (95% Wilson) | episodes with a valid tool call (95% Wilson) | "
+             "tool-call validity: valid/attempted calls | turns | eval forward tokens | eval wall s | eval CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in NAMES:
         r = results.get(key)
         if not r or "accuracy" not in r:
-            lines.append(f"| {label} | - | not run | - | - | - | - | - |")
+            lines.append(f"| {label} | - | not run | - | - | - | - | - | - |")
             continue
-        validity = (f"{r['valid_calls']}/{r['attempted_calls']}" if r.get("attempted_calls") else "no calls")
-        rate = wilson(round(r["accuracy"] * r["num_problems"]), r["num_problems"])
-        lo, hi = rate.low, rate.high
-        lines.append(f"| {label} | {r['num_problems']} | {r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f} | "
-                     f"[{lo:.2f}, {hi:.2f}] | "
-                     f"{validity} | {r.get('turns', 1):.2f} | {r['forward_tokens']} | {r['wall_s']:.0f} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        n = r["num_problems"]
+        correct = r.get("correct") or []
+        k = sum(correct) if correct else round(r["accuracy"] * n)
+        if key == "a_no_tools":
+            use, validity = "n/a (no tools offered)", "n/a"
+        else:
+            use = interval(sum(r["used_tool"]), n) if "used_tool" in r else "-"
+            att = r.get("attempted_calls", 0)
+            validity = interval(r["valid_calls"], att) if att else "0 attempted (undefined)"
+        lines.append(f"| {label} | {n} | {interval(k, n)} | {use} | {validity} | {r.get('turns', 1):.2f} | "
+                     f"{r['forward_tokens']} | {r['wall_s']:.0f} | {r.get('cpu_s', float('nan')):.0f} |")
+    pairs = [("a_no_tools", "b_react_prompting"), ("b_react_prompting", "c_sft"), ("c_sft", "d_grpo"),
+             ("a_no_tools", "d_grpo")]
+    paired = ["", "Paired outcomes on the same held-out problems (right only / left only / both right / both wrong; "
+              "exact McNemar p):", "", "| left -> right | right only | left only | both | neither | McNemar p |",
+              "|---|---|---|---|---|---|"]
+    for x, y in pairs:
+        cx, cy = results.get(x, {}).get("correct"), results.get(y, {}).get("correct")
+        if not cx or not cy or len(cx) != len(cy):
+            continue
+        gain = sum(1 for u, v in zip(cx, cy) if v and not u)
+        loss = sum(1 for u, v in zip(cx, cy) if u and not v)
+        both = sum(1 for u, v in zip(cx, cy) if u and v)
+        paired.append(f"| {x} -> {y} | {gain} | {loss} | {both} | {len(cx) - gain - loss - both} | "
+                      f"{mcnemar_p(gain, loss):.3g} |")
+    if "overlap" in results:
+        paired += ["", f"Overlap check (question texts): {results['overlap']}"]
+    (out / "table.md").write_text("\n".join(lines + paired) + "\n")
+    print("\n".join(lines + paired))
 
 
 if __name__ == "__main__":

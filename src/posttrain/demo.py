@@ -3,12 +3,13 @@
 Stages (each adds a section to `<output_dir>/report.md`):
 - sft:  teach a strict answer format (a final line `Answer: <number>`) on reasoning-gym arithmetic problems;
         held-out format compliance and accuracy before and after.
-- grpo: GRPO with the task's own scorer as the reward, from the SFT model (LoRA); held-out accuracy before and
-        after, and the reward curve.
+- grpo: GRPO with the task's own scorer as the reward, from the SFT model (LoRA); held-out accuracy on the same
+        problems before and after (paired: McNemar's exact test), the train reward and held-out curves.
 - ttc:  test-time compute on held-out problems with the trained model: greedy vs temperature 1 vs maj@k vs
         low temperature vs power sampling (p^α by Metropolis-Hastings), each with its cost in forwarded tokens.
-- dpo:  DPO (plus the winners' NLL) on the shipped identity pairs: the assistant takes a new name and maker;
-        its answers to held-out identity questions before and after.
+- dpo:  DPO (plus the winners' NLL) on the shipped identity pairs mixed with control pairs on unrelated prompts:
+        the assistant takes a new name and maker and keeps its other answers; identity rate, leakage and the
+        log-likelihood change of its own answers on held-out prompts, before and after.
 Later stages build on the SFT model. Every stage is a function `(ctx) -> Section`; `STAGES` maps names to them.
 """
 
@@ -38,19 +39,24 @@ class DemoConfig:
     stages: str = field("sft,grpo,ttc,dpo", help="comma list of stages to run, in order")
     task: str = field("chain_sum", help="reasoning-gym task for the arithmetic problems")
     train_problems: int = field(320, help="SFT training problems")
-    eval_problems: int = field(48, help="held-out problems for before/after evaluation")
+    eval_problems: int = field(128, help="held-out problems for before/after evaluation")
     max_new_tokens: int = field(40, help="generation budget per answer")
     sft_lr: float = field(5e-5, help="SFT learning rate (full fine-tuning)")
     sft_epochs: float = field(1.0, help="SFT epochs")
-    grpo_steps: int = field(8, help="GRPO steps (B prompts x G samples each)")
-    grpo_prompts: int = field(4, help="GRPO prompts per step")
-    grpo_generations: int = field(6, help="GRPO samples per prompt")
-    grpo_lr: float = field(5e-5, help="GRPO learning rate (LoRA)")
+    grpo_steps: int = field(24, help="GRPO steps (B prompts x G samples each)")
+    grpo_prompts: int = field(8, help="GRPO prompts per step")
+    grpo_generations: int = field(8, help="GRPO samples per prompt")
+    grpo_lr: float = field(3e-5, help="GRPO learning rate (LoRA)")
+    grpo_temperature: float = field(1.2, help="GRPO sampling temperature (the SFT model is nearly deterministic at 1)")
+    grpo_task_size: int = field(512, help="GRPO training problems (a generator seed apart from SFT's and held-out's)")
+    grpo_eval_every: int = field(8, help="held-out greedy accuracy every N GRPO steps (and at start and end)")
     ttc_problems: int = field(24, help="held-out problems for the test-time compute comparison")
     ttc_samples: int = field(8, help="samples per problem for majority vote (maj@k)")
     power_alpha: float = field(4.0, help="power sampling exponent α (proposal temperature 1/α)")
     power_mcmc_steps: int = field(2, help="MH steps per block")
-    dpo_steps: int = field(12, help="DPO steps on the identity pairs (LoRA)")
+    dpo_steps: int = field(40, help="DPO steps on the identity + control pairs (LoRA)")
+    dpo_lr: float = field(1e-3, help="DPO learning rate (LoRA)")
+    dpo_controls: int = field(0, help="control prompts per split for the DPO stage (0 = all shipped: 59 + 59)")
     seed: int = field(0, help="seed for data and training")
 
     def validate(self) -> None:
@@ -117,7 +123,7 @@ def score_problems(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens:
     columns = {k: [r[k] for r in rows] for k in ("entry", "task", "task_config")}
     fmt = make_answer_line_format_reward()([r["prompt"] for r in rows], texts)
     correct = make_gym_reward("final_line")([r["prompt"] for r in rows], texts, **columns)
-    return {"texts": texts, "format": sum(fmt) / len(rows), "accuracy": sum(correct) / len(rows),
+    return {"texts": texts, "format": sum(fmt) / len(rows), "accuracy": sum(correct) / len(rows), "format_ok": fmt,
             "correct": correct, "generated_tokens": rollouts.generated_tokens, "seconds": seconds}
 
 
@@ -184,6 +190,7 @@ def stage_sft(ctx: DemoContext) -> Section:
     model, tokenizer = load_model(ctx.model_path)
     after = score_problems(model, tokenizer, held_out, c.max_new_tokens)
     print(f"[demo] after SFT: format {after['format']:.0%}, accuracy {after['accuracy']:.0%}", flush=True)
+    ctx.cache["held_out_scores"] = after
     _plot_sft(ctx.out / "sft.png", run_dir / "metrics.jsonl", before, after)
 
     examples = "\n".join(
@@ -207,60 +214,101 @@ def stage_sft(ctx: DemoContext) -> Section:
         "train_seconds": summary.get("train/loop_seconds")})
 
 
-def stage_grpo(ctx: DemoContext) -> Section:
-    """Demo stage: GRPO with LoRA from the SFT model on the task's verifier reward."""
+def _plot_grpo(path: Path, train: list[dict], evals: list[dict], n_held_out: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from posttrain.eval.preservation import wilson
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in train]
+    rewards = [r["reward/mean"] for r in train]
+    window = 5
+    smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+              for i in range(len(rewards))]
+    a.plot(steps, rewards, ".", alpha=0.4, label="per step")
+    a.plot(steps, smooth, "-", label=f"mean of last {window}")
+    a.set(xlabel="GRPO step", ylabel="sampled reward (T=1)", ylim=(0, 1), title="train reward (fresh prompts)")
+    a.legend()
+    x = [r["step"] for r in evals]
+    acc = [r["eval/accuracy"] for r in evals]
+    bands = [wilson(round(v * n_held_out), n_held_out) for v in acc]
+    b.fill_between(x, [w.low for w in bands], [w.high for w in bands], alpha=0.25)
+    b.plot(x, acc, "o-")
+    b.set(xlabel="GRPO step", ylabel="greedy accuracy", ylim=(0, 1),
+          title=f"held-out ({n_held_out} problems, Wilson 95%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stage_grpo(ctx: DemoContext) -> Section:
+    """Demo stage: GRPO with LoRA from the SFT model on the task's verifier reward; held-out accuracy compared on
+    the same problems before and after (McNemar's exact test), with the train reward and held-out curves."""
+    from posttrain.eval.paired import paired_test
     from posttrain.recipes.grpo import GRPOConfig
     from posttrain.recipes.grpo import run as run_grpo
     from posttrain.train.logging import read_metrics
 
     c = ctx.config
     run_dir = ctx.out / "grpo"
-    config = GRPOConfig(model=ctx.model_path, task=c.task, task_size=256, task_seed=c.seed + 3,
-                        task_kwargs=TASK_KWARGS.get(c.task, {}), task_instruction=INSTRUCTION, eval_size=0,
+    held_out = ctx.cache.get("held_out") or task_rows(c.task, c.eval_problems, seed=c.seed + 2)
+    before = ctx.cache.get("held_out_scores")
+    if before is None:  # the stage run on its own: score the starting model here
+        model, tokenizer = load_model(ctx.model_path)
+        before = score_problems(model, tokenizer, held_out, c.max_new_tokens)
+        del model
+    train_file, eval_file = ctx.out / "data" / "grpo_train.jsonl", ctx.out / "data" / "grpo_heldout.jsonl"
+    for path, rows in ((train_file, task_rows(c.task, c.grpo_task_size, seed=c.seed + 3)), (eval_file, held_out)):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    config = GRPOConfig(model=ctx.model_path, train_file=str(train_file), eval_file=str(eval_file),
+                        eval_size=len(held_out), eval_steps=c.grpo_eval_every,
                         rewards=["gym"], reward_options={"gym": {"extract": "final_line"}}, loss="grpo",
                         num_generations=c.grpo_generations, prompts_per_step=c.grpo_prompts,
+                        temperature=c.grpo_temperature,
                         max_new_tokens=c.max_new_tokens, micro_batch_size=c.grpo_prompts * c.grpo_generations,
                         lr=c.grpo_lr, lora_r=16, lora_alpha=32, max_steps=c.grpo_steps, seed=c.seed,
                         output_dir=str(run_dir), tensorboard=False, overwrite=True)  # a rerun redoes the stage
-    # Held-out problems: the same ones the SFT stage scored (the recipe's own held-out set uses another seed).
+    t0 = time.perf_counter()
     summary = run_grpo(config)
+    seconds = time.perf_counter() - t0
     ctx.model_path = summary["final_dir"]
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if "reward/mean" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
     model, tokenizer = load_model(ctx.model_path)
-    held_out = ctx.cache.get("held_out") or task_rows(c.task, c.eval_problems, seed=c.seed + 2)
     after = score_problems(model, tokenizer, held_out, c.max_new_tokens)
-    before_acc = ctx.sections[-1].metrics.get("after_accuracy") if ctx.sections else None
-    print(f"[demo] after GRPO: accuracy {after['accuracy']:.0%}", flush=True)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in train], [r["reward/mean"] for r in train], marker="o", label="mean reward")
-    ax.plot([r["step"] for r in train], [r["pass_rate"] for r in train], marker=".", label="pass rate")
-    ax.set(xlabel="GRPO step", ylim=(0, 1), title="GRPO on held-in prompts")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.out / "grpo.png", dpi=110)
-    plt.close(fig)
+    test = paired_test(before["correct"], after["correct"])
+    n = len(held_out)
+    print(f"[demo] after GRPO: accuracy {before['accuracy']:.0%} -> {after['accuracy']:.0%} ({test})", flush=True)
+    _plot_grpo(ctx.out / "grpo.png", train, evals, n)
     timers = {k: sum(r.get(k, 0.0) for r in train) / len(train) for k in ("time/generate", "time/reward", "time/update")}
+    k = min(5, len(train))
+    first, last = (sum(r["reward/mean"] for r in part) / k for part in (train[:k], train[-k:]))
+    curve = " → ".join(f"{r['eval/accuracy']:.0%} (step {r['step']})" for r in evals)
     md = (
-        f"GRPO (LoRA r=16) from the SFT model: {c.grpo_steps} steps of {c.grpo_prompts} prompts × "
-        f"{c.grpo_generations} samples, reward = the task's scorer on the `Answer:` line. Per step: "
-        f"generate {timers['time/generate']:.1f} s, reward {timers['time/reward']:.2f} s, update "
-        f"{timers['time/update']:.1f} s.\n\n"
-        f"| held-out ({len(held_out)} problems, greedy; Wilson 95% intervals) | after SFT | after GRPO |\n"
+        f"GRPO (LoRA r=16, lr {c.grpo_lr:g}) from the SFT model: {c.grpo_steps} steps of {c.grpo_prompts} prompts × "
+        f"{c.grpo_generations} samples (T={c.grpo_temperature:g}), reward = the task's scorer on the `Answer:` line; {seconds:.0f} s in "
+        f"all (per step: generate {timers['time/generate']:.1f} s, reward {timers['time/reward']:.2f} s, update "
+        f"{timers['time/update']:.1f} s; held-out evaluations included in the total). Sampled train reward, mean of "
+        f"the first {k} steps → last {k}: {first:.2f} → {last:.2f} ({c.grpo_prompts * c.grpo_generations} samples a "
+        f"step). Held-out greedy accuracy during training: {curve}.\n\n"
+        f"| held-out ({n} problems, greedy; Wilson 95% intervals) | after SFT | after GRPO |\n"
         f"|---|---|---|\n"
-        f"| accuracy | {_pct(before_acc, len(held_out))} | {_pct(after['accuracy'], len(held_out))} |\n"
-        f"| format | {_pct(ctx.sections[-1].metrics.get('after_format') if ctx.sections else None, len(held_out))} | "
-        f"{_pct(after['format'], len(held_out))} |\n\n"
-        f"![GRPO](grpo.png)\n"
+        f"| accuracy | {_pct(before['accuracy'], n)} | {_pct(after['accuracy'], n)} |\n"
+        f"| format | {_pct(before['format'], n)} | {_pct(after['format'], n)} |\n\n"
+        f"Paired on the same {n} problems: {test.fixed} fixed, {test.broken} broken, change "
+        f"{test.difference:+.1%} ± {test.difference_se:.1%} (paired standard error), McNemar exact p = "
+        f"{test.p_value:.3g}.\n\n![GRPO](grpo.png)\n"
     )
     return Section("2. GRPO: reinforcement learning with a verifiable reward", md, {
-        "accuracy_before": before_acc, "accuracy_after": after["accuracy"], "format_after": after["format"],
-        "reward_first": train[0]["reward/mean"], "reward_last": train[-1]["reward/mean"], **timers})
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "format_after": after["format"],
+        "held_out": n, "fixed": test.fixed, "broken": test.broken, "difference": test.difference,
+        "difference_se": test.difference_se, "mcnemar_p": test.p_value, "seconds": seconds,
+        "reward_first": first, "reward_last": last, "reward_curve": [r["reward/mean"] for r in train],
+        "eval_curve": [[r["step"], r["eval/accuracy"]] for r in evals], **timers})
 
 
 def stage_ttc(ctx: DemoContext) -> Section:
@@ -301,26 +349,23 @@ def stage_ttc(ctx: DemoContext) -> Section:
 
 
 def stage_dpo(ctx: DemoContext) -> Section:
-    """Demo stage: DPO on the shipped identity pairs, checked on held-out identity questions."""
-    from posttrain.recipes.dpo import run_dpo_demo_stage
+    """Demo stage: DPO + NLL on identity and control pairs (posttrain.demo_dpo), with its preservation table."""
+    from posttrain.demo_dpo import DPOStageSettings, render_stage, run_identity_stage
 
     c = ctx.config
-    result = run_dpo_demo_stage(ctx.model_path, ctx.out / "dpo", max_steps=c.dpo_steps)
-    ctx.model_path = result["final_dir"]
-    print(f"[demo] identity after DPO: {result['identity_rate_after']:.0%} of held-out questions", flush=True)
-    rows = "\n".join(f"| {q} | {_cell(b)} | {_cell(a)} |"
-                      for q, b, a in zip(result["questions"], result["before"], result["after"]))
-    m = result["metrics"]
-    md = (
-        f"DPO (β = 0.1, plus the chosen answers' NLL, LoRA r=16) for {c.dpo_steps} steps on the shipped identity pairs "
-        f"(chosen: a new name and maker; rejected: the model's own replies), {result['seconds']:.0f} s. Held-out "
-        f"preference accuracy {m.get('eval/rewards/accuracies', float('nan')):.0%}; new identity in "
-        f"{result['identity_rate_before']:.0%} → {result['identity_rate_after']:.0%} of held-out questions.\n\n"
-        f"| held-out question | before | after |\n|---|---|---|\n{rows}\n"
-    )
-    return Section("4. DPO: a new identity from preference pairs", md, {
-        "identity_rate_before": result["identity_rate_before"], "identity_rate_after": result["identity_rate_after"],
-        "eval_accuracy": m.get("eval/rewards/accuracies"), "seconds": result["seconds"]})
+    settings = DPOStageSettings(max_steps=c.dpo_steps, lr=c.dpo_lr, num_controls=c.dpo_controls or None, seed=c.seed)
+    result = run_identity_stage(ctx.model_path, ctx.out / "dpo", settings)
+    ctx.model_path = result.final_dir
+    a = result.after
+    print(f"[demo] after DPO: identity {a['identity']['value']:.0%}, leakage {a['leakage']['value']:.0%}, "
+          f"control log-lik {a['control_logp_change']:+.3f} nats/token", flush=True)
+    return Section("4. DPO: a new identity that leaves the assistant intact", render_stage(result, settings), {
+        "identity_before": result.before["identity"], "identity_after": a["identity"], "leakage_after": a["leakage"],
+        "unchanged_after": a["unchanged"], "control_logp_change": a["control_logp_change"],
+        "control_logp_change_se": a["control_logp_change_se"], "control_tokens": a["control_tokens"],
+        "facts": result.facts, "meets_targets": result.meets_targets,
+        "eval_accuracy": result.metrics.get("eval/rewards/accuracies"),
+        "seconds": result.seconds})
 
 
 def _cell(text: str) -> str:

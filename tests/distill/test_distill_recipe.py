@@ -115,6 +115,10 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
         "layer spec out of range": ([f"model={tmp_path / 'teacher'}:layers=0-5"], "do not exist"),
         "malformed layer spec": ([f"model={tmp_path / 'teacher'}:layers=a-b"], "layer range"),
         "sampled estimator off-policy": (["mode=token", "estimator=sampled"], "sampled"),
+        "teacher layer spec out of range": ([f"teacher={tmp_path / 'teacher'}:layers=1-3"], "do not exist"),
+        "unknown generation backend": (["generation_backend=sglang"], "generation_backend"),
+        "vllm sampler off-policy": (["mode=token", "generation_backend=vllm"], "generation_backend"),
+        "beta not a number": (["divergence=jsd", "beta=nan"], "beta"),
     }
     for name, (overrides, message) in cases.items():
         code, out = _cli(tmp_path, *overrides)

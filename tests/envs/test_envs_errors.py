@@ -150,3 +150,55 @@ def test_environment_specs_and_options_fail_before_a_model_loads(tmp_path):
 def test_tool_env_rejects_rows_it_cannot_verify():
     with pytest.raises(EnvError, match=r"environment 'tools' cannot use row 0 .*neither an 'answer' nor"):
         _run(ToolEnv, rows=[{"prompt": "what is 2+2?"}])
+
+
+class WrongInfo(Good):
+    def step(self, text):
+        return StepResult("x", 0.0, False, info=["valid"])
+
+
+class WrongDone(Good):
+    def step(self, text):
+        return StepResult("x", 0.0, 1)
+
+
+@pytest.mark.parametrize("cls, pattern", [
+    (WrongInfo, r"environment 'good', row 0, turn 1: step returned info list \['valid'\]; expected a dict"),
+    (WrongDone, r"environment 'good', row 0, turn 1: step returned done=1; expected True or False"),
+])
+def test_wrong_info_and_done_types_raise_clear_errors(cls, pattern):
+    with pytest.raises(EnvError, match=pattern):
+        _run(cls, rows=ROWS[:1])
+
+
+def test_engine_controller_raises_the_same_errors_and_never_hangs():
+    """The controller that drives a generation engine (vLLM's path, here on the torch generator) checks the
+    environment's calls the same way: errors name environment, row and turn; a hanging step stops the run."""
+    from posttrain.generation.engine_episodes import EngineEpisodeSampler
+    from posttrain.generation.sampler import HFGenerator
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    sampler = EngineEpisodeSampler(HFGenerator(model, tok), tok)
+
+    def run(cls, rows, timeout=5.0):
+        return sampler.run(cls, rows, PARAMS, budget=EpisodeBudget(max_turns=3, max_turn_tokens=3,
+                                                                   env_timeout_s=timeout))
+
+    with pytest.raises(EnvError, match=r"environment 'good' cannot use row 1 .*KeyError"):
+        run(Good, ROWS)
+    with pytest.raises(EnvError, match=r"environment 'raiser', row 0, turn 1: step raised RuntimeError: boom"):
+        run(StepRaises, ROWS[:1])
+    with pytest.raises(EnvError, match=r"row 0, turn 1: step returned dict .*expected a StepResult"):
+        run(WrongStep, ROWS[:1])
+    t0 = time.perf_counter()
+    with pytest.raises(EnvError, match=r"environment 'hangs', row 0, turn 1: step: no answer within 0.5 s"):
+        run(Hangs, ROWS[:1], timeout=0.5)
+    assert time.perf_counter() - t0 < 10
+    out = run(NeverDone, ROWS[:1])
+    assert out.episodes[0].finish == "max_turns" and out.episodes[0].turns == 3
+
+
+def test_an_environment_whose_constructor_raises_is_named(tmp_path):
+    (tmp_path / "ctor.py").write_text("class Env:\n    def __init__(self):\n        raise RuntimeError('no corpus')\n")
+    with pytest.raises(EnvError, match=r"environment '.*ctor.py:Env': its constructor raised RuntimeError: no corpus"):
+        env_factory(f"{tmp_path / 'ctor.py'}:Env")

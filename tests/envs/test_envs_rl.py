@@ -129,3 +129,54 @@ def test_grpo_env_errors_exit_2_naming_the_problem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "environment 'tools' cannot use row 0" in err and "'answer'" in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+BROKEN_ENVS = '''
+import time
+from posttrain.envs import StepResult
+
+class StepFails:
+    name = "step_fails"
+    def reset(self, row):
+        return [{"role": "user", "content": row["prompt"]}]
+    def step(self, text):
+        raise ZeroDivisionError("bad turn")
+
+class Hangs(StepFails):
+    name = "hangs"
+    def step(self, text):
+        time.sleep(120)
+
+class NeedsTopic(StepFails):
+    name = "needs_topic"
+    def reset(self, row):
+        return [{"role": "user", "content": row["topic"]}]
+    def step(self, text):
+        return StepResult(None, 1.0, True)
+'''
+
+
+def test_grpo_env_failures_during_the_run_exit_2_naming_environment_row_and_turn(tmp_path, capsys):
+    import time
+
+    (tmp_path / "broken.py").write_text(BROKEN_ENVS)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}", "topic": f"t{i}"}) + "\n" for i in range(4)))
+    held_out = tmp_path / "held.jsonl"
+    held_out.write_text(json.dumps({"prompt": "q", "topic": "t"}) + "\n" + json.dumps({"prompt": "no topic"}) + "\n")
+    base = ["grpo", f"train_file={prompts}", "model=tiny", "progress=false", "tensorboard=false", "max_steps=1",
+            "num_generations=2", "prompts_per_step=1", "max_new_tokens=3", "max_turns=2"]
+    assert main(base + [f"output_dir={tmp_path / 'a'}", f"env={tmp_path / 'broken.py'}:StepFails"]) == 2
+    err = capsys.readouterr().err
+    assert "environment 'step_fails', row " in err and "turn 1: step raised ZeroDivisionError: bad turn" in err
+    t0 = time.perf_counter()
+    assert main(base + [f"output_dir={tmp_path / 'b'}", f"env={tmp_path / 'broken.py'}:Hangs",
+                        "env_timeout_s=0.5"]) == 2
+    assert time.perf_counter() - t0 < 60  # the hanging step did not hang the run
+    assert "environment 'hangs', row " in capsys.readouterr().err
+    # a held-out row the environment cannot use: named (with its split) before anything is written
+    assert main(base + [f"output_dir={tmp_path / 'c'}", f"env={tmp_path / 'broken.py'}:NeedsTopic",
+                        f"eval_file={held_out}"]) == 2
+    err = capsys.readouterr().err
+    assert "environment 'needs_topic' cannot use row 1 (held-out)" in err and "KeyError" in err
+    assert not (tmp_path / "c").exists()

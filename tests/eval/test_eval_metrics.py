@@ -126,3 +126,19 @@ def test_accuracy_and_mean_stderr():
     assert mean_stderr([0.3]).stderr == 0.0
     with pytest.raises(ValueError):
         accuracy([])
+
+
+def test_mcnemar_exact_p_values_by_hand():
+    from posttrain.eval.metrics import mcnemar_p
+
+    # 4 gained, 0 lost: 2 · (1/2)^4 = 0.125; 1 vs 1: 2 · P(B ≤ 1 | n=2) = 2 · 3/4 -> capped at 1
+    assert mcnemar_p(4, 0) == 0.125 and mcnemar_p(0, 4) == 0.125
+    assert mcnemar_p(1, 1) == 1.0 and mcnemar_p(0, 0) == 1.0
+    # 10 vs 2: 2 · (1 + 12 + 66) / 4096
+    assert mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096)
+    # against scipy's exact binomial test where it is installed
+    stats = pytest.importorskip("scipy.stats")
+    for b, c in [(7, 1), (3, 9), (20, 11)]:
+        assert mcnemar_p(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
+    with pytest.raises(ValueError):
+        mcnemar_p(-1, 2)

@@ -71,3 +71,19 @@ def test_a_model_against_itself_loses_nothing(model_and_tokenizer):
         other = answer_logps(model, tokenizer, control, [a + "xyz" for a in base_answers])
         preservation_report(model, tokenizer, identity_questions=identity, control_prompts=control,
                             base_answers=base_answers, base_logps=other, max_new_tokens=6)
+
+
+def test_given_control_answers_are_measured_as_they_are(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    control = [[{"role": "user", "content": q}] for q in ("abc", "tell me", "colours?")]
+    identity = [[{"role": "user", "content": "who are you"}]]
+    base_answers = ["red", "blue", "green"]
+    given = ["red", "I'm Pico.", "greenish"]  # one unchanged, one leaks the new name
+    report = preservation_report(model, tokenizer, identity_questions=identity, control_prompts=control,
+                                 base_answers=base_answers, base_model=model, max_new_tokens=4, control_answers=given)
+    assert report.control_answers == given
+    assert (report.leakage.value, report.unchanged.value) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert report.control_logp_change == 0.0  # the same network scored the base answers
+    with pytest.raises(ValueError, match="2 control answers for 3"):
+        preservation_report(model, tokenizer, identity_questions=identity, control_prompts=control,
+                            base_answers=base_answers, base_model=model, control_answers=given[:2])

@@ -333,14 +333,3 @@ def test_ddp_two_processes_equal_one_process_with_soft_sync(tmp_path):
     la = [r.get("train/loss", r.get("eval/loss")) for r in _metrics(tmp_path / "one")[1:]]
     lb = [r.get("train/loss", r.get("eval/loss")) for r in _metrics(tmp_path / "two")[1:]]
     assert lb == pytest.approx(la, abs=1e-6) and len(la) == 4
-
-
-def test_demo_stage_runs_on_the_shipped_identity_pairs(tmp_path):
-    from posttrain.recipes.dpo import run_dpo_demo_stage
-
-    out = run_dpo_demo_stage("tiny", tmp_path / "demo", num_questions=2, max_steps=2, lora_r=4, micro_batch_size=2,
-                             max_new_tokens=4)
-    assert out["questions"] == ["Do you have a name?", "May I know your name?"]  # the first held-out phrasings
-    assert len(out["before"]) == len(out["after"]) == 2
-    assert out["metrics"]["eval/rewards/accuracies"] >= 0.0 and out["metrics"]["ref/cache_seconds"] >= 0.0
-    assert (Path(out["final_dir"]) / "model.safetensors").exists()

@@ -136,6 +136,21 @@ def test_grpo_server_mode_three_steps_and_lora_sync(tmp_path, letters, server):
 
 
 @needs_vllm
+def test_grpo_multi_turn_env_in_server_mode(tmp_path, server):
+    """Episodes through `posttrain serve`: token ids and per-request seeds go over HTTP; each turn's model tokens
+    get the server's log-probs, which equal the trainer's on the whole episode (observations masked)."""
+    from posttrain.recipes.grpo import run
+
+    _, url = server
+    env = Path(__file__).resolve().parents[1] / "envs" / "letter_env.py"
+    run(grpo_config(tmp_path, vllm_mode="server", vllm_url=url, vllm_timeout_s=180, rewards=[], max_steps=1,
+                    env=f"{env}:LetterEnv", max_turns=2, max_new_tokens=5, max_episode_tokens=64))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    check_rl_metrics(rows, 1)
+    assert all(r["env/turns"] == 2.0 and r["env/obs_tokens"] > 0 for r in rows)
+
+
+@needs_vllm
 def test_ppo_colocated_logs_mismatch_and_sync(tmp_path, letters):
     from posttrain.recipes.ppo import PPOConfig, run
 

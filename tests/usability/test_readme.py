@@ -73,6 +73,9 @@ OVERRIDES: list[tuple[str, Override]] = [
     (r"^posttrain grpo ", Override(append=RL)),
     (r"^posttrain ppo ", Override(append=[t.replace("micro_batch_size", "minibatch_size") for t in RL
                                           if not t.startswith("eval_size")])),
+    (r"^torchrun .* distill ", Override(append=["model=tiny", "teacher=tiny", "progress=false", "max_steps=1",
+                                                "prompts_per_step=2", "max_new_tokens=8", "micro_batch_size=4",
+                                                "eval_size=2", "task_size=8", "eval_steps=0"])),
     (r"^posttrain distill ", Override(append=["model=tiny", "teacher=tiny", "progress=false", "max_steps=1",
                                               "prompts_per_step=2", "max_new_tokens=8", "micro_batch_size=4",
                                               "eval_size=2", "task_size=8", "eval_steps=0"])),
@@ -82,7 +85,8 @@ OVERRIDES: list[tuple[str, Override]] = [
                                                       "num_data_samples=256", "batch_size=64"])),
     (r"^posttrain demo ", Override(append=["model=tiny", "train_problems=8", "eval_problems=4", "grpo_steps=1",
                                            "grpo_prompts=2", "grpo_generations=2", "max_new_tokens=8",
-                                           "ttc_problems=2", "ttc_samples=2", "dpo_steps=1"])),
+                                           "ttc_problems=2", "ttc_samples=2", "dpo_steps=1", "grpo_task_size=8",
+                                           "dpo_controls=3"])),
 ]
 
 # the Python API example: exact replacements (step counts and the model), each of which must occur in the block

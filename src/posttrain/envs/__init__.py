@@ -63,6 +63,10 @@ def env_factory(spec: str, options: dict[str, Any] | None = None, *, tokenizer=N
             return cls(**options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"environment {spec!r}: cannot build it with options {options}: {e}") from e
+        except ConfigError:
+            raise
+        except Exception as e:  # a user's constructor may raise anything: name the environment, not a traceback
+            raise EnvError(f"environment {spec!r}: its constructor raised {type(e).__name__}: {e}") from e
 
     probe = make()
     missing = [m for m in ("reset", "step") if not callable(getattr(probe, m, None))]

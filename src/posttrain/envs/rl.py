@@ -90,10 +90,11 @@ class EpisodeRollouts:
         return EpisodeGroups(episode_sequences(episodes, self.sampler.pad_token_id), rewards, verifier, lengths,
                              truncated, episodes)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """env/turns, env/obs_tokens, env/finish_<reason> fractions and env/tool_<status> per episode; then reset."""
+    def pop_metrics(self, gather: Callable[[list[Episode]], list[Episode]] | None = None) -> dict[str, float]:
+        """env/turns, env/obs_tokens, env/finish_<reason> fractions and env/tool_<status> per episode; then reset.
+        gather: the episodes of every rank from this rank's (multi-process runs; call on every rank)."""
         eps, self._episodes = self._episodes, []
-        return episode_metrics(eps, prefix="env/")
+        return episode_metrics(gather(eps) if gather is not None else eps, prefix="env/")
 
 
 def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict[str, float]:
@@ -121,14 +122,20 @@ def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict[str, floa
 
 @torch.no_grad()
 def episode_accuracy(sampler: EpisodeSampler, make_env: Callable[[], Any], rows: list[dict[str, Any]],
-                     budget: EpisodeBudget, batch: int = 32) -> float:
-    """Mean verifier score of greedy episodes on `rows` (held-out accuracy with the environment's tools)."""
+                     budget: EpisodeBudget, batch: int = 32, rank: int = 0, world_size: int = 1,
+                     all_reduce_sum: Callable[[float], float] | None = None) -> float:
+    """Mean verifier score of greedy episodes on `rows` (held-out accuracy with the environment's tools). Split
+    across ranks: rank r plays rows r, r + W, ... and `all_reduce_sum` adds the ranks' sums (call on every rank)."""
     if not rows:
         return float("nan")
-    scores: list[float] = []
-    for i in range(0, len(rows), batch):
-        episodes = sampler.run(make_env, rows[i:i + batch], SamplingParams(max_new_tokens=budget.max_turn_tokens,
-                                                                           temperature=0.0),
-                               budget=budget, row_indices=list(range(i, i + len(rows[i:i + batch]))))
-        scores += [e.verifier or 0.0 for e in episodes.episodes]
-    return sum(scores) / len(scores)
+    mine = list(range(rank, len(rows), world_size))
+    total = 0.0
+    for k in range(0, len(mine), batch):
+        chunk = mine[k:k + batch]
+        episodes = sampler.run(make_env, [rows[i] for i in chunk],
+                               SamplingParams(max_new_tokens=budget.max_turn_tokens, temperature=0.0),
+                               budget=budget, row_indices=chunk)
+        total += sum(e.verifier or 0.0 for e in episodes.episodes)
+    if all_reduce_sum is not None:
+        total = all_reduce_sum(total)
+    return total / len(rows)

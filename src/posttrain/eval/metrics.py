@@ -152,6 +152,18 @@ class Perplexity:
     num_tokens: int
 
 
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar test on paired outcomes (McNemar 1947): with b = `gained` (right only under the second
+    condition) and c = `lost` (right only under the first) discordant pairs, under H0 each discordant pair goes
+    either way with probability ½, so p = min(1, 2 · P(B ≤ min(b, c))), B ~ Binomial(b + c, ½); 1 when b + c = 0."""
+    if gained < 0 or lost < 0:
+        raise ValueError(f"counts must be >= 0, got {gained} and {lost}")
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n)
+
+
 def perplexity(token_logps: Sequence[float] | np.ndarray,
                mask: Sequence[float] | np.ndarray | None = None) -> Perplexity:
     """Perplexity of target tokens: exp(−Σ mask·log p / Σ mask).

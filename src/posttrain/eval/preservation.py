@@ -102,11 +102,13 @@ class PreservationReport:
 def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[dict]],
                         control_prompts: Sequence[list[dict]], base_answers: Sequence[str],
                         base_logps: tuple[torch.Tensor, torch.Tensor] | None = None, base_model=None,
-                        max_new_tokens: int = 64) -> PreservationReport:
+                        max_new_tokens: int = 64, control_answers: Sequence[str] | None = None,
+                        ) -> PreservationReport:
     """Measure `model` against the base model's own answers to `control_prompts`.
 
     base_logps: `answer_logps(base_model, ...)` of those answers, computed once and reused across runs; or pass
-    `base_model` to compute it here. The model is put in eval mode.
+    `base_model` to compute it here. control_answers: `model`'s greedy answers to `control_prompts` when already
+    generated (e.g. `model` is the base model itself); otherwise they are generated here. The model is put in eval mode.
     """
     model.eval()
     if base_logps is None:
@@ -114,7 +116,10 @@ def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[d
             raise ValueError("pass base_logps (precomputed) or base_model")
         base_logps = answer_logps(base_model.eval(), tokenizer, control_prompts, base_answers)
     identity_answers = greedy_replies(model, tokenizer, list(identity_questions), max_new_tokens=max_new_tokens)
-    control_answers = greedy_replies(model, tokenizer, list(control_prompts), max_new_tokens=max_new_tokens)
+    if control_answers is None:
+        control_answers = greedy_replies(model, tokenizer, list(control_prompts), max_new_tokens=max_new_tokens)
+    elif len(control_answers) != len(control_prompts):
+        raise ValueError(f"{len(control_answers)} control answers for {len(control_prompts)} control prompts")
     trained_sums, counts = answer_logps(model, tokenizer, control_prompts, base_answers)
     base_sums, base_counts = base_logps
     if not torch.equal(counts, base_counts):
@@ -129,5 +134,5 @@ def preservation_report(model, tokenizer, *, identity_questions: Sequence[list[d
         control_logp_change_se=float(per_prompt.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan"),
         control_tokens=int(counts.sum()),
         identity_answers=identity_answers,
-        control_answers=control_answers,
+        control_answers=list(control_answers),
     )

@@ -14,11 +14,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from posttrain.envs.formats import ToolFormatName
 from posttrain.envs.rl import episode_metrics
 from posttrain.envs.tool_env import ToolEnv, question_of
 from posttrain.eval.metrics import majority_at_k, mean_stderr, pass_at_k
 from posttrain.eval.tasks import Problem, Task
+from posttrain.generation.engine_episodes import EngineEpisodeSampler
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.sampler import SamplingParams
 from posttrain.generation.strategies import DecodeOptions
@@ -35,7 +38,9 @@ def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *,
                    num_samples: int = 1, pass_k: Sequence[int] = (1,), tools: Sequence[str] = ("calculator",),
                    tool_format: ToolFormatName = "auto", max_turns: int = 4, max_episode_tokens: int = 512,
                    keep_samples: bool = False) -> dict[str, Any]:
-    """n ReAct episodes per problem (greedy for n = 1, else sampled at options.temperature); metrics as `evaluate`."""
+    """n ReAct episodes per problem (greedy for n = 1, else sampled at options.temperature); metrics as `evaluate`.
+    model: a torch causal LM (KV-cached episodes) or a generation engine such as VLLMEngine (episodes sent as
+    token ids, posttrain.generation.engine_episodes)."""
     n, B = num_samples, len(problems)
 
     def verifier(answer: str, row: dict[str, Any]) -> float:
@@ -44,7 +49,9 @@ def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *,
     def make_env() -> ToolEnv:
         return ToolEnv(list(tools), format=tool_format, tokenizer=tokenizer, verifier=verifier)
 
-    sampler = EpisodeSampler(model, tokenizer)
+    # a torch model continues its KV cache; a generation engine (vLLM, `generation_backend=vllm`) gets token ids
+    sampler = (EpisodeSampler(model, tokenizer) if isinstance(model, nn.Module)
+               else EngineEpisodeSampler(model, tokenizer))
     budget = EpisodeBudget(max_turns=max_turns, max_turn_tokens=options.max_new_tokens,
                            max_episode_tokens=max_episode_tokens)
     rows = [{"question": problem_question(p), "problem": b} for b, p in enumerate(problems)]
@@ -83,6 +90,6 @@ def evaluate_react(model, tokenizer, task: Task, problems: Sequence[Problem], *,
         out_dict["problems"] = [{
             "id": p.id, "question": rows[b]["question"], "answer": p.answer,
             "episodes": [{"turns": e.turn_texts, "observations": e.observations, "reward": e.reward,
-                          "finish": e.finish} for e in episodes[b * n:(b + 1) * n]],
+                          "finish": e.finish, "tool_calls": e.tool_calls()} for e in episodes[b * n:(b + 1) * n]],
             "answers": answers[b], "correct": correct[b]} for b, p in enumerate(problems)]
     return out_dict

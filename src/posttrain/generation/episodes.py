@@ -25,6 +25,7 @@ observation tokens); an episode that runs out ends cleanly with finish reason "m
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,37 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return ids, mask
 
 
+def mix_seed(*parts: int) -> int:
+    """A 31-bit seed that depends on `parts` only (the same in every process, unlike hash())."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def episode_seeds(params: SamplingParams, rows: int, n: int) -> list[int]:
+    """One seed per episode (rows × n, row-major): episode g of row b gets mix_seed(s_b, g), where s_b is
+    params.prompt_seeds[b] when given (what a row samples does not depend on the rows beside it, so a step split
+    across ranks samples the same episodes as one process), else mix_seed(params.seed, b) (params.seed None: one
+    seed drawn from torch's global RNG)."""
+    if params.prompt_seeds is not None:
+        if len(params.prompt_seeds) != rows:
+            raise ValueError(f"prompt_seeds has {len(params.prompt_seeds)} seeds for {rows} rows")
+        row_seeds = list(params.prompt_seeds)
+    else:
+        base = params.seed if params.seed is not None else draw_seed()
+        row_seeds = [mix_seed(base, b) for b in range(rows)]
+    return [mix_seed(s, g) for s in row_seeds for g in range(n)]
+
+
+def check_run(rows: Sequence[Any], n: int, budget: EpisodeBudget | None, row_indices: Sequence[int] | None,
+              ) -> tuple[EpisodeBudget, list[int]]:
+    """The arguments every episode engine's `run` checks: (budget or the default, row numbers or 0..B-1)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not rows:
+        raise ValueError("run needs at least one row")
+    return budget or EpisodeBudget(), list(row_indices) if row_indices is not None else list(range(len(rows)))
+
+
 @dataclass
 class _Live:
     """Per-row state of the episodes still in the cache (index j = cache row)."""
@@ -215,12 +247,7 @@ class EpisodeSampler:
         """Play n episodes per row; row_indices: the rows' numbers in their dataset (for error messages).
         params gives the sampling rule and stop strings; the token limits come from `budget` (max_turn_tokens per
         turn, not params.max_new_tokens)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not rows:
-            raise ValueError("run needs at least one row")
-        budget = budget or EpisodeBudget()
-        row_indices = list(row_indices) if row_indices is not None else list(range(len(rows)))
+        budget, row_indices = check_run(rows, n, budget, row_indices)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -232,16 +259,7 @@ class EpisodeSampler:
         start = time.perf_counter()
         device = self.device
         N = len(rows) * G
-        envs = [make_env() for _ in range(N)]
-        episodes: list[Episode] = []
-        for i, env in enumerate(envs):
-            r = i // G
-            prompt = checked_reset(env, rows[r], row_indices[r], budget.env_timeout_s)
-            ids = self.prompt_ids(prompt, env)
-            if not ids:
-                raise EnvError(f"environment '{env_name(env)}', row {row_indices[r]}: reset gave an empty prompt")
-            episodes.append(Episode(row_index=row_indices[r], prompt_ids=ids))
-        stops = [tuple(params.stop) + tuple(getattr(env, "stop", ()) or ()) for env in envs]
+        envs, episodes, stops = self.start(make_env, rows, row_indices, params, G, budget)
         stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids)
         out = Episodes(episodes, G)
 
@@ -262,7 +280,8 @@ class EpisodeSampler:
         logits, attention_mask = logits[share], attention_mask[share]  # [N, V], [N, P]
         next_pos = torch.tensor([len(e.prompt_ids) for e in episodes], device=device)  # [N]
         live = _Live(ids=list(range(N)), pending=[None] * N)
-        generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else draw_seed())
+        # one generator per episode, drawn only when the episode samples: its draws do not depend on the batch
+        generators = [torch.Generator(device=device).manual_seed(s) for s in episode_seeds(params, len(rows), G)]
 
         for turn in range(1, budget.max_turns + 1):
             # 2. one model turn for every live episode
@@ -273,7 +292,9 @@ class EpisodeSampler:
             reason: list[str | None] = [None] * n_live
             stop_window = [4 * max((len(s) for s in stops[i]), default=0) + 4 for i in live.ids]
             for step in range(max(caps)):
-                u = torch.rand(N, generator=generator, dtype=torch.float64, device=device)[live.ids]  # [n_live]
+                u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64, device=device)
+                               if reason[j] is None else torch.full((1,), 0.5, dtype=torch.float64, device=device)
+                               for j, i in enumerate(live.ids)])  # [n_live]
                 if params.greedy:
                     step_logps = torch.log_softmax(logits, dim=-1)
                     tok = logits.argmax(dim=-1)  # [n_live]
@@ -317,30 +338,9 @@ class EpisodeSampler:
             keep: list[int] = []
             chunks: list[list[int]] = []
             for j, i in enumerate(live.ids):
-                e, env = episodes[i], envs[i]
-                text = self.tokenizer.decode(turn_tokens[j], skip_special_tokens=True)
-                e.turn_texts.append(text)
-                if reason[j] == "length" and len(e.token_ids) >= budget.max_episode_tokens:
-                    e.finish = FINISH_TOKENS
+                obs = self.end_turn(episodes[i], envs[i], turn_tokens[j], reason[j], turn, budget)
+                if obs is None:
                     continue
-                result = checked_step(env, text, e.row_index, turn, budget.env_timeout_s)
-                e.turn_rewards.append(float(result.reward))
-                e.infos.append(dict(result.info))
-                e.observations.append(result.observation)
-                if result.done:
-                    e.finish = FINISH_DONE
-                    continue
-                if turn == budget.max_turns:
-                    e.finish = FINISH_TURNS
-                    continue
-                assert result.observation is not None  # checked_step guarantees it for done=False
-                obs = self.observation_ids(result.observation, closed=reason[j] == "eos", env=env)
-                if len(e.token_ids) + len(obs) >= budget.max_episode_tokens:
-                    e.finish = FINISH_TOKENS  # no room for the observation and one more model token
-                    continue
-                e.token_ids += obs
-                e.model_mask += [0] * len(obs)
-                e.logps += [0.0] * len(obs)
                 pending = live.pending[j]
                 chunks.append(([pending] if pending is not None else []) + obs)
                 keep.append(j)
@@ -362,6 +362,53 @@ class EpisodeSampler:
             out.padding_tokens += int((1 - chunk_mask).sum())
         out.wall_s = time.perf_counter() - start
         return out
+
+    def start(self, make_env: Callable[[], Any], rows: Sequence[dict[str, Any]], row_indices: Sequence[int],
+              params: SamplingParams, G: int, budget: EpisodeBudget,
+              ) -> tuple[list[Any], list[Episode], list[tuple[str, ...]]]:
+        """One environment per episode (N = rows × G, row-major), reset on its row (checked) and its prompt
+        rendered: (environments, empty episodes, each episode's stop strings: params.stop + the environment's)."""
+        envs = [make_env() for _ in range(len(rows) * G)]
+        episodes: list[Episode] = []
+        for i, env in enumerate(envs):
+            r = i // G
+            prompt = checked_reset(env, rows[r], row_indices[r], budget.env_timeout_s)
+            ids = self.prompt_ids(prompt, env)
+            if not ids:
+                raise EnvError(f"environment '{env_name(env)}', row {row_indices[r]}: reset gave an empty prompt")
+            episodes.append(Episode(row_index=row_indices[r], prompt_ids=ids))
+        stops = [tuple(params.stop) + tuple(getattr(env, "stop", ()) or ()) for env in envs]
+        return envs, episodes, stops
+
+    def end_turn(self, e: Episode, env: Any, turn_tokens: list[int], reason: str | None, turn: int,
+                 budget: EpisodeBudget) -> list[int] | None:
+        """After a model turn (its tokens already in `e`): decode it, step the environment, record the reward, and
+        append the observation's tokens (masked: model_mask 0, log-prob 0). Returns the observation's ids, or None
+        when the episode is over (done, or a turn or token budget ran out: e.finish says which)."""
+        text = self.tokenizer.decode(turn_tokens, skip_special_tokens=True)
+        e.turn_texts.append(text)
+        if reason == "length" and len(e.token_ids) >= budget.max_episode_tokens:
+            e.finish = FINISH_TOKENS
+            return None
+        result = checked_step(env, text, e.row_index, turn, budget.env_timeout_s)
+        e.turn_rewards.append(float(result.reward))
+        e.infos.append(dict(result.info))
+        e.observations.append(result.observation)
+        if result.done:
+            e.finish = FINISH_DONE
+            return None
+        if turn == budget.max_turns:
+            e.finish = FINISH_TURNS
+            return None
+        assert result.observation is not None  # checked_step guarantees it for done=False
+        obs = self.observation_ids(result.observation, closed=reason == "eos", env=env)
+        if len(e.token_ids) + len(obs) >= budget.max_episode_tokens:
+            e.finish = FINISH_TOKENS  # no room for the observation and one more model token
+            return None
+        e.token_ids += obs
+        e.model_mask += [0] * len(obs)
+        e.logps += [0.0] * len(obs)
+        return obs
 
     def _hit_stop(self, tail: list[int], stop: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(tail, skip_special_tokens=False)
@@ -386,25 +433,8 @@ def play_scripted(sampler: EpisodeSampler, env: Any, row: dict[str, Any], texts:
         episode.token_ids += ids[:room]
         episode.model_mask += [1] * len(ids[:room])
         episode.logps += [0.0] * len(ids[:room])
-        decoded = sampler.tokenizer.decode(ids[:room], skip_special_tokens=True)
-        episode.turn_texts.append(decoded)
-        if len(ids) >= room:
-            episode.finish = FINISH_TOKENS
+        reason = "length" if len(ids) >= room else ("eos" if closed else "script")
+        if sampler.end_turn(episode, env, ids[:room], reason, turn, budget) is None:
             return episode
-        result = checked_step(env, decoded, row_index, turn, budget.env_timeout_s)
-        episode.turn_rewards.append(float(result.reward))
-        episode.infos.append(dict(result.info))
-        episode.observations.append(result.observation)
-        if result.done:
-            episode.finish = FINISH_DONE
-            return episode
-        assert result.observation is not None
-        obs = sampler.observation_ids(result.observation, closed=closed, env=env)
-        if len(episode.token_ids) + len(obs) >= budget.max_episode_tokens:
-            episode.finish = FINISH_TOKENS
-            return episode
-        episode.token_ids += obs
-        episode.model_mask += [0] * len(obs)
-        episode.logps += [0.0] * len(obs)
     episode.finish = FINISH_TURNS
     return episode

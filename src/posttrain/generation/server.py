@@ -43,7 +43,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.generation.sampler import Rollouts, SamplingParams
 from posttrain.generation.vllm_engine import build_rollouts, check_params
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "prompt_seeds")
 
 
 class ServerError(PosttrainError):
@@ -77,7 +77,8 @@ def _params_from_json(d: dict[str, Any]) -> SamplingParams:
     unknown = set(d) - set(SAMPLING_FIELDS)
     if unknown:
         raise ValueError(f"unknown sampling fields {sorted(unknown)}; expected {list(SAMPLING_FIELDS)}")
-    values: dict[str, Any] = {k: (tuple(v) if k == "stop" else v) for k, v in d.items()}
+    values: dict[str, Any] = {k: (tuple(v) if k in ("stop", "prompt_seeds") and v is not None else v)
+                              for k, v in d.items()}
     return SamplingParams(**values)
 
 
@@ -272,8 +273,8 @@ class VLLMServerClient:
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids
         payload = {"prompt_ids": [list(map(int, p)) for p in prompt_ids], "n": n, "min_version": self.version,
                    "stop_token_ids": list(stop_ids),
-                   "params": {k: (list(getattr(params, k)) if k == "stop" else getattr(params, k))
-                              for k in SAMPLING_FIELDS}}
+                   "params": {k: (list(v) if isinstance(v, tuple) else v)
+                              for k in SAMPLING_FIELDS for v in [getattr(params, k)]}}
         out = self._request("/generate", data=json.dumps(payload).encode(),
                             headers={"Content-Type": "application/json"})
         if int(out["version"]) != self.version:

@@ -10,6 +10,7 @@ What it guarantees, the same as sampler.HFGenerator:
 - `logps` are the sampled tokens' log-probs under the distribution they were drawn from: vLLM is asked for
   `logprobs_mode="processed_logprobs"` (after temperature, top-k and top-p, renormalized). For greedy decoding
   (temperature 0) vLLM applies no temperature and the log-probs are the temperature-1 model's, as in HFGenerator.
+- `prompt_seeds` (one per prompt) become per-request seeds, so a prompt's samples do not depend on the batch.
 - A completion ends at the same tokens: the stop tokens are passed explicitly (`stop_token_ids`, `ignore_eos`), so
   vLLM's own EOS detection does not add or miss any.
 - Weights: `sync(model)` sends the trainer's full weights (a peft model's LoRA adapters merged, W + (α/r)·B·A,
@@ -217,6 +218,7 @@ class VLLMEngine:
             raise ModelNotFoundError(f"vLLM could not load the model folder '{folder}': {type(e).__name__}: "
                                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
+        self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)  # prompt + completion
         self.eos_token_ids = (tuple(eos_token_ids) if eos_token_ids is not None
                               else eos_ids_of(cast(Any, _ConfigView(folder)), self.tokenizer))
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -237,7 +239,12 @@ class VLLMEngine:
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids
         # vLLM refuses n > 1 for greedy decoding; greedy is deterministic, so one completion is repeated n times
         copies = n if params.greedy else 1
-        sp = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, n // copies, stop_ids))
+        kwargs = vllm_sampling_kwargs(params, n // copies, stop_ids)
+        sp: Any = self._vllm.SamplingParams(**kwargs)
+        if params.prompt_seeds is not None:  # one seeded request per prompt: what it samples ignores its neighbours
+            if len(params.prompt_seeds) != len(prompt_ids):
+                raise ValueError(f"prompt_seeds has {len(params.prompt_seeds)} seeds for {len(prompt_ids)} prompts")
+            sp = [self._vllm.SamplingParams(**{**kwargs, "seed": s}) for s in params.prompt_seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sp, use_tqdm=False)
         tokens, logps, finish = [], [], []
         for request in outputs:

@@ -62,6 +62,27 @@ class FrozenTeacher:
         return out.logps.to(input_ids.device)
 
 
+class DistillStudent(TokenLogps):
+    """The trained student behind one `forward`, so that a DDP or FSDP2 wrapper sees every use of its parameters.
+
+    forward(input_ids, labels, position_ids) -> LogpsOutput (TokenLogps: log q of the labels, [B, T]);
+    forward(input_ids, labels, position_ids, teacher_rows=..., teacher_weight=..., divergence=...) -> [N]: the
+    per-token divergence D(q_θ(·|y_<t), p(·|y_<t)) at every labelled position (row-major over [B, T]), from the
+    teacher's final hidden rows [N, D_t] and head [V, D_t] (FrozenTeacher.hidden_at_labels), chunked.
+    """
+
+    def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, *,  # type: ignore[override]
+                teacher_rows: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                divergence: RowDivergence | None = None, temperature: float = 1.0, **kwargs):
+        if divergence is None:
+            return super().forward(input_ids, labels, position_ids, attention_mask, temperature=temperature, **kwargs)
+        if teacher_rows is None or teacher_weight is None or input_ids is None or labels is None:
+            raise ValueError("a divergence needs input_ids, labels and the teacher's rows and head")
+        student_rows, student_weight = hidden_at_labels(self.model, input_ids, position_ids, labels)
+        return divergence_at_rows(student_rows, student_weight, teacher_rows, teacher_weight, divergence,
+                                  chunk_size=self.chunk_size, temperature=temperature)
+
+
 def token_divergences(student: nn.Module, teacher: FrozenTeacher, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       labels: torch.Tensor, divergence: RowDivergence, *, chunk_size: int = DEFAULT_CHUNK,
                       temperature: float = 1.0) -> torch.Tensor:

@@ -20,12 +20,16 @@ divergence (teacher rows chunked, never a [B, T, V] tensor for either model) -> 
 -> step. Logged: loss, divergence, tokens, cumulative student and teacher FLOPs (2·N per forwarded token, 6·N per
 trained token), held-out greedy accuracy (verifier = first reward) and the student's reverse KL to the teacher on its
 own samples of held-out prompts. The data order, the λ draws and the sampling seeds are pure functions of (seed,
-step), so `--resume` continues exactly.
+step, prompt position), so `--resume` continues exactly and the run does not depend on the number of processes.
+
+Several processes (torchrun; `parallelism` none/ddp/fsdp2 as in every recipe): rank r takes prompts r, r + W, ... of
+each step, token counts are summed over ranks and the loss is scaled by W (DDP/FSDP2 average gradients), so a step
+equals one process's over the whole batch. The student samples with `generation_backend` hf (its own model) or vllm
+(one process; weights pushed into the engine after every optimizer step).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +37,21 @@ from typing import Any, Literal
 
 import torch
 
-from posttrain.config import RunOptions, field
+from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.collate import packed_batch
 from posttrain.data.order import step_units
 from posttrain.data.prompts import PromptSource
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError
 from posttrain.eval.distill import evaluate_student
+from posttrain.generation.backends import (
+    GenerationOptions,
+    close_generator,
+    rollout_engine,
+    sleep_engine,
+    sync_weights,
+)
 from posttrain.generation.rollout import rollout_sequences
-from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
+from posttrain.generation.sampler import SamplingParams, encode_prompts
 from posttrain.losses.distill import (
     forward_kl_topk,
     reverse_kl_sampled_loss,
@@ -50,21 +61,19 @@ from posttrain.losses.distill import (
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model, load_tokenizer
-from posttrain.models.teacher import FrozenTeacher, token_divergences
+from posttrain.models.teacher import DistillStudent, FrozenTeacher, token_divergences
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
+from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
-from posttrain.train.distributed import init_distributed
-from posttrain.train.logging import MetricsLogger
+from posttrain.train.checkpoint import atomic_write_text
+from posttrain.train.distributed import Dist, all_reduce_sum, check_rl_launch, run_distributed
+from posttrain.train.guards import NonFiniteGuard
+from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.state import (
-    Progress,
-    prepare_model,
-    restore_training_state,
-    save_final,
-    save_training_checkpoint,
-    seed_everything,
-)
+from posttrain.train.parallel import all_gather_objects, clip_grad_norm, gathered, no_sync, parallelize
+from posttrain.train.run_dir import open_run
+from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
+from posttrain.train.state import Progress, prepare_model, seed_everything
 from posttrain.train.timing import StageTimer
 
 Mode = Literal["sequence", "token", "on_policy"]
@@ -74,7 +83,7 @@ Responses = Literal["teacher", "dataset"]
 
 
 @dataclass(kw_only=True)
-class DistillConfig(RunOptions, PromptSource):
+class DistillConfig(RunOptions, PromptSource, GenerationOptions):
     model: str = field("smollm2-135m-instruct", help="the student: embedded name, HF folder, tiny[:k=v], or a layer "
                                                    "subset such as smollm2-135m-instruct:layers=0-5,24-29")
     teacher: str = field(help="the teacher (same tokenizer and vocabulary as the student); frozen")
@@ -122,6 +131,10 @@ class DistillConfig(RunOptions, PromptSource):
     gradient_checkpointing: bool = field(False, help="recompute the student's activations in backward")
 
     def validate(self) -> None:
+        self.validate_generation()
+        if self.generation_backend != "hf" and self.mode != "on_policy":
+            raise ConfigError(f"key 'generation_backend' chooses the student's sampler, used by mode=on_policy only; "
+                              f"mode={self.mode} samples nothing from the student (leave generation_backend=hf).")
         if self.train_file is None and self.task is None:
             raise ConfigError("set 'train_file' (prompt rows, or prompt/completion rows) or 'task' (reasoning-gym).")
         if self.train_file is not None and self.task is not None:
@@ -283,9 +296,14 @@ def teacher_answers(teacher_model, tokenizer, prompt_ids: list[list[int]], confi
 # ------------------------------------------------------------------------------------------------------------ loop
 
 
-def micro_batch_loss(student, teacher: FrozenTeacher, logps_fn: TokenLogps, mb: dict[str, Any], config: DistillConfig,
+def micro_batch_loss(student, teacher: FrozenTeacher, logps_fn, mb: dict[str, Any], config: DistillConfig,
                      *, on_policy_samples: bool, num_tokens: float):
-    """The loss of one micro-batch (sum over its tokens / the step's token count) and its divergence sum."""
+    """The loss of one micro-batch (sum over its tokens / num_tokens) and its divergence sum (detached).
+
+    logps_fn: the student behind one forward (models.teacher.DistillStudent, possibly wrapped by DDP/FSDP2), so a
+    data-parallel wrapper sees every use of the student's parameters; a plain TokenLogps also works (the divergence
+    then runs on `student` directly, one process only). num_tokens: the step's token count over every micro-batch
+    and rank, divided by the world size under DDP/FSDP2's gradient averaging."""
     mask = mb["labels"] != IGNORE_INDEX
     if config.mode == "sequence":
         out = logps_fn(mb["input_ids"], mb["labels"], mb["position_ids"])
@@ -305,8 +323,14 @@ def micro_batch_loss(student, teacher: FrozenTeacher, logps_fn: TokenLogps, mb: 
             return forward_kl_topk(student_logps, top.values, top.indices)
     else:
         divergence = row_divergence(config.divergence, config.beta)
-    per_token = token_divergences(student, teacher, mb["input_ids"], mb["position_ids"], mb["labels"], divergence,
-                                  chunk_size=config.chunk_size, temperature=config.distill_temperature)  # [N]
+    if isinstance(getattr(logps_fn, "module", logps_fn), DistillStudent):
+        teacher_rows, teacher_weight = teacher.hidden_at_labels(mb["input_ids"], mb["position_ids"], mb["labels"])
+        per_token = logps_fn(mb["input_ids"], mb["labels"], mb["position_ids"], teacher_rows=teacher_rows,
+                             teacher_weight=teacher_weight, divergence=divergence,
+                             temperature=config.distill_temperature)  # [N]
+    else:
+        per_token = token_divergences(student, teacher, mb["input_ids"], mb["position_ids"], mb["labels"], divergence,
+                                      chunk_size=config.chunk_size, temperature=config.distill_temperature)  # [N]
     result = token_divergence_loss(per_token, torch.ones_like(per_token, dtype=torch.bool), num_tokens=num_tokens)
     return result.loss, result.divergence
 
@@ -321,59 +345,90 @@ def on_policy_step(step: int, config: DistillConfig) -> bool:
     return bool(torch.rand((), generator=g) < config.lmbda)
 
 
+@torch.no_grad()
+def sampler_mismatch(student, batch: dict[str, Any], chunk_size: int) -> dict[str, float]:
+    """How far a separate sampler's log-probs of the sampled tokens (batch["gen_logps"], e.g. vLLM's) are from the
+    trainer's own at the same weights (ops.mismatch: mismatch/logp_abs_mean, _max, sequence ratios)."""
+    logps = TokenLogps(student, chunk_size=chunk_size)(batch["input_ids"], batch["labels"], batch["position_ids"]).logps
+    m = Mismatch()
+    m.add(logps, batch["gen_logps"], batch["labels"] != IGNORE_INDEX)
+    return m.metrics()
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    """The sampling seed of the prompt at `position` of step `step`'s (global) prompt list: what the student samples
+    for it depends on (seed, step, position) alone, however the step's prompts are split across ranks."""
+    return (seed * 1_000_003 + step) * 100_003 + position
+
+
 def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     """`posttrain distill`: train the student (off-policy or on-policy) and return the run summary."""
-    d = init_distributed(config.device)
-    if d.enabled:
-        raise PosttrainError("posttrain distill runs in one process for now (student sampling is not split across "
-                             "ranks); launch it without torchrun / accelerate.")
+    return run_distributed(_run, config, resume)
+
+
+def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
+    check_rl_launch(config.prompts_per_step, config.generation_backend if config.mode == "on_policy" else "hf", d)
     out_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(out_dir, resume)
     # Everything checkable is checked before a model is loaded or a file written.
     rows, held_out = load_rows(config)
     check_pair(config.model, config.teacher)
     reward_fns = build_rewards(config.rewards, config.reward_options, config.reward_timeout_s) if config.rewards else []
+    run_dir = open_run(out_dir, resume=resume, overwrite=config.overwrite, d=d)  # lock, clean, resume point
+    checkpoint = run_dir.checkpoint
+    check_resume_layout(checkpoint, d)
     seed_everything(config.seed)
     student, tokenizer = prepare_model(config.model, device=d.device, **config.model_options(),
-                                       gradient_checkpointing=config.gradient_checkpointing, checkpoint=checkpoint)
+                                       gradient_checkpointing=config.gradient_checkpointing,
+                                       checkpoint=weights_checkpoint(checkpoint))
     teacher_model, _ = load_model(config.teacher, dtype=config.dtype, device=d.device)
     check_heads(student, teacher_model, config.model, config.teacher)
     teacher = FrozenTeacher(teacher_model, device=None if config.teacher_device == "same" else config.teacher_device,
-                            chunk_size=config.chunk_size)
+                            chunk_size=config.chunk_size)  # whole on every rank (frozen: nothing to reduce)
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = teacher.num_parameters
     pad_id = tokenizer.pad_token_id
     prompt_ids_all = encode_prompts(tokenizer, [prompt_of(r) for r in rows])
     fixed = [encode_fixed(tokenizer, r, config.max_length) for r in rows] if config.needs_fixed_data else None
 
-    logps_fn = TokenLogps(student, chunk_size=config.chunk_size)
-    # The student samples through the Generator interface (generation/sampler.py); an engine that keeps its own
-    # copy of the weights (vLLM) exposes `sync(model)`, called after every optimizer step.
-    generator = HFGenerator(student, tokenizer) if config.mode == "on_policy" else None
+    student_fn = parallelize(DistillStudent(student, chunk_size=config.chunk_size), d)
+    # The student samples through the Generator interface: the torch engine on the trainer's own model, or vLLM
+    # (generation.backends), whose copy of the weights is refreshed after every optimizer step (sync_weights).
+    generator = (rollout_engine(config, student, tokenizer, seed=config.seed, dtype=config.dtype)
+                 if config.mode == "on_policy" else None)
     optimizer = build_optimizer(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
     start_step, flops = 0, {"student": 0.0, "teacher": 0.0}
     if checkpoint is not None:
-        start_step, extra = restore_training_state(checkpoint, optimizer, scheduler)
-        flops = extra["flops"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    logger = MetricsLogger(out_dir, tensorboard=config.tensorboard, start_step=start_step)
+        start_step, extra = resume_step(checkpoint, d=d, model=student, optimizer=optimizer, scheduler=scheduler)
+        flops = dict(extra["flops"])
+        if generator is not None:
+            sync_weights(generator, student, StageTimer())  # a vLLM engine started from the checkpoint's weights
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(config, out_dir)
+    logger = MetricsLogger(out_dir, **config.logger_options(), start_step=start_step, enabled=d.is_main)
 
     answers_file = out_dir / "teacher_answers.json"
-    answers: list[list[int]] | None = None
     if config.mode == "sequence" and config.responses == "teacher":
-        if answers_file.exists():
+        answers: list[list[int]] | None = None
+        if checkpoint is not None and answers_file.exists():  # a resumed run trains on the answers it started with
             answers = json.loads(answers_file.read_text())["answers"]
         else:
             from posttrain.rewards.gym import EXTRACTORS
 
             extract = EXTRACTORS[config.vote_extract] if config.teacher_vote else None
-            answers, teacher_tokens = teacher_answers(teacher.model, tokenizer, prompt_ids_all, config, extract)
+            made = None
+            if d.is_main:  # one decoder run (its batches and seeds as in one process), shared with every rank
+                made = teacher_answers(teacher.model, tokenizer, prompt_ids_all, config, extract)
+            answers, teacher_tokens = all_gather_objects(made, d)[0]
             flops["teacher"] += 2.0 * n_teacher * teacher_tokens
-            atomic_write_text(answers_file, json.dumps({"answers": answers, "teacher_forward_tokens": teacher_tokens}))
-        fixed = [{"input_ids": (p + a)[:config.max_length], "loss_mask": ([0] * len(p) + [1] * len(a))[:config.max_length]}
+            if d.is_main:
+                atomic_write_text(answers_file, json.dumps({"answers": answers,
+                                                            "teacher_forward_tokens": teacher_tokens}))
+        assert answers is not None
+        fixed = [{"input_ids": (p + a)[:config.max_length],
+                  "loss_mask": ([0] * len(p) + [1] * len(a))[:config.max_length]}
                  for p, a in zip(prompt_ids_all, answers)]
 
     summary: dict[str, Any] = {}
@@ -382,8 +437,10 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         if not held_out:
             return
-        metrics = evaluate_student(student, teacher, tokenizer, held_out, verifier, max_new_tokens=config.max_new_tokens,
-                                   seed=config.seed + 10_000, chunk_size=config.chunk_size)
+        with gathered(student_fn):
+            metrics = evaluate_student(student, teacher, tokenizer, held_out, verifier,
+                                       max_new_tokens=config.max_new_tokens, seed=config.seed + 10_000,
+                                       chunk_size=config.chunk_size, d=d)
         metrics.update({"flops/student": flops["student"], "flops/teacher": flops["teacher"]})
         logger.log(step, metrics)
         summary.update(metrics)
@@ -391,64 +448,86 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     if start_step == 0 and config.eval_start:
         evaluate(0)
     timer = StageTimer()
-    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress, desc=f"distill {config.mode}")
+    guard = NonFiniteGuard(config.max_nonfinite_steps, d)
+    progress = Progress(config.max_steps, initial=start_step, enabled=config.progress and d.is_main,
+                        desc=f"distill {config.mode}")
     device = d.device
     B, G = config.prompts_per_step, config.num_generations
+    positions = list(range(d.rank, B, d.world_size))  # this rank's share of every step's prompts
     for step in range(start_step, config.max_steps):
-        indices = step_units(step, B, len(rows), config.seed)
+        indices = step_units(step, B, len(rows), config.seed)  # the step's global prompt list
+        mine = [indices[j] for j in positions]
         sampled = on_policy_step(step, config)
+        mismatch: dict[str, float] = {}
         with timer("generate"):
             if sampled:
-                params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                        seed=config.seed * 1_000_003 + step)
                 assert generator is not None
-                rollouts = generator.generate([prompt_ids_all[i] for i in indices], params, n=G)
-                flops["student"] += 2.0 * n_student * rollouts.forward_tokens
+                params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                        seed=sample_seed(config.seed, step, 0),  # vLLM: one seed per request batch
+                                        prompt_seeds=tuple(sample_seed(config.seed, step, j) for j in positions))
+                with gathered(student_fn):
+                    rollouts = generator.generate([prompt_ids_all[i] for i in mine], params, n=G)
+                flops["student"] += 2.0 * n_student * all_reduce_sum(rollouts.forward_tokens, d)
                 batch = rollout_tensors(rollouts, pad_id, device)
+                if hasattr(generator, "sync"):  # vLLM (one process): its log-probs vs the trainer's, same weights
+                    mismatch = sampler_mismatch(student, batch, config.chunk_size)
             else:
                 assert fixed is not None
-                batch = sequence_tensors([fixed[i] for i in indices], pad_id, device)
-        num_tokens = float((batch["labels"] != IGNORE_INDEX).sum())
-        N = batch["input_ids"].shape[0]
+                batch = sequence_tensors([fixed[i] for i in mine], pad_id, device)
+        sleep_engine(generator)
+        num_tokens = all_reduce_sum(float((batch["labels"] != IGNORE_INDEX).sum()), d)  # over every rank
+        N = batch["input_ids"].shape[0]  # the same on every rank (whole prompts, B a multiple of the world size)
         loss_sum, divergence_sum = 0.0, 0.0
+        starts = list(range(0, N, config.micro_batch_size))
         with timer("update"):
-            for start in range(0, N, config.micro_batch_size):
+            for k, start in enumerate(starts):
                 mb = _slice(batch, slice(start, start + config.micro_batch_size))
-                loss, div = micro_batch_loss(student, teacher, logps_fn, mb, config, on_policy_samples=sampled,
-                                             num_tokens=max(num_tokens, 1.0))
-                loss.backward()
-                loss_sum += float(loss.detach())
+                with no_sync(student_fn, skip=k < len(starts) - 1):
+                    # DDP/FSDP2 average gradients over ranks: normalising by the global count / W gives the sum
+                    loss, div = micro_batch_loss(student, teacher, student_fn, mb, config, on_policy_samples=sampled,
+                                                 num_tokens=max(num_tokens, 1.0) / d.world_size)
+                    loss.backward()
+                loss_sum += float(loss.detach()) / d.world_size
                 divergence_sum += float(div)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-                         if config.max_grad_norm > 0 else torch.tensor(float("nan")))
-            optimizer.step()
+            grad_norm = clip_grad_norm(student.parameters(), config.max_grad_norm)
+            loss_sum = all_reduce_sum(loss_sum, d)
+            if guard.ok(loss_sum, grad_norm, step=step + 1):  # a NaN/inf step is skipped on every rank
+                optimizer.step()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        if generator is not None and hasattr(generator, "sync"):
-            with timer("weight_sync"):
-                generator.sync(student)
-        flops["student"] += 6.0 * n_student * batch["tokens"]
+        divergence_sum = all_reduce_sum(divergence_sum, d)
+        sync = sync_weights(generator, student, timer) if generator is not None else {}
+        step_tokens = all_reduce_sum(float(batch["tokens"]), d)
+        flops["student"] += 6.0 * n_student * step_tokens
         if config.mode != "sequence":
-            flops["teacher"] += 2.0 * n_teacher * batch["tokens"]
+            flops["teacher"] += 2.0 * n_teacher * step_tokens
         done = step + 1
         metrics = {"loss": loss_sum, "divergence": divergence_sum / max(num_tokens, 1.0), "tokens": num_tokens,
                    "on_policy": float(sampled), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "flops/student": flops["student"], "flops/teacher": flops["teacher"], **timer.pop()}
+                   "flops/student": flops["student"], "flops/teacher": flops["teacher"], **guard.metrics(), **sync, **mismatch,
+                   **timer.pop()}
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)
         summary.update(metrics)
         progress.update(loss=loss_sum)
         if config.eval_steps and done % config.eval_steps == 0 and done != config.max_steps:
             evaluate(done)
-        if config.save_steps and done % config.save_steps == 0 and done != config.max_steps:
-            save_training_checkpoint(out_dir, done, model=student, tokenizer=tokenizer, optimizer=optimizer,
-                                     scheduler=scheduler, extra={"flops": flops}, keep_last=config.keep_last)
+        stop = run_dir.stop_requested()  # Ctrl-C: checkpoint this step, then exit 130
+        if stop or (config.save_steps and done % config.save_steps == 0 and done != config.max_steps):
+            save_step(out_dir, done, d=d, model=student, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, extra={"flops": flops}, keep_last=config.keep_last)
+        if stop:
+            raise KeyboardInterrupt(f"stopped after step {done}; resume with --resume")
     progress.close()
     if start_step < config.max_steps or not summary:
         evaluate(config.max_steps)
-    save_training_checkpoint(out_dir, config.max_steps, model=student, tokenizer=tokenizer, optimizer=optimizer,
-                             scheduler=scheduler, extra={"flops": flops}, keep_last=config.keep_last)
-    save_final(student, tokenizer, out_dir / "final")
-    logger.close()
+    save_step(out_dir, config.max_steps, d=d, model=student, tokenizer=tokenizer, optimizer=optimizer,
+              scheduler=scheduler, extra={"flops": flops}, keep_last=config.keep_last)
+    export_final(student, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
+        config.model, device=torch.device("cpu"), **config.model_options())[0])
+    if generator is not None:
+        close_generator(generator)
     summary["final_dir"] = str(out_dir / "final")
+    logger.close(summary)
+    print_run_summary("distill", summary, enabled=d.is_main)
     return summary

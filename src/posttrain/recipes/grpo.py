@@ -27,6 +27,7 @@ from posttrain.envs import check_rows, env_factory
 from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError
 from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.engine_episodes import EngineEpisodeSampler
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
@@ -113,8 +114,6 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
     def validate(self) -> None:
         self.validate_prompt_source()
         self.validate_generation()
-        if self.env and self.generation_backend != "hf":
-            raise ConfigError("key 'env': multi-turn episodes sample with the torch engine; set generation_backend=hf.")
         if self.loss not in RL_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {RL_LOSSES}, got {self.loss!r}.")
         if self.advantage is not None and self.advantage not in ADVANTAGE_ESTIMATORS:
@@ -235,8 +234,7 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
                                     prompt_seeds=tuple(prompt_seed(config.seed, step, r, j) for j in positions))
             if isinstance(generator, EpisodeRollouts):  # multi-turn: the environment gives the rewards
                 with timer("generate"):
-                    episodes = generator.sample([rows[i] for i in mine], mine, dataclasses.replace(
-                        params, prompt_seeds=None, seed=params.prompt_seeds[0]), G)
+                    episodes = generator.sample([rows[i] for i in mine], mine, params, G)  # seeds per row
                 rewards, verifier, sequences = episodes.rewards, episodes.verifier, episodes.sequences
                 lengths, n_truncated = episodes.lengths, episodes.truncated
             else:
@@ -322,13 +320,14 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     prompt_ids_all = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     logps_fn = parallelize(TokenLogps(model, chunk_size=config.chunk_size), d)
     ref_fn = parallelize(TokenLogps(ref_model, chunk_size=config.chunk_size), d) if ref_model is not None else None
-    generator: Any = (HFGenerator(model, tokenizer) if config.env else
-                      rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype))
+    engine = rollout_engine(config, model, tokenizer, seed=config.seed, dtype=config.dtype)
+    generator: Any = engine
     budget = EpisodeBudget(max_turns=config.max_turns, max_turn_tokens=config.max_new_tokens,
                            max_episode_tokens=config.max_episode_tokens, env_timeout_s=config.env_timeout_s)
-    if config.env:
-        generator = EpisodeRollouts(EpisodeSampler(model, tokenizer),
-                                    env_factory(config.env, config.env_options, tokenizer=tokenizer), budget)
+    if config.env:  # multi-turn: the torch engine continues its KV cache; vLLM gets token ids (prefix-cached)
+        sampler = (EpisodeSampler(model, tokenizer) if config.generation_backend == "hf"
+                   else EngineEpisodeSampler(engine, tokenizer))
+        generator = EpisodeRollouts(sampler, env_factory(config.env, config.env_options, tokenizer=tokenizer), budget)
     optimizer = build_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 kind=config.lr_schedule)
@@ -352,7 +351,8 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             return
         with gathered(logps_fn):
             if isinstance(generator, EpisodeRollouts):
-                acc = episode_accuracy(generator.sampler, generator.make_env, held_out, budget)
+                acc = episode_accuracy(generator.sampler, generator.make_env, held_out, budget, rank=d.rank,
+                                       world_size=d.world_size, all_reduce_sum=lambda x: all_reduce_sum(x, d))
             else:
                 acc = greedy_accuracy(model, tokenizer, held_out, reward_fns[0], config.max_new_tokens, d=d)
         logger.log(step, {"eval/accuracy": acc})
@@ -377,18 +377,19 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
             "pool/retired": len(pool.retired),
         }
         if isinstance(generator, EpisodeRollouts):
-            metrics.update(generator.pop_metrics())
+            # every rank's episodes (one process's metrics whatever the world size)
+            metrics.update(generator.pop_metrics(lambda eps: [e for part in all_gather_objects(eps, d) for e in part]))
         for fn in reward_fns:
             metrics.update({f"reward_fn/{fn.__name__}/{k}": v for k, v in fn.pop_counters().items()})
         if len(sampled.kept_rewards):
-            sleep_engine(generator)
+            sleep_engine(engine)
             all_advantages = estimator(sampled.kept_rewards)  # [B'_all, G] over every rank's kept groups
             metrics.update(_update(sampled.batch, all_advantages[sampled.mine].reshape(-1), model=model,
                                    logps_fn=logps_fn, ref_fn=ref_fn, optimizer=optimizer, scheduler=scheduler,
                                    config=config, timer=timer, d=d, num_groups=len(sampled.kept_rewards),
                                    guard=guard))
             metrics["advantage/abs_mean"] = float(all_advantages.abs().mean())
-            metrics.update(sync_weights(generator, model, timer))
+            metrics.update(sync_weights(engine, model, timer))
         else:  # every group was filtered: nothing to learn from this step
             metrics["update/skipped"] = 1.0
         metrics.update(timer.pop())
@@ -413,7 +414,7 @@ def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
               scheduler=scheduler, extra={"pool": pool.state()}, keep_last=config.keep_last)
     export_final(model, tokenizer, out_dir / "final", d=d, rebuild=lambda: prepare_model(
         config.model, device=torch.device("cpu"), **config.model_options())[0])
-    close_generator(generator)
+    close_generator(engine)
     summary["final_dir"] = str(out_dir / "final")
     logger.close(summary)
     print_run_summary("grpo", summary, enabled=d.is_main)
