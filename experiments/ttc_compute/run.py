@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.eval.metrics import majority_at_k, mean_stderr
+from posttrain.eval.metrics import majority_at_k, mcnemar_p, mean_stderr
 from posttrain.eval.tasks import make_task
 
 HERE = Path(__file__).resolve().parent
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: P(min(B, C) ≤ min(b, c)) × 2 under B ~ Binomial(b + c, ½), capped at 1."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def train_reward_model(cfg: dict, out: Path) -> Path:
