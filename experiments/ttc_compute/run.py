@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posttrain.eval.metrics import majority_at_k, mean_stderr
+from posttrain.eval.metrics import majority_at_k, mcnemar_p, mean_stderr
 from posttrain.eval.tasks import make_task
 
 HERE = Path(__file__).resolve().parent
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: P(min(B, C) ≤ min(b, c)) × 2 under B ~ Binomial(b + c, ½), capped at 1."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def train_reward_model(cfg: dict, out: Path) -> Path:
@@ -144,8 +134,8 @@ class Runner:
             pf = ParticleFilter(self.model, self.tok)
             out = pf.generate(ids, lambda prompts, comps: rm(prompts, comps),
                               ParticleParams(num_particles=spec["num_particles"], max_new_tokens=T,
-                                             step_tokens=spec["step_tokens"], step_stop_ids=self.newline_ids,
-                                             seed=seed),
+                                             step_tokens=spec["step_tokens"], step_stop_ids=self.newline_ids if spec.get("newline_steps", True) else (),
+                                             select=spec.get("select", "max_weight"), seed=seed),
                               prompts=[p.prompt for p in problems])
             share = out.forward_tokens / len(ids)
             extra = [{"resamples": r.resamples, "steps": r.steps} for r in out.results]
@@ -165,24 +155,47 @@ def load_records(folder: Path) -> dict[str, dict[str, dict]]:
 
 
 def derived_rows(cfg, pool: dict[str, dict], equivalent) -> dict[str, dict[str, dict]]:
-    """T=1, maj@k and best-of-k (reward model) from the sample pool's first k samples per problem."""
+    """T=1 (the mean over the pool), maj@k (the exact expectation over the pool's k-subsets) and best-of-k (reward
+    model; the pool's first k samples, so each problem is solved or not) from the sample pool. out_tokens: the
+    pool's mean sample length."""
     rows: dict[str, dict[str, dict]] = {"temperature1": {}}
     for pid, r in pool.items():
         n = len(r["corrects"])
         cost = lambda k, r=r: r["prompt_tokens"] - 1 + sum(r["gen_tokens"][:k])
         one = r["prompt_tokens"] - 1 + sum(r["gen_tokens"]) / n  # one sample: the prompt and its tokens
+        mean_len = sum(r["gen_tokens"]) / n
         rows["temperature1"][pid] = {"correct": sum(r["corrects"]) / n, "forward_tokens": one,
-                                     "wall_s": r["wall_s"] / n}
+                                     "wall_s": r["wall_s"] / n, "out_tokens": mean_len}
         for k in cfg["derived"]["maj"]:
-            acc = majority_at_k(r["answers"][:k], [c == 1.0 for c in r["corrects"][:k]], k, equivalent)
+            acc = majority_at_k(r["answers"], [c == 1.0 for c in r["corrects"]], k, equivalent)  # over k-subsets
             rows.setdefault(f"maj@{k}", {})[pid] = {"correct": acc, "forward_tokens": cost(k),
-                                                    "wall_s": r["wall_s"] * k / n}
+                                                    "wall_s": r["wall_s"] * k / n, "out_tokens": mean_len}
         for k in cfg["derived"]["best_of"]:
             scores = r["rm_scores"][:k]
             best = max(range(k), key=lambda g: (scores[g], -g))
             rows.setdefault(f"best_of_{k}_rm", {})[pid] = {"correct": r["corrects"][best], "forward_tokens": cost(k),
-                                                           "wall_s": r["wall_s"] * k / n}
+                                                           "wall_s": r["wall_s"] * k / n, "out_tokens": mean_len}
     return rows
+
+
+def split_by_terms(task, cfg: dict, table: dict[str, dict[str, dict]]) -> dict[str, dict[int, dict]]:
+    """strategy -> number of terms -> {n, accuracy, stderr}, for reasoning-gym problems whose metadata names
+    num_terms (chain_sum); {} for other tasks."""
+    terms = {}
+    for p in task.problems(cfg["num_problems"], cfg["seed"]):
+        entry = p.data.get("entry") if isinstance(p.data, dict) else None
+        meta = (json.loads(entry) if isinstance(entry, str) else entry or {}).get("metadata", {})
+        if "num_terms" not in meta:
+            return {}
+        terms[p.id] = int(meta["num_terms"])
+    out: dict[str, dict[int, dict]] = {}
+    for name, rows in table.items():
+        for k in sorted(set(terms.values())):
+            vals = [float(r["correct"]) for pid, r in rows.items() if terms.get(pid) == k]
+            if vals:
+                ms = mean_stderr(vals)
+                out.setdefault(name, {})[k] = {"n": ms.n, "accuracy": ms.mean, "stderr": ms.stderr}
+    return out
 
 
 def report(cfg: dict, out: Path, dest: Path) -> str:
@@ -198,9 +211,16 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
         else:
             table[name] = records[name]
     base = table.get("low_temperature", {})
+    from posttrain.models.loading import load_tokenizer
+
+    tok = load_tokenizer(cfg["model"])
+    for rows in table.values():
+        for r in rows.values():
+            if "out_tokens" not in r:
+                r["out_tokens"] = len(tok(r.get("text") or "", add_special_tokens=False)["input_ids"])
     results, lines = {}, []
-    header = (f"{'strategy':<16} {'n':>4} {'acc':>6} {'±se':>6} {'fwd tok/prob':>12} {'s/prob':>7} "
-              f"{'vs low-T: +':>11} {'-':>3} {'p':>6}")
+    header = (f"{'strategy':<16} {'n':>4} {'acc':>6} {'±se':>6} {'out tok':>7} {'fwd tok/prob':>12} {'s/prob':>7} "
+              f"{'Δ vs low-T':>10} {'±se':>6} {'+':>3} {'-':>3} {'p':>6}")
     lines += [header, "-" * len(header)]
     for name, rows in table.items():
         vals = [float(r["correct"]) for r in rows.values()]
@@ -211,14 +231,29 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
         b = sum(1 for pid in common if float(rows[pid]["correct"]) == 1.0 and float(base[pid]["correct"]) == 0.0)
         c = sum(1 for pid in common if float(rows[pid]["correct"]) == 0.0 and float(base[pid]["correct"]) == 1.0)
         frac = any(0.0 < float(rows[pid]["correct"]) < 1.0 for pid in common)  # maj@k / T=1 are expectations
+        out_tok = sum(r["out_tokens"] for r in rows.values()) / len(rows)
+        diff = mean_stderr([float(rows[pid]["correct"]) - float(base[pid]["correct"]) for pid in common] or [0.0])
         results[name] = {"n": ms.n, "accuracy": ms.mean, "stderr": ms.stderr, "forward_tokens_per_problem": fwd,
-                         "wall_s_per_problem": wall, "paired_n": len(common),
+                         "wall_s_per_problem": wall, "output_tokens_per_problem": out_tok, "paired_n": len(common),
+                         "difference_vs_low_temperature": diff.mean, "difference_stderr": diff.stderr,
                          "better_than_low_temperature": b, "worse_than_low_temperature": c,
                          "mcnemar_p": None if frac else mcnemar_p(b, c)}
         p = "-" if frac or name == "low_temperature" else f"{mcnemar_p(b, c):.3f}"
-        lines.append(f"{name:<16} {ms.n:>4} {ms.mean:>6.3f} {ms.stderr:>6.3f} {fwd:>12.0f} {wall:>7.2f} "
-                     f"{(b if not frac else '-'):>11} {(c if not frac else '-'):>3} {p:>6}")
+        lines.append(f"{name:<16} {ms.n:>4} {ms.mean:>6.3f} {ms.stderr:>6.3f} {out_tok:>7.1f} {fwd:>12.0f} "
+                     f"{wall:>7.2f} {diff.mean:>+10.3f} {diff.stderr:>6.3f} {(b if not frac else '-'):>3} "
+                     f"{(c if not frac else '-'):>3} {p:>6}")
     text = "\n".join(lines)
+    by_terms = split_by_terms(task, cfg, table)
+    if by_terms:
+        results_split = {name: {str(k): v for k, v in row.items()} for name, row in by_terms.items()}
+        keys = sorted({k for row in by_terms.values() for k in row})
+        split_lines = [f"{'strategy':<16} " + " ".join(f"{f'{k} terms: n':>12} {'acc':>6} {'±se':>6}" for k in keys)]
+        for name, row in by_terms.items():
+            split_lines.append(f"{name:<16} " + " ".join(
+                f"{row[k]['n']:>12} {row[k]['accuracy']:>6.3f} {row[k]['stderr']:>6.3f}" if k in row else " " * 26
+                for k in keys))
+        for name, row in results.items():
+            row["by_num_terms"] = results_split.get(name, {})
     full = {name: {"forward_tokens": r["forward_tokens_per_problem"] * cfg["num_problems"],
                    "cpu_hours_at_measured_rate": r["wall_s_per_problem"] * cfg["num_problems"] / 3600}
             for name, r in results.items()}
@@ -231,11 +266,14 @@ def report(cfg: dict, out: Path, dest: Path) -> str:
           f"{cfg['alpha']} (low temperature τ = {1 / cfg['alpha']:g}), max_new_tokens {cfg['max_new_tokens']}.", "",
           "```", text, "```", "",
           "acc: accuracy ± standard error over problems (T=1 and maj@k are exact expectations over the 8-sample "
-          "pool: maj@k by the exact subset formula with answers grouped by math-verify, T=1 the mean of the 8). "
-          "fwd tok/prob: tokens forwarded through the policy per problem (prompt included; reward-model passes "
-          "not counted). s/prob: wall seconds per problem on the machine that ran it. vs low-T: problems solved by "
-          "the strategy but not by low temperature (+) and the reverse (-), on the problems both finished, with "
-          "the exact McNemar p-value (not shown for expectation rows).", "",
+          "pool: T=1 the mean of the 8, maj@k the exact expectation over the pool's k-subsets with answers grouped "
+          "by math-verify; best-of-k takes the pool's first k). out tok: mean length of the returned completion "
+          "(T=1/maj/best-of: of the pool's samples). fwd tok/prob: tokens forwarded through the policy per problem "
+          "(prompt included; reward-model passes not counted). s/prob: wall seconds per problem on the machine that "
+          "ran it. Δ vs low-T: mean paired difference in accuracy against low temperature on the same problems, "
+          "± its standard error. + / -: problems solved by the strategy but not by low temperature and the reverse, "
+          "with the exact two-sided McNemar (binomial) p-value (not shown for expectation rows).", "",
+          *(["By number of terms in the chain sum:", "", "```", *split_lines, "```", ""] if by_terms else []),
           "Full run (all planned problems) at the measured per-problem cost:", "",
           "| strategy | forward tokens | hours at the measured wall time |", "|---|---|---|"]
     md += [f"| {k} | {v['forward_tokens']:.3g} | {v['cpu_hours_at_measured_rate']:.2f} |" for k, v in full.items()]
@@ -274,12 +312,13 @@ def main() -> None:
     if not a.report:
         runner = Runner(cfg, a.device, out)
         problems = runner.task.problems(cfg["num_problems"], cfg["seed"])
-        names = a.only.split(",") if a.only else list(cfg["strategies"])
+        only = a.only.split(",") if a.only else list(cfg["strategies"])
+        phases = [[n for n in phase if n in only] for phase in cfg.get("phases", [list(cfg["strategies"])])]
         path = out / a.records
         starts = list(range(0, len(problems), cfg["chunk"]))
-        for lo in (reversed(starts) if a.reverse else starts):
+        for phase, lo in ((ph, lo) for ph in phases for lo in (reversed(starts) if a.reverse else starts)):
             chunk = problems[lo:lo + cfg["chunk"]]
-            for name in names:
+            for name in phase:
                 done = load_records(out).get(name, {})
                 if all(p.id in done for p in chunk):
                     continue

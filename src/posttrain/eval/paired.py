@@ -16,6 +16,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from posttrain.eval.metrics import mcnemar_p
+
 
 @dataclass(frozen=True)
 class PairedTest:
@@ -33,17 +35,6 @@ class PairedTest:
                 f"{self.n}; McNemar exact p = {self.p_value:.3g})")
 
 
-def mcnemar_exact_p(fixed: int, broken: int) -> float:
-    """Two-sided exact McNemar p-value for b = `fixed`, c = `broken` discordant pairs (1.0 when there are none)."""
-    if fixed < 0 or broken < 0:
-        raise ValueError(f"counts must be non-negative, got {fixed} and {broken}")
-    m = fixed + broken
-    if m == 0:
-        return 1.0
-    tail = sum(math.comb(m, k) for k in range(min(fixed, broken) + 1)) / 2.0 ** m
-    return min(1.0, 2.0 * tail)
-
-
 def paired_test(before: Sequence[float | bool], after: Sequence[float | bool]) -> PairedTest:
     """Compare per-problem correctness (1/True = right) on the same problems before and after.
 
@@ -59,4 +50,4 @@ def paired_test(before: Sequence[float | bool], after: Sequence[float | bool]) -
     broken = sum(x and not y for x, y in zip(right_before, right_after, strict=True))
     variance = max(fixed + broken - (fixed - broken) ** 2 / n, 0.0)
     return PairedTest(n=n, fixed=fixed, broken=broken, difference=(fixed - broken) / n,
-                      difference_se=math.sqrt(variance) / n, p_value=mcnemar_exact_p(fixed, broken))
+                      difference_se=math.sqrt(variance) / n, p_value=mcnemar_p(fixed, broken))
