@@ -8,11 +8,19 @@ micro_batch_size 2 equals 1 rank × 4; for GRPO/PPO each rank generates half of 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import torch
 
 LETTERS = set("abcdefghijklmnopqrstuvwxyz")
+
+
+def free_port() -> int:
+    """A TCP port that is free now on 127.0.0.1 (for torchrun's --master_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def letters_reward(prompts, completions, **kwargs):

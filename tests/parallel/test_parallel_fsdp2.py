@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from parallel_jobs import job, register_rewards, run_job, write_data  # on sys.path: conftest.py
+from parallel_jobs import free_port, job, register_rewards, run_job, write_data  # on sys.path: conftest.py
 from safetensors.torch import load_file
 
 from posttrain.train.logging import read_metrics
@@ -31,18 +30,12 @@ FIVE_STEPS = ["sft5", "grpo5", "sft_lora", "scalerl"]  # (the last two: LoRA + a
 # ScaleRL's batch-normalised advantages with the zero-variance filter, dynamic sampling and the pass-rate pool, 3 steps)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str, timeout: int = 400) -> subprocess.Popen:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.Popen([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}",
+    return subprocess.Popen([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
                              str(HERE / "fsdp2_worker.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -81,7 +74,7 @@ def runs(tmp_path_factory):
         REWARDS.clear()
         REWARDS.update(registered)
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -6,7 +6,6 @@ One torchrun launch runs every 2-process job (tests/parallel/fsdp2_worker.py, mo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from loss_jobs import LOSS_JOBS, RL_LOSSES, loss_job  # on sys.path: conftest.py
-from parallel_jobs import register_rewards, run_job, write_data
+from parallel_jobs import free_port, register_rewards, run_job, write_data
 from safetensors.torch import load_file
 
 from posttrain.models.tiny import tiny_model
@@ -22,12 +21,6 @@ from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def runs(tmp_path_factory):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     torchrun = Path(sys.executable).with_name("torchrun")
-    launch = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}",
+    launch = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
                              str(HERE / "fsdp2_worker.py"), str(root / "data"), str(root / "two"), "losses"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600, check=False)
     assert launch.returncode == 0, (launch.stdout + launch.stderr)[-4000:]
