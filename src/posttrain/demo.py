@@ -3,14 +3,17 @@
 Stages (each adds a section to `<output_dir>/report.md`):
 - sft:  teach a strict answer format (a final line `Answer: <number>`) on reasoning-gym arithmetic problems;
         held-out format compliance and accuracy before and after.
-- grpo: GRPO with the task's own scorer as the reward, from the SFT model (LoRA); held-out accuracy on the same
-        problems before and after (paired: McNemar's exact test), the train reward and held-out curves.
+- grpo: GRPO (LoRA) with the task's own scorer as the reward; held-out accuracy on the same problems before and
+        after (paired: McNemar's exact test), the train reward and held-out curves. By default (`grpo_start=base`)
+        it starts from the embedded model on two-term one-digit sums with the last number as the answer: the base
+        model samples varied answers there, so most groups carry a signal. `grpo_start=sft` continues from the SFT
+        model on the SFT task instead (nearly deterministic at T = 1, so most of its groups carry none).
 - ttc:  test-time compute on held-out problems with the trained model: greedy vs temperature 1 vs maj@k vs
         low temperature vs power sampling (p^α by Metropolis-Hastings), each with its cost in forwarded tokens.
 - dpo:  DPO (plus the winners' NLL) on the shipped identity pairs mixed with control pairs on unrelated prompts:
         the assistant takes a new name and maker and keeps its other answers; identity rate, leakage and the
         log-likelihood change of its own answers on held-out prompts, before and after.
-Later stages build on the SFT model. Every stage is a function `(ctx) -> Section`; `STAGES` maps names to them.
+Later stages build on the SFT model (and on the GRPO model when `grpo_start=sft`). Every stage is a function `(ctx) -> Section`; `STAGES` maps names to them.
 """
 
 from __future__ import annotations
@@ -43,13 +46,17 @@ class DemoConfig:
     max_new_tokens: int = field(40, help="generation budget per answer")
     sft_lr: float = field(5e-5, help="SFT learning rate (full fine-tuning)")
     sft_epochs: float = field(1.0, help="SFT epochs")
-    grpo_steps: int = field(24, help="GRPO steps (B prompts x G samples each)")
-    grpo_prompts: int = field(8, help="GRPO prompts per step")
+    grpo_start: str = field("base", help="GRPO's starting model: 'base' (the embedded model on two-term one-digit "
+                            "sums, answer = last number) or 'sft' (the SFT model on the SFT task, answer = `Answer:` line)")
+    grpo_steps: int = field(12, help="GRPO steps (B prompts x G samples each)")
+    grpo_prompts: int = field(16, help="GRPO prompts per step")
     grpo_generations: int = field(8, help="GRPO samples per prompt")
     grpo_lr: float = field(3e-5, help="GRPO learning rate (LoRA)")
-    grpo_temperature: float = field(1.2, help="GRPO sampling temperature (the SFT model is nearly deterministic at 1)")
-    grpo_task_size: int = field(512, help="GRPO training problems (a generator seed apart from SFT's and held-out's)")
-    grpo_eval_every: int = field(8, help="held-out greedy accuracy every N GRPO steps (and at start and end)")
+    grpo_temperature: float = field(1.0, help="GRPO sampling temperature (1.2 helps grpo_start=sft: that model is "
+                                    "nearly deterministic at 1)")
+    grpo_max_new_tokens: int = field(32, help="GRPO generation budget per answer (training and held-out scoring)")
+    grpo_task_size: int = field(1024, help="GRPO training problems (a generator seed apart from SFT's and held-out's)")
+    grpo_eval_every: int = field(6, help="held-out greedy accuracy every N GRPO steps (and at start and end)")
     ttc_problems: int = field(24, help="held-out problems for the test-time compute comparison")
     ttc_samples: int = field(8, help="samples per problem for majority vote (maj@k)")
     power_alpha: float = field(4.0, help="power sampling exponent α (proposal temperature 1/α)")
@@ -63,6 +70,8 @@ class DemoConfig:
         unknown = [s for s in self.stage_list if s not in STAGES]
         if unknown:
             raise ConfigError(f"key 'stages': unknown stage(s) {unknown}; available: {list(STAGES)}.")
+        if self.grpo_start not in GRPO_STARTS:
+            raise ConfigError(f"key 'grpo_start': expected one of {list(GRPO_STARTS)}, got {self.grpo_start!r}.")
 
     @property
     def stage_list(self) -> list[str]:
@@ -73,6 +82,10 @@ class DemoConfig:
 TASK_KWARGS: dict[str, dict[str, Any]] = {"chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
                "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}}
 INSTRUCTION = "\nGive the result alone on the last line as `Answer: <number>`."
+# GRPO from the base model (grpo_start=base): the sums the embedded model gets right a third of the time greedily
+# and a sixth of the time sampled (experiments/rlvr_passk), scored on the last number it writes.
+GRPO_STARTS = ("base", "sft")
+GRPO_BASE_TASK_KWARGS: dict[str, Any] = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
 
 @dataclass
@@ -107,8 +120,10 @@ def worked_answer(row: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def score_problems(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers to `rows`; format compliance (strict last line) and accuracy (the task's own scorer)."""
+def score_problems(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int,
+                   extract: str = "final_line") -> dict[str, Any]:
+    """Greedy answers to `rows`; format compliance (strict last line) and accuracy (the task's own scorer on the
+    answer that `extract` reads: the `Answer:` line, or the last number)."""
     from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
     from posttrain.rewards.format import make_answer_line_format_reward
     from posttrain.rewards.gym import make_gym_reward
@@ -122,7 +137,7 @@ def score_problems(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens:
     texts = rollouts.texts
     columns = {k: [r[k] for r in rows] for k in ("entry", "task", "task_config")}
     fmt = make_answer_line_format_reward()([r["prompt"] for r in rows], texts)
-    correct = make_gym_reward("final_line")([r["prompt"] for r in rows], texts, **columns)
+    correct = make_gym_reward(extract)([r["prompt"] for r in rows], texts, **columns)
     return {"texts": texts, "format": sum(fmt) / len(rows), "accuracy": sum(correct) / len(rows), "format_ok": fmt,
             "correct": correct, "generated_tokens": rollouts.generated_tokens, "seconds": seconds}
 
@@ -245,41 +260,54 @@ def _plot_grpo(path: Path, train: list[dict], evals: list[dict], n_held_out: int
 
 
 def stage_grpo(ctx: DemoContext) -> Section:
-    """Demo stage: GRPO with LoRA from the SFT model on the task's verifier reward; held-out accuracy compared on
-    the same problems before and after (McNemar's exact test), with the train reward and held-out curves."""
+    """Demo stage: GRPO with LoRA (from the base or the SFT model: `grpo_start`) on the task's verifier reward;
+    held-out accuracy compared on the same problems before and after (McNemar's exact test), with the train reward
+    and held-out curves."""
     from posttrain.eval.paired import paired_test
     from posttrain.recipes.grpo import GRPOConfig
     from posttrain.recipes.grpo import run as run_grpo
+    from posttrain.rewards.gym import DEFAULT_INSTRUCTION, gym_rows
     from posttrain.train.logging import read_metrics
 
     c = ctx.config
     run_dir = ctx.out / "grpo"
-    held_out = ctx.cache.get("held_out") or task_rows(c.task, c.eval_problems, seed=c.seed + 2)
-    before = ctx.cache.get("held_out_scores")
-    if before is None:  # the stage run on its own: score the starting model here
-        model, tokenizer = load_model(ctx.model_path)
-        before = score_problems(model, tokenizer, held_out, c.max_new_tokens)
+    if c.grpo_start == "base":  # a side branch from the embedded model; later stages go on from the SFT model
+        start, extract, start_name = c.model, "last_number", "the base model"
+
+        def rows_for(size: int, seed: int) -> list[dict[str, Any]]:
+            return gym_rows(c.task, size, seed, instruction=DEFAULT_INSTRUCTION, **GRPO_BASE_TASK_KWARGS)
+
+        held_out, before = rows_for(c.eval_problems, c.seed + 2), None
+        train_rows = rows_for(c.grpo_task_size, c.seed + 3)
+    else:
+        start, extract, start_name = ctx.model_path, "final_line", "the SFT model"
+        held_out = ctx.cache.get("held_out") or task_rows(c.task, c.eval_problems, seed=c.seed + 2)
+        before, train_rows = ctx.cache.get("held_out_scores"), task_rows(c.task, c.grpo_task_size, seed=c.seed + 3)
+    if before is None:  # score the starting model on the held-out problems
+        model, tokenizer = load_model(start)
+        before = score_problems(model, tokenizer, held_out, c.grpo_max_new_tokens, extract)
         del model
     train_file, eval_file = ctx.out / "data" / "grpo_train.jsonl", ctx.out / "data" / "grpo_heldout.jsonl"
-    for path, rows in ((train_file, task_rows(c.task, c.grpo_task_size, seed=c.seed + 3)), (eval_file, held_out)):
+    for path, rows in ((train_file, train_rows), (eval_file, held_out)):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    config = GRPOConfig(model=ctx.model_path, train_file=str(train_file), eval_file=str(eval_file),
+    config = GRPOConfig(model=start, train_file=str(train_file), eval_file=str(eval_file),
                         eval_size=len(held_out), eval_steps=c.grpo_eval_every,
-                        rewards=["gym"], reward_options={"gym": {"extract": "final_line"}}, loss="grpo",
+                        rewards=["gym"], reward_options={"gym": {"extract": extract}}, loss="grpo",
                         num_generations=c.grpo_generations, prompts_per_step=c.grpo_prompts,
-                        temperature=c.grpo_temperature,
-                        max_new_tokens=c.max_new_tokens, micro_batch_size=c.grpo_prompts * c.grpo_generations,
+                        temperature=c.grpo_temperature, max_new_tokens=c.grpo_max_new_tokens,
+                        micro_batch_size=min(c.grpo_prompts * c.grpo_generations, 64),
                         lr=c.grpo_lr, lora_r=16, lora_alpha=32, max_steps=c.grpo_steps, seed=c.seed,
                         output_dir=str(run_dir), tensorboard=False, overwrite=True)  # a rerun redoes the stage
     t0 = time.perf_counter()
     summary = run_grpo(config)
     seconds = time.perf_counter() - t0
-    ctx.model_path = summary["final_dir"]
+    if c.grpo_start == "sft":
+        ctx.model_path = summary["final_dir"]
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if "reward/mean" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
-    model, tokenizer = load_model(ctx.model_path)
-    after = score_problems(model, tokenizer, held_out, c.max_new_tokens)
+    model, tokenizer = load_model(summary["final_dir"])
+    after = score_problems(model, tokenizer, held_out, c.grpo_max_new_tokens, extract)
     test = paired_test(before["correct"], after["correct"])
     n = len(held_out)
     print(f"[demo] after GRPO: accuracy {before['accuracy']:.0%} -> {after['accuracy']:.0%} ({test})", flush=True)
@@ -289,13 +317,14 @@ def stage_grpo(ctx: DemoContext) -> Section:
     first, last = (sum(r["reward/mean"] for r in part) / k for part in (train[:k], train[-k:]))
     curve = " → ".join(f"{r['eval/accuracy']:.0%} (step {r['step']})" for r in evals)
     md = (
-        f"GRPO (LoRA r=16, lr {c.grpo_lr:g}) from the SFT model: {c.grpo_steps} steps of {c.grpo_prompts} prompts × "
-        f"{c.grpo_generations} samples (T={c.grpo_temperature:g}), reward = the task's scorer on the `Answer:` line; {seconds:.0f} s in "
+        f"GRPO (LoRA r=16, lr {c.grpo_lr:g}) from {start_name}: {c.grpo_steps} steps of {c.grpo_prompts} prompts × "
+        f"{c.grpo_generations} samples (T={c.grpo_temperature:g}), reward = the task's scorer on "
+        f"{'the last number' if extract == 'last_number' else 'the `Answer:` line'}; {seconds:.0f} s in "
         f"all (per step: generate {timers['time/generate']:.1f} s, reward {timers['time/reward']:.2f} s, update "
         f"{timers['time/update']:.1f} s; held-out evaluations included in the total). Sampled train reward, mean of "
         f"the first {k} steps → last {k}: {first:.2f} → {last:.2f} ({c.grpo_prompts * c.grpo_generations} samples a "
         f"step). Held-out greedy accuracy during training: {curve}.\n\n"
-        f"| held-out ({n} problems, greedy; Wilson 95% intervals) | after SFT | after GRPO |\n"
+        f"| held-out ({n} problems, greedy; Wilson 95% intervals) | {start_name} | after GRPO |\n"
         f"|---|---|---|\n"
         f"| accuracy | {_pct(before['accuracy'], n)} | {_pct(after['accuracy'], n)} |\n"
         f"| format | {_pct(before['format'], n)} | {_pct(after['format'], n)} |\n\n"

@@ -35,3 +35,25 @@ def test_demo_pipeline_writes_a_complete_report(tmp_path):
 def test_demo_rejects_unknown_stage(tmp_path, capsys):
     assert main(["demo", "stages=sft,rlhf", f"output_dir={tmp_path / 'x'}"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_demo_grpo_start_chooses_the_starting_model_and_its_answer_reading(tmp_path):
+    # base (default): a side branch from the starting model, scored on the last number; sft: from the SFT model,
+    # scored on the `Answer:` line, and the later stages continue from the GRPO model
+    small = ["model=tiny", "train_problems=8", "eval_problems=4", "grpo_steps=1", "grpo_prompts=2",
+             "grpo_generations=2", "grpo_task_size=8", "grpo_eval_every=1", "max_new_tokens=6",
+             "grpo_max_new_tokens=6"]
+    for start, phrase in (("base", "from the base model"), ("sft", "from the SFT model")):
+        out = tmp_path / start
+        assert main(["demo", "stages=sft,grpo", f"grpo_start={start}", f"output_dir={out}", *small]) == 0
+        report = (out / "report.md").read_text()
+        assert phrase in report
+        assert ("reward = the task's scorer on the last number" in report) == (start == "base")
+        runs = json.loads((out / "grpo" / "run_config.json").read_text())
+        assert runs["reward_options"]["gym"]["extract"] == ("last_number" if start == "base" else "final_line")
+        assert runs["model"].endswith("final") == (start == "sft")
+
+
+def test_demo_rejects_unknown_grpo_start(tmp_path, capsys):
+    assert main(["demo", "grpo_start=ppo", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "grpo_start" in capsys.readouterr().err
