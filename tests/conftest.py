@@ -2,9 +2,16 @@
 
 `make test` runs two pytest workers on two cores; two torch threads per worker would oversubscribe the cores, and
 on a loaded machine that makes small-tensor work 10-100x slower. Subprocesses started by tests inherit the same.
+
+`tests/` goes on sys.path so the shared helper modules here (ports.py) import by name (pytest runs with
+--import-mode=importlib, which leaves sys.path alone).
 """
 
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -6,7 +6,6 @@ process the run does not depend on how a step is cut into micro-batches (gradien
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,13 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_jobs import config_keys, run_job, write_data
+from ports import free_port  # tests/ports.py (tests/conftest.py puts tests/ on sys.path)
 
 from posttrain.models import tiny_model
 from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -66,7 +60,7 @@ def _make_runs(root: Path) -> Path:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     torchrun = Path(sys.executable).with_name("torchrun")
-    launch = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}",
+    launch = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
                              str(HERE / "distill_worker.py"), str(root / "data"), str(root / "two"),
                              str(root / "resumed")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert launch.returncode == 0, (launch.stdout + launch.stderr)[-4000:]

@@ -5,7 +5,6 @@ held-out accuracy (its rows split across the ranks) and the same weights after 2
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,13 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from envs_helpers import write_env_job
+from ports import free_port  # tests/ports.py (tests/conftest.py puts tests/ on sys.path)
 
 from posttrain.config import build_config
 from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _curve(run_dir: Path) -> list[dict]:
@@ -42,7 +36,7 @@ def test_env_grpo_on_two_processes_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}",
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
                            str(HERE / "env_parallel_worker.py"), str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
