@@ -266,7 +266,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
     from posttrain.eval.paired import paired_test
     from posttrain.recipes.grpo import GRPOConfig
     from posttrain.recipes.grpo import run as run_grpo
-    from posttrain.rewards.gym import DEFAULT_INSTRUCTION, gym_rows
+    from posttrain.rewards.gym import gym_rows
     from posttrain.train.logging import read_metrics
 
     c = ctx.config
@@ -275,7 +275,7 @@ def stage_grpo(ctx: DemoContext) -> Section:
         start, extract, start_name = c.model, "last_number", "the base model"
 
         def rows_for(size: int, seed: int) -> list[dict[str, Any]]:
-            return gym_rows(c.task, size, seed, instruction=DEFAULT_INSTRUCTION, **GRPO_BASE_TASK_KWARGS)
+            return gym_rows(c.task, size, seed, instruction=INSTRUCTION, **GRPO_BASE_TASK_KWARGS)
 
         held_out, before = rows_for(c.eval_problems, c.seed + 2), None
         train_rows = rows_for(c.grpo_task_size, c.seed + 3)
