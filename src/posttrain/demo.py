@@ -104,11 +104,13 @@ class DemoContext:
     cache: dict[str, Any] = dc_field(default_factory=dict)
 
 
-def task_rows(task: str, size: int, seed: int) -> list[dict[str, Any]]:
-    """`size` reasoning-gym rows of `task` (generator seed `seed`) with the demo's answer instruction."""
+def task_rows(task: str, size: int, seed: int, task_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`size` reasoning-gym rows of `task` (generator seed `seed`; generator settings `task_kwargs`, default the
+    demo's TASK_KWARGS) with the demo's answer instruction."""
     from posttrain.rewards.gym import gym_rows
 
-    return gym_rows(task, size, seed, instruction=INSTRUCTION, **TASK_KWARGS.get(task, {}))
+    kwargs = TASK_KWARGS.get(task, {}) if task_kwargs is None else task_kwargs
+    return gym_rows(task, size, seed, instruction=INSTRUCTION, **kwargs)
 
 
 def worked_answer(row: dict[str, Any]) -> str:
@@ -266,19 +268,14 @@ def stage_grpo(ctx: DemoContext) -> Section:
     from posttrain.eval.paired import paired_test
     from posttrain.recipes.grpo import GRPOConfig
     from posttrain.recipes.grpo import run as run_grpo
-    from posttrain.rewards.gym import gym_rows
     from posttrain.train.logging import read_metrics
 
     c = ctx.config
     run_dir = ctx.out / "grpo"
     if c.grpo_start == "base":  # a side branch from the embedded model; later stages go on from the SFT model
         start, extract, start_name = c.model, "last_number", "the base model"
-
-        def rows_for(size: int, seed: int) -> list[dict[str, Any]]:
-            return gym_rows(c.task, size, seed, instruction=INSTRUCTION, **GRPO_BASE_TASK_KWARGS)
-
-        held_out, before = rows_for(c.eval_problems, c.seed + 2), None
-        train_rows = rows_for(c.grpo_task_size, c.seed + 3)
+        held_out, before = task_rows(c.task, c.eval_problems, c.seed + 2, GRPO_BASE_TASK_KWARGS), None
+        train_rows = task_rows(c.task, c.grpo_task_size, c.seed + 3, GRPO_BASE_TASK_KWARGS)
     else:
         start, extract, start_name = ctx.model_path, "final_line", "the SFT model"
         held_out = ctx.cache.get("held_out") or task_rows(c.task, c.eval_problems, seed=c.seed + 2)

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -72,7 +72,7 @@ class KTOConfig(RunOptions):
     max_steps: int = field(-1, help="optimizer steps; -1 = derived from epochs")
     lr: float = field(1e-6, help="peak learning rate (TRL's KTO default: 1e-6)")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
-    lr_schedule: str = field("constant", help="cosine or constant (after warmup)")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", help="cosine or constant (after warmup)")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
 
@@ -88,8 +88,6 @@ class KTOConfig(RunOptions):
                 raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
 
 
 def load_unpaired(path: str) -> list[dict[str, Any]]:

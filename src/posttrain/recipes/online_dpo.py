@@ -20,7 +20,7 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -58,7 +58,7 @@ class OnlineDPOConfig(RunOptions, PromptSource):
     top_p: float = field(1.0, help="sampling top-p")
     lr: float = field(5e-7, help="peak learning rate (TRL's online DPO: 5e-7)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
-    lr_schedule: str = field("constant", help="constant or cosine")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", help="constant or cosine (after warmup)")
     max_steps: int = field(50, help="optimizer steps")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
 
