@@ -29,7 +29,7 @@ def _prompt(row: dict[str, Any]):
 @torch.no_grad()
 def evaluate_student(student, teacher: FrozenTeacher, tokenizer, rows: list[dict[str, Any]], reward_fn, *,
                      max_new_tokens: int, seed: int, chunk_size: int = 256, batch: int = 32,
-                     d: Dist | None = None) -> dict[str, float]:
+                     d: Dist | None = None, rows_out: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Held-out greedy accuracy (reward_fn ≥ 1) and the student's reverse KL to the teacher on its own samples.
 
     reverse KL per sequence = Σ_t KL(q(·|y_<t) ‖ p(·|y_<t)) over a temperature-1 student sample y of each prompt
@@ -37,6 +37,8 @@ def evaluate_student(student, teacher: FrozenTeacher, tokenizer, rows: list[dict
     Returns accuracy, its standard error, the mean sequence KL and its standard error, the mean per-token KL.
     Row i's sample is drawn with seed `seed + i`, so the numbers do not depend on the batching; with `d` of several
     ranks, rank r evaluates rows r, r + W, ... and the per-row results are gathered (call it on every rank).
+    rows_out: if given, filled with the per-row results in row order, "correct" (1.0 / 0.0, with a reward_fn) and
+    "reverse_kl_seq" (nats per sample), for paired comparisons of two students on the same rows (McNemar).
     """
     d = d or Dist()
     indices = list(range(d.rank, len(rows), d.world_size))
@@ -65,6 +67,9 @@ def evaluate_student(student, teacher: FrozenTeacher, tokenizer, rows: list[dict
     student.train(was_training)
     correct = sorted(c for part in all_gather_objects(correct, d) for c in part)
     seq_kl = sorted(c for part in all_gather_objects(seq_kl, d) for c in part)
+    if rows_out is not None:
+        rows_out["correct"] = [c[1] for c in correct]
+        rows_out["reverse_kl_seq"] = [c[1] for c in seq_kl]
     token_kl_sum = sum(c[1] for c in seq_kl)
     token_count = sum(c[2] for c in seq_kl)
 
