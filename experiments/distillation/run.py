@@ -37,15 +37,18 @@ LABELS = {"gold": "(a) SFT on gold", "sequence": "(b) off-policy sequence distil
           "sequence_then_on_policy": "(e) (b) then on-policy reverse KL"}
 
 
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Task rows with their gold worked answer as `completion` (a prompt file for every recipe)."""
+    atomic_write_text(path, "".join(json.dumps({**r, "completion": [
+        {"role": "assistant", "content": worked_answer(r)}]}) + "\n" for r in rows))
+    return path
+
+
 def write_data(c: dict, root: Path) -> tuple[Path, Path]:
     train, held = root / "data" / "train.jsonl", root / "data" / "heldout.jsonl"
     if not train.exists():
-        def dump(path: Path, rows: list[dict]) -> None:
-            atomic_write_text(path, "".join(json.dumps({**r, "completion": [
-                {"role": "assistant", "content": worked_answer(r)}]}) + "\n" for r in rows))
-
-        dump(train, task_rows(c, c["train_problems"], c["teacher_seed"]))
-        dump(held, task_rows(c, c["eval_problems"], c["eval_seed"]))
+        write_rows(train, task_rows(c, c["train_problems"], c["teacher_seed"]))
+        write_rows(held, task_rows(c, c["eval_problems"], c["eval_seed"]))
     return train, held
 
 
@@ -84,26 +87,31 @@ def student_params(path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def grpo_curve(c: dict, root: Path, n_params: int) -> list[dict]:
-    """GRPO's eval points with cumulative student FLOPs from its logged lengths (prompts encoded once per group)."""
+def grpo_flops(metrics: Path, prompts: Path, model: str, B: int, G: int, n_params: int) -> dict[int, float]:
+    """Cumulative student FLOPs of a GRPO run after each logged step, from its logged lengths: sampling 2N·(B·P + B·G·L)
+    (prompts encoded once per group), update 6N·(S/G·P + S·L) on the S sequences of the kept groups."""
     from posttrain.generation.sampler import encode_prompts
     from posttrain.models.loading import load_tokenizer
 
-    tok = load_tokenizer(c["student"])
-    rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
-    P = sum(len(p) for p in encode_prompts(tok, [r["prompt"] for r in rows])) / len(rows)
-    m = c["methods"]["grpo"]
-    B, G = m["prompts_per_step"], m["num_generations"]
-    flops, points = 0.0, []
-    for r in read_metrics(root / "grpo" / "metrics.jsonl"):
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    P = sum(len(p) for p in encode_prompts(load_tokenizer(model), [r["prompt"] for r in rows])) / len(rows)
+    flops, out = 0.0, {}
+    for r in read_metrics(metrics):
         if "completion/mean_length" in r:
             L = r["completion/mean_length"]
-            flops += 2 * n_params * (B * P + B * G * L)  # sampling
             S = r.get("update/sequences", 0.0)
-            flops += 6 * n_params * (S / G * P + S * L)  # update on the kept groups
-        if "eval/accuracy" in r:
-            points.append({"step": r["step"], "flops": flops, "accuracy": r["eval/accuracy"]})
-    return points
+            flops += 2 * n_params * (B * P + B * G * L) + 6 * n_params * (S / G * P + S * L)
+            out[r["step"]] = flops
+    return out
+
+
+def grpo_curve(c: dict, root: Path, n_params: int) -> list[dict]:
+    """GRPO's eval points with cumulative student FLOPs from its logged lengths."""
+    m = c["methods"]["grpo"]
+    flops = grpo_flops(root / "grpo" / "metrics.jsonl", root / "data" / "train.jsonl", c["student"],
+                       m["prompts_per_step"], m["num_generations"], n_params)
+    return [{"step": r["step"], "flops": flops.get(r["step"], 0.0), "accuracy": r["eval/accuracy"]}
+            for r in read_metrics(root / "grpo" / "metrics.jsonl") if "eval/accuracy" in r]
 
 
 def report(c: dict, root: Path) -> None:

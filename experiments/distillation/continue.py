@@ -1,0 +1,307 @@
+"""Qwen3's order, tested: off-policy distillation first, then four ways to continue at equal student FLOPs.
+
+    python experiments/distillation/continue.py            # every stage not done yet, then the report
+    python experiments/distillation/continue.py --time     # one step of each method (wall time), for sizing
+    python experiments/distillation/continue.py --report   # only the report from continue_results.json
+
+Stages (config: continue.yaml): the teacher (teacher.py), the shared data (run.py's write_data: the warm-start and
+held-out prompts; fresh continuation prompts), the common warm start (the layer-dropped student after off-policy
+sequence distillation, run.py's recipe (b)), the teacher's and the warm start's held-out evaluation, then for every
+seed and method a run from the warm start that checkpoints every `save_steps` steps; each checkpoint is evaluated
+(greedy accuracy with per-problem results for McNemar, reverse KL to the teacher on the student's own samples) and
+deleted. Results go to continue_results.json after every evaluation, so a run cut short still leaves numbers;
+continue_results.md and continue_curves.png are written from it. FLOPs as in run.py: 2·N per forwarded token, 6·N per
+trained token (N = student parameters), counted from the continuation's start; teacher FLOPs separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import common, grpo_flops, student_params, wilson, write_data, write_rows
+from teacher import main as teacher_main
+from teacher import rows as task_rows
+
+from posttrain.train.checkpoint import atomic_write_text
+from posttrain.train.logging import read_metrics
+
+LABELS = {"sequence": "(b') more off-policy sequence distillation", "on_policy": "(c') on-policy reverse KL",
+          "grpo": "(d') GRPO with the verifier", "gold": "(a') SFT on gold"}
+RESULTS = HERE / "continue_results.json"
+
+
+def train(name: str, c: dict, root: Path, seed: int, out: Path, **overrides) -> None:
+    """One continuation run of method `name` from the warm start (a method's own keys win over the shared ones)."""
+    base = {**common(c, root, root / "data" / "continue.jsonl", root / "data" / "heldout.jsonl"),
+            "model": str(root / "warm" / "final"), "eval_file": None, "seed": seed, "keep_last": 0,
+            "overwrite": True, **c["methods"][name], **overrides}  # no eval_file: checkpoints are evaluated here
+    if name == "grpo":
+        from posttrain.recipes.grpo import GRPOConfig, run
+
+        run(GRPOConfig(**base, output_dir=str(out), loss="grpo"))
+        return
+    from posttrain.recipes.distill import DistillConfig, run
+
+    run(DistillConfig(**base, teacher=str(root / "teacher" / "final"), output_dir=str(out)))
+
+
+def step_flops(name: str, c: dict, root: Path, out: Path, n_params: int) -> dict[int, tuple[float, float]]:
+    """(student, teacher) FLOPs of a run after each step, counted from its start."""
+    if name == "grpo":
+        m = c["methods"]["grpo"]
+        f = grpo_flops(out / "metrics.jsonl", root / "data" / "continue.jsonl", c["student"], m["prompts_per_step"],
+                       m["num_generations"], n_params)
+        return {s: (v, 0.0) for s, v in f.items()}
+    return {r["step"]: (r["flops/student"], r["flops/teacher"]) for r in read_metrics(out / "metrics.jsonl")
+            if "flops/student" in r and "divergence" in r}
+
+
+class Evaluator:
+    """Held-out greedy accuracy (per problem) and the reverse KL to the teacher of a saved student."""
+
+    def __init__(self, c: dict, root: Path):
+        from posttrain.models.loading import load_model
+        from posttrain.models.teacher import FrozenTeacher
+        from posttrain.rewards import build_reward
+
+        self.c = c
+        self.held = [json.loads(line) for line in (root / "data" / "heldout.jsonl").read_text().splitlines()]
+        model, self.tok = load_model(root / "teacher" / "final")
+        self.teacher = FrozenTeacher(model)
+        self.reward = build_reward("gym", extract="final_line")
+
+    def __call__(self, path: Path) -> dict:
+        from posttrain.eval.distill import evaluate_student
+        from posttrain.models.loading import load_model
+
+        t0, cpu0 = time.time(), time.process_time()
+        student = self.teacher.model if path == "teacher" else load_model(path)[0]
+        rows: dict[str, list[float]] = {}
+        m = evaluate_student(student, self.teacher, self.tok, self.held, self.reward,
+                             max_new_tokens=self.c["max_new_tokens"], seed=10_000, rows_out=rows)  # same samples' seeds
+        n, k = len(self.held), int(sum(rows["correct"]))
+        return {"n": n, "correct_count": k, "accuracy": k / n, "wilson95": list(wilson(k, n)),
+                "reverse_kl_seq": m["eval/reverse_kl_seq"], "reverse_kl_seq_se": m["eval/reverse_kl_seq_se"],
+                "reverse_kl_token": m["eval/reverse_kl_token"], "correct": [int(v) for v in rows["correct"]],
+                "eval_seconds": time.time() - t0, "eval_cpu_seconds": time.process_time() - cpu0,
+                "load": os.getloadavg()[0]}
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}, "timing": {}}
+
+
+def save(results: dict) -> None:
+    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+
+
+def prepare(c: dict, root: Path, results: dict) -> None:
+    """Teacher, data, the warm start and the two reference evaluations (each skipped when done)."""
+    teacher_main(["--config", str(c["_path"])])
+    write_data(c, root)
+    fresh = root / "data" / "continue.jsonl"
+    if not fresh.exists():
+        write_rows(fresh, task_rows(c, c["continue_problems"], c["continue_seed"]))
+    if not (root / "warm" / "final" / "config.json").exists():
+        from posttrain.recipes.distill import DistillConfig, run
+
+        t0, cpu0 = time.time(), time.process_time()
+        run(DistillConfig(**{**common(c, root, *write_data(c, root)), "eval_file": None, **c["warm"]},
+                          teacher=str(root / "teacher" / "final"), output_dir=str(root / "warm")))
+        results["timing"]["warm"] = {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
+    last = [r for r in read_metrics(root / "warm" / "metrics.jsonl") if "flops/student" in r][-1]
+    results["warm_flops"] = {"student": last["flops/student"], "teacher": last["flops/teacher"]}
+    held = [json.loads(x)["prompt"][-1]["content"] for x in (root / "data" / "heldout.jsonl").read_text().splitlines()]
+    seen = {json.loads(x)["prompt"][-1]["content"] for f in ("train.jsonl", "continue.jsonl")
+            for x in (root / "data" / f).read_text().splitlines()}
+    results["heldout_also_in_training_prompts"] = sum(q in seen for q in held)
+    ev = None
+    for key, path in (("teacher", "teacher"), ("warm", root / "warm" / "final")):
+        if key not in results:
+            ev = ev or Evaluator(c, root)
+            results[key] = ev(path)
+            save(results)
+            print(key, {k: v for k, v in results[key].items() if k != "correct"}, flush=True)
+
+
+def continue_runs(c: dict, root: Path, results: dict) -> None:
+    """Every (seed, method) run from the warm start; its checkpoints evaluated as they come, then deleted."""
+    n_params = student_params(c["student"])
+    ev = Evaluator(c, root)
+    for seed in c["seeds"]:
+        for name in c["order"]:
+            key = f"{name}/seed{seed}"
+            out = root / "continue" / key
+            run = results["runs"].setdefault(key, {"method": name, "seed": seed, "points": []})
+            if not run.get("trained"):
+                t0, cpu0 = time.time(), time.process_time()
+                train(name, c, root, seed, out)
+                run.update(trained=True, train_seconds=time.time() - t0, train_cpu_seconds=time.process_time() - cpu0)
+                save(results)
+            flops = step_flops(name, c, root, out, n_params)
+            for ckpt in sorted((out / "checkpoints").glob("step-*")):
+                step = int(ckpt.name.split("-")[1])
+                if all(p["step"] != step for p in run["points"]):
+                    point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt)}
+                    run["points"].append(point)
+                    save(results)
+                    print(key, step, {k: v for k, v in point.items() if k != "correct"}, flush=True)
+                shutil.rmtree(ckpt)  # 1.4 GB with the optimizer state; final/ stays
+            report(c, results)
+
+
+def time_steps(c: dict, root: Path, results: dict) -> None:
+    """One step of every method from the warm start (wall and CPU seconds), to size the run."""
+    for name in c["order"]:
+        t0, cpu0 = time.time(), time.process_time()
+        train(name, c, root, 0, root / "time" / name, max_steps=1, save_steps=0)
+        step = [r for r in read_metrics(root / "time" / name / "metrics.jsonl") if "loss" in r or "train/loss" in r]
+        results["timing"][f"one_step/{name}"] = {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0,
+                                                 "load": os.getloadavg()[0],
+                                                 "step": {k: v for k, v in step[-1].items() if "time" in k or "flops" in k
+                                                          or "length" in k or "sequences" in k}}
+        print(name, results["timing"][f"one_step/{name}"], flush=True)
+        save(results)
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
+def first_reaching(points: list[dict], ok) -> float | None:
+    """Continuation FLOPs of the first evaluation that satisfies `ok`, or None."""
+    return next((p["flops"] for p in sorted(points, key=lambda p: p["step"]) if ok(p)), None)
+
+
+def report(c: dict, results: dict) -> None:
+    """continue_results.md (tables; the findings below the marker are kept) and continue_curves.png."""
+    from posttrain.eval.metrics import mcnemar_p
+
+    if "warm" not in results:
+        return
+    teacher, warm = results["teacher"], results["warm"]
+    n = warm["n"]
+
+    def acc(p: dict) -> str:
+        lo, hi = p["wilson95"]
+        return f"{p['correct_count']}/{p['n']} = {p['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = ["# Continuation: off-policy first, then off-policy / on-policy / GRPO at equal student FLOPs", "",
+             "Rerun: `python experiments/distillation/continue.py` (config `continue.yaml`). Numbers from "
+             "`continue_results.json`; the findings below the tables are written by hand.", "",
+             f"- Held-out: n = {n} problems (seed {c['eval_seed']}), greedy, strict `Answer:` line; Wilson 95% "
+             f"intervals. Reverse KL: one temperature-1 student sample per problem (sampling seeds fixed across "
+             f"models), Σ_t KL(q‖p) in nats per answer, mean ± SE over problems. "
+             f"{results.get('heldout_also_in_training_prompts', '?')} held-out questions also occur among the "
+             f"training prompts.",
+             f"- Warm start: `{c['student']}` after {c['warm']['max_steps']} steps × {c['warm']['prompts_per_step']} "
+             f"prompts of off-policy sequence distillation ({results['warm_flops']['student'] / 1e12:.2f} student "
+             f"TFLOPs, {results['warm_flops']['teacher'] / 1e12:.2f} teacher TFLOPs).",
+             "- FLOPs below: student training FLOPs of the continuation (from the warm start), teacher FLOPs apart.",
+             "", "| model | step | student TFLOPs | teacher TFLOPs | held-out accuracy | reverse KL / answer | "
+             "KL / token |", "|---|---|---|---|---|---|---|",
+             f"| teacher | – | – | – | {acc(teacher)} | 0 | 0 |",
+             f"| warm start | 0 | 0 | 0 | {acc(warm)} | {warm['reverse_kl_seq']:.2f} ± {warm['reverse_kl_seq_se']:.2f} | "
+             f"{warm['reverse_kl_token']:.3f} |"]
+    for key, run in results["runs"].items():
+        for p in sorted(run["points"], key=lambda p: p["step"]):
+            lines.append(f"| {LABELS[run['method']]}, seed {run['seed']} | {p['step']} | {p['flops'] / 1e12:.2f} | "
+                         f"{p['teacher_flops'] / 1e12:.2f} | {acc(p)} | {p['reverse_kl_seq']:.2f} ± "
+                         f"{p['reverse_kl_seq_se']:.2f} | {p['reverse_kl_token']:.3f} |")
+    targets = [("accuracy ≥ ½ teacher's", lambda p: p["accuracy"] >= 0.5 * teacher["accuracy"]),
+               ("accuracy ≥ teacher's", lambda p: p["accuracy"] >= teacher["accuracy"]),
+               ("KL ≤ ¾ of warm start's", lambda p: p["reverse_kl_seq"] <= 0.75 * warm["reverse_kl_seq"]),
+               ("KL ≤ ½ of warm start's", lambda p: p["reverse_kl_seq"] <= 0.5 * warm["reverse_kl_seq"])]
+    lines += ["", "Continuation TFLOPs at the first evaluation that reaches a target (– : not within the run):", "",
+              "| run | last TFLOPs | " + " | ".join(t for t, _ in targets) + " |", "|---" * (len(targets) + 2) + "|"]
+    for key, run in results["runs"].items():
+        pts = run["points"]
+        if pts:
+            cells = [first_reaching(pts, ok) for _, ok in targets]
+            lines.append(f"| {key} | {max(p['flops'] for p in pts) / 1e12:.2f} | " +
+                         " | ".join("–" if v is None else f"{v / 1e12:.2f}" for v in cells) + " |")
+    lines += ["", "Paired on the same held-out problems (exact McNemar): last evaluation of each run against the warm "
+              "start, and against (b') of the same seed:", "",
+              "| run | vs | gained | lost | p |", "|---|---|---|---|---|"]
+    finals = {key: max(run["points"], key=lambda p: p["step"]) for key, run in results["runs"].items() if run["points"]}
+    for key, p in finals.items():
+        seed_b = f"sequence/seed{results['runs'][key]['seed']}"
+        for other, q in [("warm start", warm)] + ([(seed_b, finals[seed_b])] if seed_b in finals and seed_b != key else []):
+            gained = sum(a and not b for a, b in zip(p["correct"], q["correct"]))
+            lost = sum(b and not a for a, b in zip(p["correct"], q["correct"]))
+            lines.append(f"| {key} (step {p['step']}) | {other} | {gained} | {lost} | {mcnemar_p(gained, lost):.3g} |")
+    lines += ["", "![curves](continue_curves.png)", "", "<!-- findings -->"]
+    path = HERE / "continue_results.md"
+    text = path.read_text() if path.exists() else ""
+    findings = text.split("<!-- findings -->", 1)[1] if "<!-- findings -->" in text else "\n"
+    atomic_write_text(path, "\n".join(lines) + findings)
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    """Accuracy (Wilson 95%) and reverse KL (± SE) vs continuation TFLOPs, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    warm, colours = results["warm"], {"sequence": "C0", "on_policy": "C1", "grpo": "C2", "gold": "C3"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in results["runs"].values():
+        pts = [{"flops": 0.0, **warm}] + sorted(run["points"], key=lambda p: p["step"])
+        x = [p["flops"] / 1e12 for p in pts]
+        y = [p["accuracy"] for p in pts]
+        style = dict(marker="o", capsize=3, color=colours[run["method"]], alpha=1.0 if run["seed"] == 0 else 0.5,
+                     label=f"{LABELS[run['method']]}, seed {run['seed']}")
+        a.errorbar(x, y, yerr=[[v - p["wilson95"][0] for v, p in zip(y, pts)],
+                               [p["wilson95"][1] - v for v, p in zip(y, pts)]], **style)
+        b.errorbar(x, [p["reverse_kl_seq"] for p in pts], yerr=[p["reverse_kl_seq_se"] for p in pts], **style)
+    a.axhline(results["teacher"]["accuracy"], color="k", ls="--", label="teacher")
+    a.set(xlabel="continuation student TFLOPs", ylabel=f"held-out accuracy (n={warm['n']}, greedy, Wilson 95%)")
+    b.set(xlabel="continuation student TFLOPs", ylabel="reverse KL(student ‖ teacher) / answer (± SE)")
+    a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(HERE / "continue_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(HERE / "continue.yaml"))
+    parser.add_argument("--time", action="store_true", help="only time one step of each method (after the warm start)")
+    parser.add_argument("--report", action="store_true", help="only write the report from continue_results.json")
+    args = parser.parse_args(argv)
+    c = {**yaml.safe_load(Path(args.config).read_text()), "_path": args.config}
+    torch.set_num_threads(c.get("threads", 1))
+    root = Path(c["run_root"])
+    results = load_results()
+    results["config"] = {k: v for k, v in c.items() if k != "_path"}
+    if args.report:
+        report(c, results)
+        return 0
+    t0, cpu0 = time.time(), time.process_time()
+    prepare(c, root, results)
+    save(results)
+    if args.time:
+        time_steps(c, root, results)
+    else:
+        continue_runs(c, root, results)
+    results["timing"]["last_invocation"] = {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
+    save(results)
+    report(c, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
