@@ -38,7 +38,8 @@ from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.logging import read_metrics
 
 LABELS = {"sequence": "(b') more off-policy sequence distillation", "on_policy": "(c') on-policy reverse KL",
-          "grpo": "(d') GRPO with the verifier", "gold": "(a') SFT on gold"}
+          "grpo": "(d') GRPO with the verifier", "gold": "(a') SFT on gold",
+          "on_policy_lr5e-5": "(c') on-policy reverse KL, lr 5e-5"}
 RESULTS = HERE / "continue_results.json"
 
 
@@ -95,6 +96,7 @@ class Evaluator:
         return {"n": n, "correct_count": k, "accuracy": k / n, "wilson95": list(wilson(k, n)),
                 "reverse_kl_seq": m["eval/reverse_kl_seq"], "reverse_kl_seq_se": m["eval/reverse_kl_seq_se"],
                 "reverse_kl_token": m["eval/reverse_kl_token"], "correct": [int(v) for v in rows["correct"]],
+                "reverse_kl_rows": rows["reverse_kl_seq"],
                 "eval_seconds": time.time() - t0, "eval_cpu_seconds": time.process_time() - cpu0,
                 "load": os.getloadavg()[0]}
 
@@ -123,43 +125,45 @@ def prepare(c: dict, root: Path, results: dict) -> None:
         results["timing"]["warm"] = {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
     last = [r for r in read_metrics(root / "warm" / "metrics.jsonl") if "flops/student" in r][-1]
     results["warm_flops"] = {"student": last["flops/student"], "teacher": last["flops/teacher"]}
+    # the task has few distinct problems: mark the held-out questions that any model trained on (teacher included)
     held = [json.loads(x)["prompt"][-1]["content"] for x in (root / "data" / "heldout.jsonl").read_text().splitlines()]
-    seen = {json.loads(x)["prompt"][-1]["content"] for f in ("train.jsonl", "continue.jsonl")
+    seen = {json.loads(x)["prompt"][-1]["content"] for f in ("teacher_sft.jsonl", "train.jsonl", "continue.jsonl")
             for x in (root / "data" / f).read_text().splitlines()}
-    results["heldout_also_in_training_prompts"] = sum(q in seen for q in held)
+    results["heldout_seen"] = [int(q in seen) for q in held]
     ev = None
     for key, path in (("teacher", "teacher"), ("warm", root / "warm" / "final")):
         if key not in results:
             ev = ev or Evaluator(c, root)
             results[key] = ev(path)
             save(results)
-            print(key, {k: v for k, v in results[key].items() if k != "correct"}, flush=True)
+            print(key, {k: v for k, v in results[key].items() if "correct" not in k and "rows" not in k}, flush=True)
 
 
 def continue_runs(c: dict, root: Path, results: dict) -> None:
     """Every (seed, method) run from the warm start; its checkpoints evaluated as they come, then deleted."""
     n_params = student_params(c["student"])
     ev = Evaluator(c, root)
-    for seed in c["seeds"]:
-        for name in c["order"]:
-            key = f"{name}/seed{seed}"
-            out = root / "continue" / key
-            run = results["runs"].setdefault(key, {"method": name, "seed": seed, "points": []})
-            if not run.get("trained"):
-                t0, cpu0 = time.time(), time.process_time()
-                train(name, c, root, seed, out)
-                run.update(trained=True, train_seconds=time.time() - t0, train_cpu_seconds=time.process_time() - cpu0)
+    plan = [(name, seed) for seed in c["seeds"] for name in c["order"]]
+    plan += [(name, int(seed)) for name, seed in (spec.split("/seed") for spec in c.get("extra_runs", []))]
+    for name, seed in plan:
+        key = f"{name}/seed{seed}"
+        out = root / "continue" / key
+        run = results["runs"].setdefault(key, {"method": name, "seed": seed, "points": []})
+        if not run.get("trained"):
+            t0, cpu0 = time.time(), time.process_time()
+            train(name, c, root, seed, out)
+            run.update(trained=True, train_seconds=time.time() - t0, train_cpu_seconds=time.process_time() - cpu0)
+            save(results)
+        flops = step_flops(name, c, root, out, n_params)
+        for ckpt in sorted((out / "checkpoints").glob("step-*")):
+            step = int(ckpt.name.split("-")[1])
+            if all(p["step"] != step for p in run["points"]):
+                point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt)}
+                run["points"].append(point)
                 save(results)
-            flops = step_flops(name, c, root, out, n_params)
-            for ckpt in sorted((out / "checkpoints").glob("step-*")):
-                step = int(ckpt.name.split("-")[1])
-                if all(p["step"] != step for p in run["points"]):
-                    point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt)}
-                    run["points"].append(point)
-                    save(results)
-                    print(key, step, {k: v for k, v in point.items() if k != "correct"}, flush=True)
-                shutil.rmtree(ckpt)  # 1.4 GB with the optimizer state; final/ stays
-            report(c, results)
+                print(key, step, {k: v for k, v in point.items() if "correct" not in k and "rows" not in k}, flush=True)
+            shutil.rmtree(ckpt)  # 1.4 GB with the optimizer state; final/ stays
+        report(c, results)
 
 
 def time_steps(c: dict, root: Path, results: dict) -> None:
@@ -193,9 +197,17 @@ def report(c: dict, results: dict) -> None:
     teacher, warm = results["teacher"], results["warm"]
     n = warm["n"]
 
+    unseen = [i for i, s in enumerate(results["heldout_seen"]) if not s]
+
     def acc(p: dict) -> str:
         lo, hi = p["wilson95"]
         return f"{p['correct_count']}/{p['n']} = {p['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def acc_unseen(p: dict) -> str:
+        """Accuracy on the held-out questions no model trained on (Wilson 95%)."""
+        k = sum(p["correct"][i] for i in unseen)
+        lo, hi = wilson(k, len(unseen))
+        return f"{k}/{len(unseen)} = {k / len(unseen):.3f} [{lo:.3f}, {hi:.3f}]"
 
     lines = ["# Continuation: off-policy first, then off-policy / on-policy / GRPO at equal student FLOPs", "",
              "Rerun: `python experiments/distillation/continue.py` (config `continue.yaml`). Numbers from "
@@ -203,21 +215,23 @@ def report(c: dict, results: dict) -> None:
              f"- Held-out: n = {n} problems (seed {c['eval_seed']}), greedy, strict `Answer:` line; Wilson 95% "
              f"intervals. Reverse KL: one temperature-1 student sample per problem (sampling seeds fixed across "
              f"models), Σ_t KL(q‖p) in nats per answer, mean ± SE over problems. "
-             f"{results.get('heldout_also_in_training_prompts', '?')} held-out questions also occur among the "
-             f"training prompts.",
+             f"{len(held_seen := [s for s in results['heldout_seen'] if s])} of the {n} held-out questions also occur "
+             f"among some model's training prompts (the task has few distinct problems); the column 'unseen' scores "
+             f"the other {n - len(held_seen)}.",
              f"- Warm start: `{c['student']}` after {c['warm']['max_steps']} steps × {c['warm']['prompts_per_step']} "
              f"prompts of off-policy sequence distillation ({results['warm_flops']['student'] / 1e12:.2f} student "
              f"TFLOPs, {results['warm_flops']['teacher'] / 1e12:.2f} teacher TFLOPs).",
              "- FLOPs below: student training FLOPs of the continuation (from the warm start), teacher FLOPs apart.",
-             "", "| model | step | student TFLOPs | teacher TFLOPs | held-out accuracy | reverse KL / answer | "
-             "KL / token |", "|---|---|---|---|---|---|---|",
-             f"| teacher | – | – | – | {acc(teacher)} | 0 | 0 |",
-             f"| warm start | 0 | 0 | 0 | {acc(warm)} | {warm['reverse_kl_seq']:.2f} ± {warm['reverse_kl_seq_se']:.2f} | "
+             "", "| model | step | student TFLOPs | teacher TFLOPs | held-out accuracy | unseen | reverse KL / answer | "
+             "KL / token |", "|---|---|---|---|---|---|---|---|",
+             f"| teacher | – | – | – | {acc(teacher)} | {acc_unseen(teacher)} | 0 | 0 |",
+             f"| warm start | 0 | 0 | 0 | {acc(warm)} | {acc_unseen(warm)} | "
+             f"{warm['reverse_kl_seq']:.2f} ± {warm['reverse_kl_seq_se']:.2f} | "
              f"{warm['reverse_kl_token']:.3f} |"]
     for key, run in results["runs"].items():
         for p in sorted(run["points"], key=lambda p: p["step"]):
             lines.append(f"| {LABELS[run['method']]}, seed {run['seed']} | {p['step']} | {p['flops'] / 1e12:.2f} | "
-                         f"{p['teacher_flops'] / 1e12:.2f} | {acc(p)} | {p['reverse_kl_seq']:.2f} ± "
+                         f"{p['teacher_flops'] / 1e12:.2f} | {acc(p)} | {acc_unseen(p)} | {p['reverse_kl_seq']:.2f} ± "
                          f"{p['reverse_kl_seq_se']:.2f} | {p['reverse_kl_token']:.3f} |")
     targets = [("accuracy ≥ ½ teacher's", lambda p: p["accuracy"] >= 0.5 * teacher["accuracy"]),
                ("accuracy ≥ teacher's", lambda p: p["accuracy"] >= teacher["accuracy"]),
@@ -256,7 +270,8 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    warm, colours = results["warm"], {"sequence": "C0", "on_policy": "C1", "grpo": "C2", "gold": "C3"}
+    warm = results["warm"]
+    colours = {"sequence": "C0", "on_policy": "C1", "grpo": "C2", "gold": "C3", "on_policy_lr5e-5": "C4"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in results["runs"].values():
         pts = [{"flops": 0.0, **warm}] + sorted(run["points"], key=lambda p: p["step"])
