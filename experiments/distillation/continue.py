@@ -183,6 +183,11 @@ def time_steps(c: dict, root: Path, results: dict) -> None:
 # --------------------------------------------------------------------------------------------------------- report
 
 
+def spread(values: list[float], fmt: str) -> str:
+    """'mean (min–max)' of the values (one per seed)."""
+    return f"{sum(values) / len(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
 def first_reaching(points: list[dict], ok) -> float | None:
     """Continuation FLOPs of the first evaluation that satisfies `ok`, or None."""
     return next((p["flops"] for p in sorted(points, key=lambda p: p["step"]) if ok(p)), None)
@@ -197,7 +202,7 @@ def report(c: dict, results: dict) -> None:
     teacher, warm = results["teacher"], results["warm"]
     n = warm["n"]
 
-    unseen = [i for i, s in enumerate(results["heldout_seen"]) if not s]
+    unseen = [i for i, seen in enumerate(results["heldout_seen"]) if not seen]
 
     def acc(p: dict) -> str:
         lo, hi = p["wilson95"]
@@ -215,9 +220,8 @@ def report(c: dict, results: dict) -> None:
              f"- Held-out: n = {n} problems (seed {c['eval_seed']}), greedy, strict `Answer:` line; Wilson 95% "
              f"intervals. Reverse KL: one temperature-1 student sample per problem (sampling seeds fixed across "
              f"models), Σ_t KL(q‖p) in nats per answer, mean ± SE over problems. "
-             f"{len(held_seen := [s for s in results['heldout_seen'] if s])} of the {n} held-out questions also occur "
-             f"among some model's training prompts (the task has few distinct problems); the column 'unseen' scores "
-             f"the other {n - len(held_seen)}.",
+             f"{n - len(unseen)} of the {n} held-out questions also occur among some model's training prompts (the task "
+             f"has few distinct problems); the column 'unseen' scores the other {len(unseen)}.",
              f"- Warm start: `{c['student']}` after {c['warm']['max_steps']} steps × {c['warm']['prompts_per_step']} "
              f"prompts of off-policy sequence distillation ({results['warm_flops']['student'] / 1e12:.2f} student "
              f"TFLOPs, {results['warm_flops']['teacher'] / 1e12:.2f} teacher TFLOPs).",
@@ -233,6 +237,18 @@ def report(c: dict, results: dict) -> None:
             lines.append(f"| {LABELS[run['method']]}, seed {run['seed']} | {p['step']} | {p['flops'] / 1e12:.2f} | "
                          f"{p['teacher_flops'] / 1e12:.2f} | {acc(p)} | {acc_unseen(p)} | {p['reverse_kl_seq']:.2f} ± "
                          f"{p['reverse_kl_seq_se']:.2f} | {p['reverse_kl_token']:.3f} |")
+    lines += ["", "Across seeds (mean, and min–max over seeds):", "",
+              "| method | step | seeds | student TFLOPs | accuracy | reverse KL / answer |", "|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(run["method"] for run in results["runs"].values()):
+        by_step: dict[int, list[dict]] = {}
+        for run in results["runs"].values():
+            for p in run["points"] if run["method"] == method else []:
+                by_step.setdefault(p["step"], []).append(p)
+        for step, ps in sorted(by_step.items()):
+            tf = sum(p["flops"] for p in ps) / len(ps) / 1e12
+            lines.append(f"| {LABELS[method]} | {step} | {len(ps)} | {tf:.2f} | "
+                         f"{spread([p['accuracy'] for p in ps], '.3f')} | "
+                         f"{spread([p['reverse_kl_seq'] for p in ps], '.2f')} |")
     targets = [("accuracy ≥ ½ teacher's", lambda p: p["accuracy"] >= 0.5 * teacher["accuracy"]),
                ("accuracy ≥ teacher's", lambda p: p["accuracy"] >= teacher["accuracy"]),
                ("KL ≤ ¾ of warm start's", lambda p: p["reverse_kl_seq"] <= 0.75 * warm["reverse_kl_seq"]),
