@@ -158,7 +158,7 @@ def continue_runs(c: dict, root: Path, results: dict) -> None:
         for ckpt in sorted((out / "checkpoints").glob("step-*")):
             step = int(ckpt.name.split("-")[1])
             if all(p["step"] != step for p in run["points"]):
-                point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt)}
+                point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt / "model")}
                 run["points"].append(point)
                 save(results)
                 print(key, step, {k: v for k, v in point.items() if "correct" not in k and "rows" not in k}, flush=True)
