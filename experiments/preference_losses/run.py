@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from posttrain.recipes.kto import run as run_kto
 from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
+BASE_KEYS = ("model", "heldout_file", "control_prompts", "max_new_tokens", "threads")  # what the base measures need
 
 
 def main() -> None:
@@ -55,8 +57,9 @@ def main() -> None:
     t0 = time.time()
     base, tokenizer = load_model(cfg["model"])
     control = [[{"role": "user", "content": q}] for q in cfg["control_prompts"]]
-    earlier = json.loads(main_json.read_text()) if main_json.exists() else None
-    if earlier and earlier.get("base", {}).get("base_control_answers") and earlier["config"] == cfg:
+    earlier = merged() if main_json.exists() else None
+    same_base = earlier and all(earlier["config"].get(k) == cfg.get(k) for k in BASE_KEYS)
+    if same_base and earlier.get("base", {}).get("base_control_answers"):
         base_answers = earlier["base"]["base_control_answers"]  # the base model's greedy answers, measured once
     else:
         base_answers = greedy_replies(base, tokenizer, control, max_new_tokens=cfg["max_new_tokens"])
@@ -78,30 +81,42 @@ def main() -> None:
                            "seconds": time.time() - t0}
     del base
     only = set(a.only.split(",")) if a.only else None
-    for seed in cfg["seeds"]:
-        for name, method in cfg["methods"].items():
-            if only and name not in only:
-                continue
-            t0 = time.time()
-            values = {k: v for k, v in {**cfg["common"], **method}.items() if k != "recipe"}
-            values.update(model=cfg["model"], train_file=str(ROOT / cfg["train_file"]), seed=seed,
-                          output_dir=str(ROOT / cfg["output_root"] / f"{name}_s{seed}"))
-            cls, run = (KTOConfig, run_kto) if method["recipe"] == "kto" else (DPOConfig, run_dpo)
-            config = build_config(cls, values, source=f"{a.config}:{name}")
-            summary = run(config)
-            train_seconds = time.time() - t0
-            model, tok = load_model(summary["final_dir"])
-            measured = measure(model, tok)
-            rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")
-            losses = [r["train/loss"] for r in rows if "train/loss" in r]
-            results["runs"][f"{name}_s{seed}"] = {
-                "method": name, "seed": seed, **measured, "loss_first": losses[0], "loss_last": losses[-1],
-                "train_seconds": train_seconds, "seconds": time.time() - t0,
-            }
-            out_json.write_text(json.dumps(results, indent=2) + "\n")
-            print(name, seed, json.dumps({k: v for k, v in measured.items() if "answers" not in k}), flush=True)
+    later = cfg.get("later", [])  # these methods run after every seed of the others, in this order
+    pairs = [(name, seed) for seed in cfg["seeds"] for name in cfg["methods"] if not only or name in only]
+    pairs.sort(key=lambda pair: later.index(pair[0]) + 1 if pair[0] in later else 0)
+    for name, seed in pairs:
+        key, method = f"{name}_s{seed}", cfg["methods"][name]
+        if earlier and key in earlier["runs"] and setup(earlier["config"], name) == setup(cfg, name):
+            results["runs"][key] = earlier["runs"][key]  # stored with the same settings: not rerun
+            continue
+        t0, cpu0, started = time.time(), time.process_time(), time.strftime("%H:%M:%S", time.gmtime())
+        values = {k: v for k, v in {**cfg["common"], **method}.items() if k != "recipe"}
+        values.update(model=cfg["model"], train_file=str(ROOT / cfg["train_file"]), seed=seed,
+                      output_dir=str(ROOT / cfg["output_root"] / key))
+        cls, run = (KTOConfig, run_kto) if method["recipe"] == "kto" else (DPOConfig, run_dpo)
+        config = build_config(cls, values, source=f"{a.config}:{name}")
+        summary = run(config)
+        train_seconds = time.time() - t0
+        model, tok = load_model(summary["final_dir"])
+        measured = measure(model, tok)
+        rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")
+        losses = [r["train/loss"] for r in rows if "train/loss" in r]
+        results["runs"][key] = {
+            "method": name, "seed": seed, **measured, "loss_first": losses[0], "loss_last": losses[-1],
+            "train_seconds": train_seconds, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0,
+            "started_utc": started, "load_avg_1_5_15": os.getloadavg(),
+        }
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
+        print(key, json.dumps({k: v for k, v in measured.items() if "answers" not in k}), flush=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     render(merged())
+
+
+def setup(cfg: dict, name: str) -> dict | None:
+    """Every setting a (method, seed) result depends on besides its seed; None if cfg has no such method."""
+    if name not in cfg["methods"]:
+        return None
+    return {**{k: cfg.get(k) for k in (*BASE_KEYS, "train_file")}, **cfg["common"], **cfg["methods"][name]}
 
 
 def merged() -> dict:
