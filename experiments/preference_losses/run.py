@@ -153,6 +153,15 @@ def _mean_se(values: list[float]) -> str:
     return f"{statistics.mean(values):+.3f} ± {se:.3f} ({', '.join(f'{v:+.2f}' for v in values)})"
 
 
+def _holm(p: dict) -> dict:
+    """Holm's step-down adjusted p-values (Holm 1979) for a family of tests {name: raw p}."""
+    adjusted, running = {}, 0.0
+    for rank, (name, value) in enumerate(sorted(p.items(), key=lambda kv: kv[1])):
+        running = max(running, min(1.0, (len(p) - rank) * value))
+        adjusted[name] = running
+    return adjusted
+
+
 def _identity_outcomes(runs: list[dict]) -> dict[tuple[int, int], bool]:
     """(seed, question index) -> did the greedy answer use the new name."""
     return {(r["seed"], i): mentions_new_identity(a) for r in runs for i, a in enumerate(r["identity_answers"])}
@@ -200,22 +209,27 @@ def render(results: dict) -> None:
                      f"{_mean_se([r['control_logp_change'] for r in runs])} | "
                      f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")
     names = list(by_method)
-    lines += ["", "## Identity, method against method (paired by seed and question)\n",
-              ("Exact McNemar p on the (seed, question) pairs both methods answered: row method right and column "
-               "method wrong / the reverse, then p. Raw p-values; with many pairs compared, read p < 0.05 as "
-               "suggestive and Holm's or Bonferroni's threshold as resolved.\n"),
-              "| | " + " | ".join(names[1:]) + " |", "|---" * len(names) + "|"]
-    for i, row in enumerate(names[:-1]):
+    tests = {}  # (row, column) -> (row right & column wrong, the reverse, exact McNemar p)
+    for i, row in enumerate(names):
         a = _identity_outcomes(by_method[row])
-        cells = []
-        for col in names[1:]:
-            if names.index(col) <= i:
-                cells.append("")
-                continue
+        for col in names[i + 1:]:
             o = _identity_outcomes(by_method[col])
             shared = a.keys() & o.keys()
             gained, lost = sum(a[q] and not o[q] for q in shared), sum(o[q] and not a[q] for q in shared)
-            cells.append(f"{gained}/{lost}, p={mcnemar_p(gained, lost):.2g}")
+            tests[row, col] = (gained, lost, mcnemar_p(gained, lost))
+    holm = _holm({pair: p for pair, (_, _, p) in tests.items()})
+    lines += ["", "## Identity, method against method (paired by seed and question)\n",
+              ("Exact McNemar test on the (seed, question) pairs both methods answered (the pair losses see the same "
+               "data order for a seed): row method right and column method wrong / the reverse, raw p, and in bold "
+               f"where the difference holds after Holm's correction for all {len(tests)} comparisons (adjusted "
+               "p < 0.05).\n"),
+              "| | " + " | ".join(names[1:]) + " |", "|---" * len(names) + "|"]
+    for i, row in enumerate(names[:-1]):
+        cells = [""] * i
+        for col in names[i + 1:]:
+            gained, lost, p = tests[row, col]
+            cell = f"{gained}/{lost}, p={p:.2g}"
+            cells.append(f"**{cell}**" if holm[row, col] < 0.05 else cell)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run\n",
               ("Rates with Wilson 95% intervals; Δ ± one standard error over the control prompts. CPU s: the "
