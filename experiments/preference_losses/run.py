@@ -153,6 +153,12 @@ def _mean_se(values: list[float]) -> str:
     return f"{statistics.mean(values):+.3f} ± {se:.3f} ({', '.join(f'{v:+.2f}' for v in values)})"
 
 
+def _mean_cpu(runs: list[dict]) -> str:
+    """mean CPU seconds of the runs that recorded it (the first batch's seed-0 runs did not)."""
+    cpu = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+    return f"{statistics.mean(cpu):.0f}" if cpu else "—"
+
+
 def _holm(p: dict) -> dict:
     """Holm's step-down adjusted p-values (Holm 1979) for a family of tests {name: raw p}."""
     adjusted, running = {}, 0.0
@@ -198,7 +204,7 @@ def render(results: dict) -> None:
               "questions as independent), then the count of each seed. Δ: mean ± standard error over seeds, then "
               "each seed's value.\n"),
              "| method | settings | seeds | identity | leakage (control) | control answers unchanged | "
-             "control Δ log-lik/token | train s per run (mean) |",
+             "control Δ log-lik/token | CPU s per run (mean) |",
              "|---|---|---|---|---|---|---|---|",
              (f"| base | | | {_pooled([b], 'identity')} | {_pooled([b], 'leakage')} | {_pooled([b], 'unchanged')} | "
               f"{b['control_logp_change']:+.3f} | |")]
@@ -207,7 +213,7 @@ def render(results: dict) -> None:
         lines.append(f"| {name} | {settings(name)} | {seeds} | {_pooled(runs, 'identity')} | "
                      f"{_pooled(runs, 'leakage')} | {_pooled(runs, 'unchanged')} | "
                      f"{_mean_se([r['control_logp_change'] for r in runs])} | "
-                     f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+                     f"{_mean_cpu(runs)} |")
     names = list(by_method)
     tests = {}  # (row, column) -> (row right & column wrong, the reverse, exact McNemar p)
     for i, row in enumerate(names):
