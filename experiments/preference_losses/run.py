@@ -5,7 +5,8 @@ control-preservation measure (posttrain.eval.preservation), SmolLM2-135M-Instruc
 
 For the base model and after each method: the identity rate on the 12 held-out identity phrasings, the identity
 leak on 24 unrelated control prompts, and the change of the per-token log-likelihood of the base model's own
-control answers (each with n and a standard error). Writes results.json (after every method) and results.md.
+control answers (each with n and a standard error). Writes results.json (after every run) and results.md; a
+(method, seed) already in results.json with the same settings is kept, not rerun.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def render(results: dict) -> None:
     lines = ["# DPO vs IPO vs KTO vs ORPO vs SimPO on the identity + control mix, with control preservation\n",
              (f"Rerun: `python experiments/preference_losses/run.py` (config `config.yaml`; runs already in "
               f"results.json with the same settings are kept). {cfg['model']}, LoRA r={c['lora_r']}, lr {c['lr']} "
-              f"unless listed, {c['max_steps']} steps on `{cfg['train_file']}`, seeds {cfg['seeds']}, "
+              f"unless listed, {c['max_steps']} steps on `{cfg['train_file']}`, seeds {cfg['seeds']} (each method's in the table), "
               f"{cfg['threads']} CPU thread; each loss at its paper's β (settings: pairs or unpaired rows "
               "per step, and the weight of the chosen answers' NLL where one is added). Measures from "
               f"`posttrain.eval.preservation`: identity rate on {b['identity']['n']} held-out identity phrasings, "
