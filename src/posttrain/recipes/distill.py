@@ -46,6 +46,7 @@ from posttrain.eval.distill import evaluate_student
 from posttrain.generation.backends import (
     GenerationOptions,
     close_generator,
+    closing_engines,
     rollout_engine,
     sleep_engine,
     sync_weights,
@@ -363,7 +364,8 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     """`posttrain distill`: train the student (off-policy or on-policy) and return the run summary."""
-    return run_distributed(_run, config, resume)
+    with closing_engines():  # a run that raises still releases its vLLM engine
+        return run_distributed(_run, config, resume)
 
 
 def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:

@@ -26,7 +26,14 @@ from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.envs import check_rows, env_factory
 from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError
-from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.backends import (
+    GenerationOptions,
+    close_generator,
+    closing_engines,
+    rollout_engine,
+    sleep_engine,
+    sync_weights,
+)
 from posttrain.generation.engine_episodes import EngineEpisodeSampler
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
@@ -287,7 +294,8 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     """`posttrain grpo`: online RL with verifiable rewards; returns the summary (last metrics, final_dir)."""
-    return run_distributed(_run, config, resume)
+    with closing_engines():  # a run that raises still releases its vLLM engine
+        return run_distributed(_run, config, resume)
 
 
 def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:
