@@ -336,7 +336,7 @@ RUN_CONFIG_FILE = "run_config.json"  # not config.json, which transformers reads
 def save_run_config(config: Any, output_dir: str | Path) -> Path:
     """Write the run's settings to `<output_dir>/run_config.json` (atomically); values JSON cannot hold, such as
     reward functions given as Python callables, are written as their repr."""
-    from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.files import atomic_write_text
 
     path = Path(output_dir) / RUN_CONFIG_FILE
     atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, default=repr) + "\n")

@@ -43,6 +43,7 @@ from posttrain.data.order import step_units
 from posttrain.data.prompts import PromptSource
 from posttrain.errors import ConfigError
 from posttrain.eval.distill import evaluate_student
+from posttrain.files import atomic_write_text
 from posttrain.generation.backends import (
     GenerationOptions,
     close_generator,
@@ -66,7 +67,6 @@ from posttrain.models.teacher import DistillStudent, FrozenTeacher, token_diverg
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import Dist, all_reduce_sum, check_rl_launch, run_distributed
 from posttrain.train.guards import NonFiniteGuard
 from posttrain.train.logging import MetricsLogger, print_run_summary
