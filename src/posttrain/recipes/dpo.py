@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ class DPOConfig(RunOptions):
     lr: float = field(1e-6, help="peak learning rate (DPO paper and TRL: 1e-6 for full fine-tuning)")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
     min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
-    lr_schedule: str = field("constant", help="cosine or constant (after warmup)")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", help="cosine or constant (after warmup)")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
@@ -103,6 +103,7 @@ class DPOConfig(RunOptions):
     def __post_init__(self) -> None:
         if self.beta is None and self.loss in DPO_LOSSES:
             self.beta = DEFAULT_BETA.get(self.loss, 0.1)
+        super().__post_init__()  # the shared keys' checks (choices, counts, trackers)
 
     def validate(self) -> None:
         for key in ("max_length", "micro_batch_size", "grad_accum_steps", "ref_batch_size"):
@@ -130,8 +131,6 @@ class DPOConfig(RunOptions):
             raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
 
 
 def preference_loss(config: DPOConfig):

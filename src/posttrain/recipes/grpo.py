@@ -17,7 +17,7 @@ import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -103,7 +103,7 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
                                                "sampler (sampler: ScaleRL's literal ρ = π_train/π_gen)")
     lr: float = field(1e-6, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
-    lr_schedule: str = field("constant", help="constant (ScaleRL) or cosine")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", help="constant (ScaleRL) or cosine")
     max_steps: int = field(50, help="optimizer steps")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward")
     shared_prefix: bool = field(True, help="training forward runs each prompt once for its G samples (exact; "
