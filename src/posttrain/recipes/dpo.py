@@ -46,7 +46,7 @@ from posttrain.data.pairs import (
     target_count,
 )
 from posttrain.errors import ConfigError
-from posttrain.losses.dpo import DEFAULT_BETA, DPO_LOSSES, REFERENCE_FREE, idea1_loss
+from posttrain.losses.dpo import DEFAULT_BETA, DPO_LOSSES, REFERENCE_FREE, preferred_ft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
 from posttrain.models.reference import (
@@ -73,7 +73,8 @@ class DPOConfig(RunOptions):
     eval_file: str | None = field(None, help="held-out pairs in the same format; default: none")
     output_dir: str = field("runs/dpo", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
     loss: str = field("sigmoid", help="sigmoid (DPO), ipo, ipo_avg (IPO on length-averaged log-probs, as TRL), "
-                                      "hinge, simpo, orpo (no reference), idea0 (naive log-ratio), idea1 (SFT on winners)")
+                                      "hinge, simpo, orpo (no reference), unweighted (DPO without its weighting; "
+                                      "alias idea0), preferred_ft (SFT on winners; alias idea1)")
     beta: float | None = field(None, help="β: strength of the pull toward π_ref; default: the loss's paper value "
                                           "(0.1; SimPO 2.0; ORPO's λ 0.1)")
     simpo_gamma_beta_ratio: float = field(0.5, help="SimPO margin γ as a fraction of β (SimPO's code: 0.5)")
@@ -150,7 +151,7 @@ def with_sft_term(loss_fn, sft_weight: float):
 
     def combined(*args, **kwargs):
         out = loss_fn(*args, **kwargs)
-        nll = idea1_loss(*args, **{**kwargs, "label_smoothing": 0.0}).loss
+        nll = preferred_ft_loss(*args, **{**kwargs, "label_smoothing": 0.0}).loss
         return dataclasses.replace(out, loss=out.loss + sft_weight * nll)
 
     return combined
