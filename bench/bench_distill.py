@@ -39,8 +39,11 @@ def _rows():
 
 
 def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
+    import time
+
     from posttrain.recipes.distill import DistillConfig, run
     from posttrain.train.logging import read_metrics
+    from posttrain.train.timing import StageTimer
 
     rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["answer"]}]} for r in _rows()]
     data = out / "train.jsonl"
@@ -50,11 +53,25 @@ def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
                            prompts_per_step=B, num_generations=1, micro_batch_size=B, max_new_tokens=MAX_NEW,
                            temperature=1.0, lr=1e-5, max_steps=steps, output_dir=str(out / "pt"), progress=False,
                            tensorboard=False, keep_last=1)
-    run(config)
+    cpu_times, last, pop = [], [time.process_time()], StageTimer.pop
+
+    def pop_with_cpu(timer):
+        """The recipe pops its stage timer once per step: the process CPU time since the last pop is that step's."""
+        now = time.process_time()
+        cpu_times.append(now - last[0])
+        last[0] = now
+        return pop(timer)
+
+    StageTimer.pop = pop_with_cpu  # type: ignore[method-assign]
+    last[0] = time.process_time()
+    try:
+        run(config)
+    finally:
+        StageTimer.pop = pop  # type: ignore[method-assign]
     metrics = [r for r in read_metrics(out / "pt" / "metrics.jsonl") if "time/step" in r]
     split = {k: statistics.median(r.get(k, 0.0) for r in metrics[1:]) for k in ("time/generate", "time/update")}
     return {"step_seconds": [r["time/step"] for r in metrics], "split": split,
-            "tokens": [r["tokens"] for r in metrics]}
+            "tokens": [r["tokens"] for r in metrics], "step_cpu_seconds": cpu_times[-len(metrics):]}
 
 
 def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
@@ -88,7 +105,7 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
 
     trainer.generate_on_policy_outputs = counted
     trainer.train()
-    return {"step_seconds": clock.times, "tokens": tokens}
+    return {"step_seconds": clock.times, "tokens": tokens, "step_cpu_seconds": clock.cpu_times}
 
 
 def child(side: str, student: str, teacher: str, steps: int) -> None:
@@ -127,11 +144,13 @@ def main() -> None:
         return statistics.median(t / n for t, n in zip(x["step_seconds"][1:], x["tokens"][1:]))
 
     per_tok = {s: min(per_token(x) for x in runs if x["side"] == s) for s in sides}
+    cpu = {s: min(statistics.median(x["step_cpu_seconds"][1:]) for x in runs if x["side"] == s) for s in sides}
     summary = {"student": a.student, "teacher": a.teacher, "prompts": B, "max_new_tokens": MAX_NEW,
-               "steps": a.steps, "rounds": a.rounds, "step_s": best, "s_per_completion_token": per_tok,
+               "steps": a.steps, "rounds": a.rounds, "step_s": best, "step_cpu_s": cpu, "s_per_completion_token": per_tok,
                "peak_rss_mb": rss, "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}
     if "trl" in best and "posttrain" in best:
         summary["speedup"] = best["trl"] / best["posttrain"]
+        summary["speedup_cpu"] = cpu["trl"] / cpu["posttrain"]
         summary["speedup_per_token"] = per_tok["trl"] / per_tok["posttrain"]
         summary["memory_ratio"] = rss["posttrain"] / rss["trl"]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,19 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 from posttrain.data.formats import read_rows
+from posttrain.data.pairs import encode_pairs, pair_sequences, sequence_batch, sequence_logps, target_count
 from posttrain.data.preference import CONTROL_QUESTIONS, greedy_replies, mentions_new_identity
 from posttrain.eval.preservation import wilson
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
-from posttrain.recipes.dpo import (
-    DPOConfig,
-    encode_pairs,
-    pair_sequences,
-    run,
-    sequence_batch,
-    sequence_logps,
-    target_count,
-)
+from posttrain.recipes.dpo import DPOConfig, run
 from posttrain.train.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent

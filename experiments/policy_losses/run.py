@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the config's seeds")
     a = p.parse_args()
-    spec = yaml.safe_load(Path(a.config).read_text())
+    spec = {**yaml.safe_load(Path(a.config).read_text()), "config_file": Path(a.config).name}
     root = ROOT / spec["run_root"]
     root.mkdir(parents=True, exist_ok=True)
     everything = not (a.only or a.base or a.render)
@@ -126,10 +126,11 @@ def render(spec: dict, root: Path) -> None:
     base = json.loads((root / "base.json").read_text()) if (root / "base.json").exists() else None
     runs = {d.name: json.loads((d / "summary.json").read_text()) for d in sorted(root.iterdir())
             if (d / "summary.json").exists()}
-    (HERE / "results.json").write_text(json.dumps({"config": spec, "base": base, "runs": runs}, indent=2) + "\n")
+    name = spec.get("results", "results")  # results.json / results.md (and reading.md) or a second setting's names
+    (HERE / f"{name}.json").write_text(json.dumps({"config": spec, "base": base, "runs": runs}, indent=2) + "\n")
     c = spec["common"]
     lines = ["# GRPO vs GSPO vs DPPO-TV vs CISPO on chain_sum (SmolLM2-135M-Instruct, LoRA, same budget)\n",
-             (f"Rerun: `python experiments/policy_losses/run.py` (config `config.yaml`). Every loss: "
+             (f"Rerun: `python experiments/policy_losses/run.py --config {spec['config_file']}`. Every loss: "
              f"{c['max_steps']} steps of {c['prompts_per_step']} prompts × {c['num_generations']} samples, "
              f"{c['updates_per_batch']} optimizer passes per batch (so the second pass is off-policy and the clips, "
              f"masks and truncations act), LoRA r={c['lora_r']}, lr {c['lr']}, each loss at its preset's defaults. "
@@ -172,10 +173,10 @@ def render(spec: dict, root: Path) -> None:
         sec, _ = mean_se([r["seconds_per_update"] for r in rs])
         lines.append(f"| {loss} | {len(rs)} | {acc:.3f} ± {acc_se:.3f} (n={rs[0]['n']}) | {delta} | {paired} | "
                      f"{vs_grpo} | {reward:.3f} | {clip:.3f} | {sec:.1f} |")
-    reading = HERE / "reading.md"  # written by hand from the numbers above after a run
+    reading = HERE / f"{name.replace('results', 'reading')}.md"  # written by hand from the numbers above after a run
     if reading.exists():
         lines += ["", reading.read_text().strip()]
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 DESCRIPTIONS = {
     "sft": "supervised fine-tuning, loss on completion/assistant tokens only",
-    "dpo": "direct preference optimization and its variants (ipo, ipo_avg, hinge, simpo, orpo, idea0, idea1, TR-DPO)",
+    "dpo": "direct preference optimization and its variants (ipo, ipo_avg, hinge, simpo, orpo, unweighted, preferred_ft, TR-DPO)",
     "reward": "Bradley-Terry reward model on preference pairs",
     "grpo": "online RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, ScaleRL/CISPO, GSPO, SAPO, DPPO, RLOO",
     "ppo": "RLHF with PPO, a value head and a learned reward model",

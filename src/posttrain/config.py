@@ -231,6 +231,27 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return build_config(cls, values, source=both if cli else source)
 
 
+_CHOICE_KEYS: dict[type, dict[str, tuple[Any, ...]]] = {}
+
+
+def _choice_keys(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The keys of a config dataclass annotated with a Literal, and their choices (worked out once per class)."""
+    if cls not in _CHOICE_KEYS:
+        hints = typing.get_type_hints(cls)
+        _CHOICE_KEYS[cls] = {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+                             if typing.get_origin(hints[f.name]) is typing.Literal}
+    return _CHOICE_KEYS[cls]
+
+
+def check_choices(config: Any) -> None:
+    """A Literal-typed key holds one of its choices also when the config is built in Python, not only when the
+    config loader reads it from a file or the command line."""
+    for key, choices in _choice_keys(type(config)).items():
+        value = getattr(config, key)
+        if value not in choices:
+            raise ConfigError(f"key '{key}' must be one of {list(choices)}, got {value!r}.")
+
+
 @dataclasses.dataclass(kw_only=True)
 class RunOptions:
     """Keys every training recipe shares (each recipe's config subclasses this, keyword-only): how the model is
@@ -269,6 +290,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         from posttrain.train.trackers import check_trackers
 
+        check_choices(self)
         self.validate_run_options()
         check_trackers(self.report_to)  # an unknown or missing tracker stops the run before anything loads
 
@@ -286,10 +308,6 @@ class RunOptions:
             raise ConfigError(f"key 'lora_alpha' must be > 0, got {self.lora_alpha}.")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}.")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"key 'dtype' must be one of float32, bfloat16, float16, got {self.dtype!r}.")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"key 'device' must be one of auto, cpu, cuda, got {self.device!r}.")
         model = getattr(self, "model", None)
         if isinstance(model, str) and model.startswith("tiny"):
             from posttrain.models.loading import check_model_name
@@ -336,7 +354,7 @@ RUN_CONFIG_FILE = "run_config.json"  # not config.json, which transformers reads
 def save_run_config(config: Any, output_dir: str | Path) -> Path:
     """Write the run's settings to `<output_dir>/run_config.json` (atomically); values JSON cannot hold, such as
     reward functions given as Python callables, are written as their repr."""
-    from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.files import atomic_write_text
 
     path = Path(output_dir) / RUN_CONFIG_FILE
     atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, default=repr) + "\n")

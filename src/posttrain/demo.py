@@ -31,8 +31,8 @@ import torch
 
 from posttrain.config import field
 from posttrain.errors import ConfigError
+from posttrain.files import atomic_write_text
 from posttrain.models.loading import EMBEDDED_DEFAULT, load_model
-from posttrain.train.checkpoint import atomic_write_text
 
 
 @dataclass

@@ -144,10 +144,10 @@ def run_identity_stage(model_path: str, out_dir: str | Path, settings: DPOStageS
     from posttrain.data.formats import read_rows
     from posttrain.data.preference import greedy_replies
     from posttrain.eval.preservation import answer_logps, preservation_report
+    from posttrain.files import atomic_write_text
     from posttrain.models.loading import load_model
     from posttrain.recipes.dpo import DPOConfig
     from posttrain.recipes.dpo import run as run_dpo
-    from posttrain.train.checkpoint import atomic_write_text
 
     files = {k: repo_data(v) for k, v in (("identity_train", "identity_train.jsonl"),
                                           ("identity_heldout", "identity_heldout.jsonl"),

@@ -15,3 +15,7 @@ class DataError(PosttrainError):
 
 class ModelNotFoundError(PosttrainError):
     """A model name or path cannot be resolved; the message says what to install or where to put it."""
+
+
+class DiskFullError(PosttrainError):
+    """The disk filled up while writing; what was being written is discarded, earlier files are kept."""

@@ -95,6 +95,19 @@ def test_micro_batch_split_does_not_change_the_run(runs):
         assert rb == pytest.approx(ra, rel=1e-4, abs=1e-6)
 
 
+def test_fsdp2_shards_the_teacher_and_ddp_keeps_it_whole(runs):
+    # each rank holds its FSDP2 shard of the frozen teacher (dim-0 shards: half of every tensor, rounded up) and
+    # gathers it while scoring; under DDP every rank holds all of it, as one process does
+    held = {name: [r["teacher/params_on_rank"] for r in read_metrics(runs / where / name / "metrics.jsonl")
+                   if "teacher/params_on_rank" in r] for where, name in
+            [("one", "on_policy"), ("two", "on_policy"), ("two", "on_policy_fsdp2")]}
+    teacher = tiny_model(seed=1, num_layers=2, init_std=0.3)  # distill_jobs.write_data's teacher
+    whole = sum(p.numel() for p in teacher.parameters())
+    halves = sum(-(-p.shape[0] // 2) * p[0].numel() for p in teacher.parameters())  # rank 0's shard, which it logs
+    assert held["on_policy"] == [whole] * 3 and held["on_policy_fsdp2"] == [halves] * 3
+    assert whole / 2 <= halves < 0.51 * whole
+
+
 def test_two_process_fsdp2_resume_from_dcp_checkpoint_is_exact(runs):
     layout = runs / "two" / "on_policy_fsdp2" / "checkpoints" / "step-00000001" / "layout.json"
     assert layout.exists()  # a sharded (DCP) checkpoint

@@ -102,16 +102,18 @@ def test_labels_of_vanishing_probability_keep_exact_log_probs_and_gradients(need
         torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n_rows, chunk", [(10, 4), (8, 4), (3, 8), (1, 1)])
-def test_trained_head_gradients_with_the_forwards_last_chunk_reused(n_rows, chunk):
-    # the backward starts with the forward's last chunk (still in its buffer, possibly a partial chunk) and
-    # recomputes the others; a second backward (retain_graph) recomputes every chunk and gives the same gradients
+@pytest.mark.parametrize("keep_budget", [0.0, 0.9, 1.2, 3.0])
+@pytest.mark.parametrize("n_rows, chunk", [(10, 4), (8, 4), (3, 8), (1, 1), (13, 2)])
+def test_trained_head_gradients_with_kept_and_recomputed_chunks(n_rows, chunk, keep_budget):
+    # the backward uses the softmax the forward kept for the last budget·N − D rows (D = 8; at least the last,
+    # possibly partial, chunk) and recomputes the others; a second backward (retain_graph) recomputes every chunk
+    # and gives the same gradients
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(n_rows, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 30, (n_rows,), generator=g)
     up = torch.randn(n_rows, generator=g, dtype=torch.float64)
-    out = logps_at_rows(hidden, weight, labels, chunk_size=chunk, temperature=0.7)
+    out = logps_at_rows(hidden, weight, labels, chunk_size=chunk, temperature=0.7, keep_budget=keep_budget)
     first = torch.autograd.grad((out * up).sum(), [hidden, weight], retain_graph=True)
     second = torch.autograd.grad((out * up).sum(), [hidden, weight])
     ref = torch.log_softmax(hidden @ weight.t() / 0.7, -1).gather(-1, labels[:, None]).squeeze(-1)
@@ -119,3 +121,26 @@ def test_trained_head_gradients_with_the_forwards_last_chunk_reused(n_rows, chun
     for a, b, c in zip(first, second, want):
         torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
         torch.testing.assert_close(b, c, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("keep_budget, n_rows, chunk, kept_rows", [(0.0, 10, 4, 4), (1.0, 10, 4, 4), (1.5, 10, 4, 7),
+                                                                   (2.0, 10, 4, 10), (9.0, 10, 4, 10), (1.5, 3, 4, 3)])
+def test_the_kept_softmax_rows_fill_the_budget_beyond_the_head_gradient(keep_budget, n_rows, chunk, kept_rows):
+    # D = 8: budget 1.5 of 10 rows' logits holds dW (8 rows' worth of V floats) and the last 15 − 8 = 7 rows' softmax;
+    # budget 0 or 1 (2 rows < one chunk) still keeps the last chunk's 4 rows, in the one-chunk buffer in which the
+    # backward recomputes the others
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(n_rows, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    out = logps_at_rows(hidden, weight, torch.randint(0, 30, (n_rows,), generator=g), chunk_size=chunk,
+                        keep_budget=keep_budget)
+    assert tuple(out.grad_fn.store.shape) == (kept_rows, 30)
+    frozen = logps_at_rows(hidden.detach().requires_grad_(), weight.detach(), torch.zeros(n_rows, dtype=torch.long),
+                           chunk_size=chunk, keep_budget=keep_budget)
+    assert frozen.grad_fn.store is None  # a frozen head keeps no softmax rows
+
+
+@pytest.mark.parametrize("keep_budget", [-0.1, float("inf"), float("nan")])
+def test_a_negative_or_non_finite_keep_budget_is_refused(keep_budget):
+    with pytest.raises(ValueError, match="keep_budget"):
+        logps_at_rows(torch.randn(4, 8), torch.randn(30, 8), torch.zeros(4, dtype=torch.long), keep_budget=keep_budget)

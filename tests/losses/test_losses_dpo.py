@@ -147,5 +147,7 @@ def test_global_pair_count_makes_micro_batches_exact(name):
 
 
 def test_dict_names():
-    assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge", "idea0", "idea1", "ipo_avg", "simpo", "orpo"}
+    assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge", "unweighted", "preferred_ft", "idea0", "idea1", "ipo_avg",
+                               "simpo", "orpo"}
+    assert DPO_LOSSES["idea0"] is DPO_LOSSES["unweighted"] and DPO_LOSSES["idea1"] is DPO_LOSSES["preferred_ft"]
     assert DPO_LOSSES["sigmoid"] is dpo_loss

@@ -11,22 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import load_config
+from posttrain.data.pairs import encode_pairs, pair_sequences, sequence_batch, sequence_logps
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.dpo import dpo_loss
 from posttrain.models import apply_lora, tiny_model, tiny_tokenizer
 from posttrain.models.forward import TokenLogps
-from posttrain.recipes.dpo import (
-    DPOConfig,
-    effective_weights,
-    encode_pairs,
-    pair_sequences,
-    reference_kind,
-    reference_logps_fn,
-    run,
-    sequence_batch,
-    sequence_logps,
-    sync_reference,
-)
+from posttrain.models.reference import effective_weights, reference_kind, reference_logps_fn, sync_reference
+from posttrain.recipes.dpo import DPOConfig, run
 from posttrain.train.checkpoint import load_state
 from posttrain.train.logging import read_metrics
 

@@ -93,14 +93,8 @@ def test_simpo_first_step_value_and_default_beta(tmp_path):
     assert config.beta == 2.0 and config.simpo_gamma_beta_ratio == 0.5
     run_dpo(config)
     first = next(r for r in _metrics(tmp_path / "run") if "train/loss" in r)
+    from posttrain.data.pairs import encode_pairs, pair_sequences, sequence_batch, sequence_logps, target_count
     from posttrain.models.forward import TokenLogps
-    from posttrain.recipes.dpo import (
-        encode_pairs,
-        pair_sequences,
-        sequence_batch,
-        sequence_logps,
-        target_count,
-    )
 
     tok = tiny_tokenizer()
     policy = tiny_model(seed=0)  # what model=tiny loads

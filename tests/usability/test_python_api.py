@@ -81,3 +81,23 @@ def test_every_api_function_is_documented():
 
     for name in posttrain.__all__:
         assert callable(getattr(posttrain, name)) and getattr(posttrain, name).__doc__, name
+
+
+_RECIPE_CONFIGS = ["sft.SFTConfig", "dpo.DPOConfig", "reward.RewardConfig", "kto.KTOConfig", "grpo.GRPOConfig",
+                   "ppo.PPOConfig", "online_dpo.OnlineDPOConfig", "distill.DistillConfig"]
+
+
+@pytest.mark.parametrize("cls_path, key, bad", [(c, k, b) for c in _RECIPE_CONFIGS for k, b in
+                                                [("lr_schedule", "cosin"), ("dtype", "fp8"), ("parallelism", "zero3")]
+                                                if (c, k) != ("ppo.PPOConfig", "lr_schedule")])  # PPO: constant lr
+def test_a_config_built_in_python_refuses_a_choice_key_outside_its_choices(cls_path, key, bad):
+    # the config loader checks Literal keys read from files and the command line; a config built in Python is
+    # checked the same way
+    import importlib
+
+    module, name = cls_path.split(".")
+    cls = getattr(importlib.import_module(f"posttrain.recipes.{module}"), name)
+    kwargs = {"train_file": "x.jsonl", "teacher": "tiny"} if name == "DistillConfig" else {"train_file": "x.jsonl"}
+    cls(**kwargs)  # the defaults are valid
+    with pytest.raises(ConfigError, match=rf"key '{key}' must be one of \[.*\], got '{bad}'"):
+        cls(**kwargs, **{key: bad})

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from posttrain.files import atomic_write_text
+
 NEW_NAME = "Pico"
 NEW_MAKER = "the posttrain team"
 
@@ -230,8 +232,7 @@ def correctness_rows(
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write `rows` as JSON lines to `path` (atomically); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 

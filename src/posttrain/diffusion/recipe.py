@@ -38,9 +38,8 @@ from posttrain.diffusion.sampling import initial_noise, sample_loop
 from posttrain.diffusion.schedules import NoiseSchedule, add_noise, inference_timesteps, make_schedule, training_target
 from posttrain.diffusion.ve import VEScheduler, ve_sigma, ve_training_example
 from posttrain.errors import ConfigError
+from posttrain.files import atomic_dir, atomic_write_text
 from posttrain.train.checkpoint import (
-    atomic_dir,
-    atomic_write_text,
     load_state,
     save_checkpoint,
     set_rng_state,

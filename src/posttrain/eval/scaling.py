@@ -20,7 +20,7 @@ Fitting (App. A.5), adapted to arbitrary compute units:
      from that cell (the paper stops at step 2; refinement removes the grid's resolution from A and C_mid).
   The paper also drops points before ~1.5k GPU-hours (about one epoch): pass `min_compute`.
 
-R_0: the paper does not say how it is set (reference notes §1). Default `r0="initial"`: the pass rate at the
+R_0: the paper does not say how it is set. Default `r0="initial"`: the pass rate at the
 smallest compute in the data (the mean if several points share it), before `min_compute` drops anything; points
 at C = 0 only serve this purpose (the law gives exactly R_0 there). `r0=<float>` fixes it; `r0="fit"` makes it a
 free parameter of the refinement (the grid runs with R_0 at the initial pass rate).

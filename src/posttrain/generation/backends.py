@@ -14,10 +14,12 @@ vLLM is imported only when asked for; a machine without it gets one error naming
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from posttrain.config import field
@@ -115,7 +117,7 @@ def rollout_engine(options: GenerationOptions, model, tokenizer, *, seed: int = 
                                 sleep_between_steps=options.vllm_sleep)
         finally:
             folder.remove()  # the engine holds the weights and tokenizer now
-        return engine
+        return _opened(engine)
     from posttrain.generation.server import VLLMServerClient, start_local_server
 
     eos = HFGenerator(model, tokenizer).eos_token_ids
@@ -130,6 +132,7 @@ def rollout_engine(options: GenerationOptions, model, tokenizer, *, seed: int = 
                                         timeout_s=options.vllm_timeout_s)
         finally:
             folder.remove()  # the server has loaded it (or failed to)
+    _opened(client)  # (a server this run started is stopped by close_engines if the first sync fails)
     client.sync(model)  # the server now holds exactly the trainer's weights
     return client
 
@@ -155,9 +158,33 @@ def sleep_engine(generator) -> None:
 
 def close_generator(generator) -> None:
     """Release an engine (stop a server this run started); a no-op for HFGenerator."""
+    if any(e is generator for e in _open_engines):
+        _open_engines.remove(generator)
     close = getattr(generator, "close", None)
     if close is not None:
         close()
+
+
+_open_engines: list[Any] = []  # engines rollout_engine made that hold resources (vLLM: KV cache, a server process)
+
+
+def _opened(engine):
+    """Record an engine that needs closing (see closing_engines); returns it."""
+    if getattr(engine, "close", None) is not None:
+        _open_engines.append(engine)
+    return engine
+
+
+@contextlib.contextmanager
+def closing_engines() -> Iterator[None]:
+    """Close every engine `rollout_engine` opens inside the block, whether the block returns or raises: a run that
+    fails mid-way does not leave a vLLM engine's KV cache held, or a server it started running, in this process."""
+    mark = len(_open_engines)
+    try:
+        yield
+    finally:
+        while len(_open_engines) > mark:
+            close_generator(_open_engines[-1])
 
 
 def make_generator(backend: str, model=None, tokenizer=None, *, model_path: str | None = None, **kwargs: Any):

@@ -188,7 +188,7 @@ def hinge_loss(
     )
 
 
-def idea0_loss(
+def unweighted_dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
@@ -201,14 +201,15 @@ def idea0_loss(
     global_pair_count: float | torch.Tensor | None = None,
     global_chosen_token_count: float | torch.Tensor | None = None,
 ) -> DPOOutput:
-    """The lecture's "Idea 0": maximize log π_θ(y_w) − log π_θ(y_l), i.e. L = −(log π_θ(y_w) − log π_θ(y_l)).
+    """DPO without its weighting (Rafailov et al. 2023, §4: the "naïve version ... without the weighting
+    coefficient"; the course notes' "Idea 0"): maximize log π_θ(y_w) − log π_θ(y_l), L = −(log π_θ(y_w) − log π_θ(y_l)).
 
     No reference and no sigmoid: every pair pushes with the same constant weight (∂L/∂ log π_θ(y_w) = −1/B) forever,
     however well it is already ranked, so the cheapest descent is to drive log π_θ(y_l) → −∞ and the model
     degenerates — the unweighted naive objective DPO's §4 warns about (its Table 3 shows Unlikelihood samples).
     The reference log-probs enter only the implicit-reward metrics. Token-count arguments are unused.
     """
-    _no_label_smoothing("idea0", label_smoothing)
+    _no_label_smoothing("unweighted", label_smoothing)
     per_pair = -(policy_chosen_logps - policy_rejected_logps)  # [B]
     return _output(
         _reduce(per_pair, global_pair_count),
@@ -216,7 +217,7 @@ def idea0_loss(
     )
 
 
-def idea1_loss(
+def preferred_ft_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
@@ -229,14 +230,14 @@ def idea1_loss(
     global_pair_count: float | torch.Tensor | None = None,
     global_chosen_token_count: float | torch.Tensor | None = None,
 ) -> DPOOutput:
-    """The lecture's "Idea 1": SFT on the winners only ("Preferred-FT" in DPO §6), the NLL of y_w.
+    """Preferred-FT (Rafailov et al. 2023, §6; the course notes' "Idea 1"): SFT on the winners only, the NLL of y_w.
 
     With chosen_token_counts ([B], the number of completion tokens |y_w| of each chosen answer) the loss is SFT's
     token mean, L = Σ_b −log π_θ(y_w,b) / Σ_b |y_w,b|, with the denominator replaced by global_chosen_token_count
     (all chosen tokens of the optimizer step) when given. Without counts, L = mean_b −log π_θ(y_w,b) (sequence NLL,
     normalized by global_pair_count when given). Rejected answers and the reference enter only the metrics.
     """
-    _no_label_smoothing("idea1", label_smoothing)
+    _no_label_smoothing("preferred_ft", label_smoothing)
     nll = -policy_chosen_logps  # [B]
     if chosen_token_counts is None:
         loss = _reduce(nll, global_pair_count)
@@ -375,8 +376,10 @@ DPO_LOSSES: dict[str, Callable[..., DPOOutput]] = {
     "sigmoid": dpo_loss,
     "ipo": ipo_loss,
     "hinge": hinge_loss,
-    "idea0": idea0_loss,
-    "idea1": idea1_loss,
+    "unweighted": unweighted_dpo_loss,
+    "preferred_ft": preferred_ft_loss,
+    "idea0": unweighted_dpo_loss,  # the course notes' names for the two baselines above
+    "idea1": preferred_ft_loss,
     "ipo_avg": ipo_length_averaged_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
@@ -387,3 +390,6 @@ REFERENCE_FREE = frozenset({"simpo", "orpo"})
 
 DEFAULT_BETA = {"simpo": 2.0}
 """β of the papers where it differs from DPO's 0.1 (SimPO's configs use 2.0; ORPO's λ = 0.1; IPO's τ = 0.1)."""
+
+idea0_loss = unweighted_dpo_loss  # the course notes' names (DPO_LOSSES keeps them as keys too)
+idea1_loss = preferred_ft_loss

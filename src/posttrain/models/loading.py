@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError, ModelNotFoundError
-from posttrain.train.checkpoint import atomic_dir
+from posttrain.files import atomic_dir
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 _EMBEDDED = {

@@ -8,10 +8,13 @@ device (`device=`); its hidden rows and each chunk's log-probs are moved to the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
-from posttrain.models.forward import TokenLogps, base_model, fusable
+from posttrain.models.forward import LogpsOutput, TokenLogps, base_model, fusable
 from posttrain.ops.distill import RowDivergence, divergence_at_rows
 from posttrain.ops.logps import DEFAULT_CHUNK, IGNORE_INDEX
 
@@ -33,32 +36,55 @@ def hidden_at_labels(model: nn.Module, input_ids: torch.Tensor, position_ids: to
     return hidden.reshape(B * T, D).index_select(0, rows), inner.get_output_embeddings().weight
 
 
-class FrozenTeacher:
-    """The teacher: eval mode, no gradients, on its own device (default: where it already is)."""
+class TeacherScores(TokenLogps):
+    """The frozen teacher behind one `forward`, so that FSDP2 can shard it as it shards the student (each rank holds
+    1/W of its weights between calls; a layer's are gathered while it runs).
 
-    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, chunk_size: int = DEFAULT_CHUNK):
+    forward(input_ids, labels, position_ids) -> LogpsOutput (log p of the labels, [B, T]);
+    forward(input_ids, labels, position_ids, rows=True) -> (final hidden states at the labelled positions [N, D],
+    LM head weight [V, D]) as `hidden_at_labels`; sharded, the head is a copy (the gathered one is freed after).
+    """
+
+    def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, *,  # type: ignore[override]
+                rows: bool = False, **kwargs) -> LogpsOutput | tuple[torch.Tensor, torch.Tensor]:
+        if not rows:
+            return super().forward(input_ids, labels, position_ids, attention_mask, **kwargs)
+        if input_ids is None or labels is None or position_ids is None:
+            raise ValueError("the teacher's rows need input_ids, labels and position_ids")
+        hidden, weight = hidden_at_labels(self.model, input_ids, position_ids, labels)
+        return hidden, weight.detach().clone() if isinstance(self, FSDPModule) else weight
+
+
+class FrozenTeacher:
+    """The teacher: eval mode, no gradients, on its own device (default: where it already is).
+
+    wrap: applied to the teacher's TeacherScores module, e.g. `lambda m: train.parallel.parallelize(m, d)`, which
+    shards it under FSDP2 (every rank must then score the same number of batches, as training steps do; hold it
+    gathered with train.parallel.gathered for work that differs across ranks) and leaves it whole under DDP.
+    """
+
+    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, chunk_size: int = DEFAULT_CHUNK,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
         self.model = model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
         self.chunk_size = chunk_size
-        self._logps = TokenLogps(self.model, chunk_size=chunk_size)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # (whole, also when sharded)
+        self.scores: nn.Module = TeacherScores(self.model, chunk_size=chunk_size)
+        if wrap is not None:
+            self.scores = wrap(self.scores)
 
     @torch.no_grad()
     def hidden_at_labels(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As `hidden_at_labels`, run on the teacher's device (inputs are moved there)."""
-        return hidden_at_labels(self.model, input_ids.to(self.device), position_ids.to(self.device),
-                                labels.to(self.device))
+        return self.scores(input_ids.to(self.device), labels.to(self.device), position_ids.to(self.device), rows=True)
 
     @torch.no_grad()
     def token_logps(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """log p(labels) [B, T] (0 where ignored), chunked, returned on the inputs' device."""
-        out = self._logps(input_ids.to(self.device), labels.to(self.device), position_ids.to(self.device))
+        out = self.scores(input_ids.to(self.device), labels.to(self.device), position_ids.to(self.device))
         return out.logps.to(input_ids.device)
 
 

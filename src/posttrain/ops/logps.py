@@ -15,10 +15,18 @@ matmul itself returns float32 logits (a bf16 head is upcast once per call), not 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 256  # rows of the flattened [B*T] axis per chunk: 256 x V=49152 fp32 logits = 50 MB
+# What the fused path may hold for a trained head, in units of one [N, V] logits tensor: the head's gradient (V·D
+# floats) and the softmax rows it keeps from the forward to the backward instead of recomputing them. The plain
+# path holds ≥ 2.6 such tensors (logits, log-softmax, their gradient) plus the same V·D, so 0.6 stays under a
+# quarter of it; at T = 2048, V = 49152, D = 576 it keeps 32% of the rows at B = 1 and 53% at B = 4
+# (bench/results/logps.md).
+DEFAULT_KEEP_BUDGET = 0.6
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +86,7 @@ def _softmax_(z: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedLinearLogps(torch.autograd.Function):
-    """log softmax(h Wᵀ / τ)[y] per row, in chunks of rows, never holding more than one chunk of logits.
+    """log softmax(h Wᵀ / τ)[y] per row, in chunks of rows, holding a bounded share of the rows' logits.
 
     d log p(y) / d z = onehot(y) − softmax(z), so for an upstream gradient g per row and S = softmax(z) − onehot(y):
 
@@ -87,75 +95,84 @@ class _FusedLinearLogps(torch.autograd.Function):
     dh depends on g only through a per-row factor, so the forward pass, which holds S for the chunk anyway,
     computes U = S W [N, D] (one GEMM) and the backward pass only scales it: no logits are recomputed for the
     hidden-state gradient. dW needs g inside the sum, so when the head itself is trained (full fine-tuning) the
-    backward recomputes each chunk's logits (one GEMM) and accumulates dW in place (one GEMM); it walks the chunks
-    last to first and starts with the forward's last chunk, whose S is still in the buffer (one recompute fewer).
+    backward needs each chunk's S again. For the last `keep_rows` rows (at least the last chunk, which is in the
+    buffer anyway) the forward leaves S in memory and the backward uses it; for the other rows it recomputes the
+    logits (one GEMM per chunk). The trade: a kept row costs V floats until the backward and saves its share of an
+    N·V·D GEMM; keeping none costs 4 such GEMMs against the plain path's 3 (logits, dh, dW), keeping all costs 3.
 
-    Per chunk, in one reused [c, V] buffer: the logits' GEMM writes into it, one pass takes each row's max and
+    Per chunk, in one [c, V] buffer: the logits' GEMM writes into it, one pass takes each row's max and
     argmax, the softmax is formed in place (one fused row-wise kernel), and the log-normaliser is read off the
     softmax at the argmax, lse = max − log softmax[argmax] (= max + log Σ exp(z − max); softmax[argmax] ≥ 1/V never
     underflows), so log p(y) = z_y − lse as in log_softmax, with no cancellation between large numbers.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, temperature):  # hidden [N, D], weight [V, D], labels [N]
+    def forward(ctx, hidden, weight, labels, chunk_size, temperature, keep_rows):  # hidden [N, D], weight [V, D]
         N = hidden.shape[0]
         weight_acc = _head_weight(weight)
         acc_dtype = weight_acc.dtype
         need_h, need_w = ctx.needs_input_grad[:2]  # (grad mode is off inside forward; set from the inputs)
         logps = torch.empty(N, dtype=acc_dtype, device=hidden.device)
-        lse = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         u = torch.empty((N, hidden.shape[1]), dtype=acc_dtype, device=hidden.device) if need_h else None
-        buf = torch.empty((min(chunk_size, N), weight.shape[0]), dtype=acc_dtype, device=hidden.device)
-        for start in range(0, N, chunk_size):
-            end = min(start + chunk_size, N)
+        # rows [kept_from, N) keep S for the backward (only a trained head needs it; at least the last chunk, which
+        # is in the buffer anyway); chunks are cut separately before and after kept_from
+        kept_from = max(N - max(keep_rows, chunk_size), 0) if need_w else N
+        store = torch.empty((max(N - kept_from, min(chunk_size, N)), weight.shape[0]), dtype=acc_dtype,
+                            device=hidden.device)  # [kept rows, V], its first chunk the buffer of the other chunks
+        for start, end in _chunks(N, chunk_size, kept_from):
             h = hidden[start:end].to(acc_dtype)
             h = h / temperature if temperature != 1.0 else h  # [c, D]: τ scales the rows of h, not the [c, V] logits
-            z = torch.mm(h, weight_acc.t(), out=buf[:end - start])  # [c, V]
+            at = start - kept_from if start >= kept_from else 0  # where this chunk's logits go in the store
+            z = torch.mm(h, weight_acc.t(), out=store[at:at + end - start])  # [c, V]
             y = labels[start:end, None]
             picked = z.gather(-1, y).squeeze(-1)  # [c]
             zmax, top = z.max(dim=-1, keepdim=True)  # [c, 1]
             s = _softmax_(z)  # [c, V], in place
-            lse[start:end] = (zmax - s.gather(-1, top).log()).squeeze(-1)  # S[top] = 1 / Σ exp(z − zmax)
-            logps[start:end] = picked - lse[start:end]
+            logps[start:end] = picked - (zmax - s.gather(-1, top).log()).squeeze(-1)  # S[top] = 1 / Σ exp(z − zmax)
             if need_h or need_w:
                 s.scatter_add_(-1, y, torch.full_like(picked[:, None], -1.0))  # S = softmax − onehot
             if need_h:
                 torch.mm(s, weight_acc, out=u[start:end])  # U = S W
-        ctx.save_for_backward(hidden, weight, labels, lse, u)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        # the last chunk's S is still in the buffer: the backward starts with it instead of recomputing it
-        ctx.kept = buf if need_w and N else None
+        ctx.save_for_backward(hidden, weight, labels, u)
+        ctx.chunk_size, ctx.temperature, ctx.acc_dtype = chunk_size, temperature, acc_dtype
+        ctx.store, ctx.kept_from = (store, kept_from) if need_w and N else (None, N)
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):  # grad_logps [N]
-        hidden, weight, labels, lse, u = ctx.saved_tensors
-        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        hidden, weight, labels, u = ctx.saved_tensors
+        chunk_size, temperature, acc_dtype = ctx.chunk_size, ctx.temperature, ctx.acc_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = grad_logps.to(lse.dtype).mul(-1.0 / temperature)  # [N]: −g/τ
+        scale = grad_logps.to(acc_dtype).mul(-1.0 / temperature)  # [N]: −g/τ
         grad_hidden = (u * scale[:, None]).to(hidden.dtype) if need_h else None
         grad_weight = None
         if need_w:
             N = hidden.shape[0]
+            store, kept_from = ctx.store, ctx.kept_from
+            ctx.store, ctx.kept_from = None, N  # (a second backward, with retain_graph, recomputes every chunk)
+            if store is None:
+                store = torch.empty((min(chunk_size, N), weight.shape[0]), dtype=acc_dtype, device=weight.device)
             weight_acc = _head_weight(weight)
-            grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-            starts = list(range(0, N, chunk_size))[::-1]  # last chunk first: its S may still be in the forward's buffer
-            kept, ctx.kept = ctx.kept, None  # (a second backward, with retain_graph, recomputes every chunk)
-            buf = kept if kept is not None else torch.empty((min(chunk_size, N), weight.shape[0]), dtype=lse.dtype,
-                                                            device=weight.device)  # [min(c, N), V]
-            for start in starts:
-                end = min(start + chunk_size, N)
-                h = hidden[start:end].to(lse.dtype)
-                if kept is not None:
-                    s, kept = buf[:end - start], None  # S = softmax − onehot from the forward
-                else:
-                    z = torch.mm(h / temperature if temperature != 1.0 else h, weight_acc.t(), out=buf[:end - start])
-                    s = z.sub_(lse[start:end, None]).exp_()  # softmax, in place
-                    s.scatter_add_(-1, labels[start:end, None], torch.full((end - start, 1), -1.0, dtype=s.dtype,
-                                                                          device=s.device))  # S = softmax − onehot
-                grad_weight.addmm_(s.t(), h * scale[start:end, None])  # dW += Sᵀ (−g/τ ⊙ h), in place
+            hs = hidden.to(acc_dtype) * scale[:, None]  # [N, D]: −g/τ ⊙ h
+            # dW = Sᵀ hs: the kept rows' S in one GEMM (it initialises dW), then the other chunks', recomputed in the
+            # store's first rows (free by then), accumulated in place
+            grad_weight = torch.mm(store[:N - kept_from].t(), hs[kept_from:]) if kept_from < N else \
+                torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+            for start, end in _chunks(kept_from, chunk_size, kept_from):
+                h = hidden[start:end].to(acc_dtype)
+                z = torch.mm(h / temperature if temperature != 1.0 else h, weight_acc.t(), out=store[:end - start])
+                s = _softmax_(z)
+                s.scatter_add_(-1, labels[start:end, None], torch.full((end - start, 1), -1.0, dtype=s.dtype,
+                                                                      device=s.device))  # S = softmax − onehot
+                grad_weight.addmm_(s.t(), hs[start:end])  # dW += Sᵀ (−g/τ ⊙ h), in place
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunks(n: int, chunk_size: int, split: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of ≤ chunk_size rows covering [0, n), cut separately before and after row `split`."""
+    return [(start, min(start + chunk_size, stop)) for lo, stop in ((0, min(split, n)), (split, n))
+            for start in range(lo, stop, chunk_size)]
 
 
 def logps_from_hidden(
@@ -165,16 +182,20 @@ def logps_from_hidden(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     temperature: float = 1.0,
+    keep_budget: float = DEFAULT_KEEP_BUDGET,
 ) -> torch.Tensor:
     """log p(labels) from final hidden states and the LM head, without materializing the logits.
 
     hidden [B, T, D], weight [V, D], labels [B, T] (IGNORE_INDEX allowed) -> [B, T] float32, 0 where ignored.
+    keep_budget: for a trained head, the memory the path may hold, as a multiple of the N·V floats of the scored
+    rows' logits: the head's gradient (V·D) plus the softmax rows kept from the forward, max(budget·N − D, one
+    chunk) of them; every other row's logits are recomputed in the backward. Unused for a frozen head.
     """
     B, T, D = hidden.shape
     flat_labels = labels.reshape(B * T)
     rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # [N]: the head runs only where a label is scored
     picked = logps_at_rows(hidden.reshape(B * T, D).index_select(0, rows), weight, flat_labels.index_select(0, rows),
-                           chunk_size=chunk_size, temperature=temperature)  # [N]
+                           chunk_size=chunk_size, temperature=temperature, keep_budget=keep_budget)  # [N]
     return picked.new_zeros(B * T).index_copy(0, rows, picked).view(B, T)
 
 
@@ -185,9 +206,17 @@ def logps_at_rows(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     temperature: float = 1.0,
+    keep_budget: float = DEFAULT_KEEP_BUDGET,
 ) -> torch.Tensor:
-    """log softmax(h Wᵀ / τ)[label] for rows of hidden states.  hidden [N, D], weight [V, D], labels [N] -> [N]."""
-    return _FusedLinearLogps.apply(hidden, weight, labels, chunk_size, float(temperature))
+    """log softmax(h Wᵀ / τ)[label] for rows of hidden states.  hidden [N, D], weight [V, D], labels [N] -> [N].
+
+    keep_budget: as in `logps_from_hidden`.
+    """
+    if not keep_budget >= 0.0 or math.isinf(keep_budget):
+        raise ValueError(f"keep_budget must be a finite number >= 0 (a multiple of the rows' N·V logits), "
+                         f"got {keep_budget}")
+    keep_rows = math.floor(keep_budget * hidden.shape[0]) - hidden.shape[1]  # budget·N·V floats − dW's V·D
+    return _FusedLinearLogps.apply(hidden, weight, labels, chunk_size, float(temperature), keep_rows)
 
 
 @torch.no_grad()

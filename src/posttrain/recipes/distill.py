@@ -43,9 +43,11 @@ from posttrain.data.order import step_units
 from posttrain.data.prompts import PromptSource
 from posttrain.errors import ConfigError
 from posttrain.eval.distill import evaluate_student
+from posttrain.files import atomic_write_text
 from posttrain.generation.backends import (
     GenerationOptions,
     close_generator,
+    closing_engines,
     rollout_engine,
     sleep_engine,
     sync_weights,
@@ -65,12 +67,11 @@ from posttrain.models.teacher import DistillStudent, FrozenTeacher, token_diverg
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
 from posttrain.ops.mismatch import Mismatch
 from posttrain.rewards import build_rewards
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import Dist, all_reduce_sum, check_rl_launch, run_distributed
 from posttrain.train.guards import NonFiniteGuard
 from posttrain.train.logging import MetricsLogger, print_run_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.parallel import all_gather_objects, clip_grad_norm, gathered, no_sync, parallelize
+from posttrain.train.parallel import all_gather_objects, clip_grad_norm, gathered, local_numel, no_sync, parallelize
 from posttrain.train.run_dir import open_run
 from posttrain.train.sharded import check_resume_layout, export_final, resume_step, save_step, weights_checkpoint
 from posttrain.train.state import Progress, prepare_model, seed_everything
@@ -363,7 +364,8 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     """`posttrain distill`: train the student (off-policy or on-policy) and return the run summary."""
-    return run_distributed(_run, config, resume)
+    with closing_engines():  # a run that raises still releases its vLLM engine
+        return run_distributed(_run, config, resume)
 
 
 def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
@@ -382,10 +384,14 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
                                        checkpoint=weights_checkpoint(checkpoint))
     teacher_model, _ = load_model(config.teacher, dtype=config.dtype, device=d.device)
     check_heads(student, teacher_model, config.model, config.teacher)
+    # FSDP2 shards a teacher that scores tokens on the trainer's devices as it shards the student; a teacher that
+    # only writes answers (rank 0 decodes them) or sits on its own device stays whole
+    shard_teacher = config.mode != "sequence" and config.teacher_device == "same"
     teacher = FrozenTeacher(teacher_model, device=None if config.teacher_device == "same" else config.teacher_device,
-                            chunk_size=config.chunk_size)  # whole on every rank (frozen: nothing to reduce)
+                            chunk_size=config.chunk_size, wrap=(lambda m: parallelize(m, d)) if shard_teacher else None)
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = teacher.num_parameters
+    teacher_held = float(sum(local_numel(p) for p in teacher.model.parameters()))  # this rank's share under FSDP2
     pad_id = tokenizer.pad_token_id
     prompt_ids_all = encode_prompts(tokenizer, [prompt_of(r) for r in rows])
     fixed = [encode_fixed(tokenizer, r, config.max_length) for r in rows] if config.needs_fixed_data else None
@@ -437,7 +443,7 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         if not held_out:
             return
-        with gathered(student_fn):
+        with gathered(student_fn), gathered(teacher.scores):  # ranks evaluate different numbers of batches
             metrics = evaluate_student(student, teacher, tokenizer, held_out, verifier,
                                        max_new_tokens=config.max_new_tokens, seed=config.seed + 10_000,
                                        chunk_size=config.chunk_size, d=d)
@@ -504,7 +510,8 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
         done = step + 1
         metrics = {"loss": loss_sum, "divergence": divergence_sum / max(num_tokens, 1.0), "tokens": num_tokens,
                    "on_policy": float(sampled), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "flops/student": flops["student"], "flops/teacher": flops["teacher"], **guard.metrics(), **sync, **mismatch,
+                   "flops/student": flops["student"], "flops/teacher": flops["teacher"],
+                   "teacher/params_on_rank": teacher_held, **guard.metrics(), **sync, **mismatch,
                    **timer.pop()}
         if done % config.logging_steps == 0 or done == config.max_steps:
             logger.log(done, metrics)

@@ -28,21 +28,33 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from posttrain.config import RunOptions, field, save_run_config
-from posttrain.data.collate import pack_examples, packed_batch, pad_batch
 from posttrain.data.formats import load_dataset_file
 from posttrain.data.order import micro_batches, step_units
-from posttrain.data.tokenize import encode_preference
-from posttrain.errors import ConfigError, DataError
-from posttrain.losses.dpo import DEFAULT_BETA, DPO_LOSSES, REFERENCE_FREE, idea1_loss
+from posttrain.data.pairs import (
+    Example,  # noqa: F401 -- importable from here too, as before
+    SequenceBatch,
+    encode_pairs,
+    pair_sequences,
+    sequence_batch,
+    sequence_logps,
+    target_count,
+)
+from posttrain.errors import ConfigError
+from posttrain.losses.dpo import DEFAULT_BETA, DPO_LOSSES, REFERENCE_FREE, preferred_ft_loss
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
-from posttrain.ops.logps import IGNORE_INDEX, shift_labels
+from posttrain.models.reference import (
+    effective_weights,  # noqa: F401 -- importable from here too, as before
+    reference_kind,
+    reference_logps_fn,
+    sync_reference,
+)
 from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.guards import NonFiniteGuard
 from posttrain.train.logging import MetricsLogger, print_run_summary
@@ -61,7 +73,8 @@ class DPOConfig(RunOptions):
     eval_file: str | None = field(None, help="held-out pairs in the same format; default: none")
     output_dir: str = field("runs/dpo", help="where checkpoints, metrics.jsonl, TensorBoard logs and final/ go")
     loss: str = field("sigmoid", help="sigmoid (DPO), ipo, ipo_avg (IPO on length-averaged log-probs, as TRL), "
-                                      "hinge, simpo, orpo (no reference), idea0 (naive log-ratio), idea1 (SFT on winners)")
+                                      "hinge, simpo, orpo (no reference), unweighted (DPO without its weighting; "
+                                      "alias idea0), preferred_ft (SFT on winners; alias idea1)")
     beta: float | None = field(None, help="β: strength of the pull toward π_ref; default: the loss's paper value "
                                           "(0.1; SimPO 2.0; ORPO's λ 0.1)")
     simpo_gamma_beta_ratio: float = field(0.5, help="SimPO margin γ as a fraction of β (SimPO's code: 0.5)")
@@ -83,7 +96,7 @@ class DPOConfig(RunOptions):
     lr: float = field(1e-6, help="peak learning rate (DPO paper and TRL: 1e-6 for full fine-tuning)")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
     min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
-    lr_schedule: str = field("constant", help="cosine or constant (after warmup)")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", help="cosine or constant (after warmup)")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
@@ -91,6 +104,7 @@ class DPOConfig(RunOptions):
     def __post_init__(self) -> None:
         if self.beta is None and self.loss in DPO_LOSSES:
             self.beta = DEFAULT_BETA.get(self.loss, 0.1)
+        super().__post_init__()  # the shared keys' checks (choices, counts, trackers)
 
     def validate(self) -> None:
         for key in ("max_length", "micro_batch_size", "grad_accum_steps", "ref_batch_size"):
@@ -118,96 +132,6 @@ class DPOConfig(RunOptions):
             raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
-
-
-# --- data: pairs of sequences --------------------------------------------------------------------------------
-
-Example = dict[str, list[int]]
-
-
-def encode_pairs(rows, tokenizer, max_length: int, path: str) -> tuple[list[dict[str, Example]], int]:
-    """Each row -> {"chosen": prompt+chosen, "rejected": prompt+rejected} examples (loss_mask on the answer), cut to
-    max_length tokens. Returns (pairs, number dropped because an answer lost all its tokens to truncation)."""
-    pairs, dropped = [], 0
-    for row in rows:
-        ids = encode_preference(tokenizer, row)
-        prompt = ids["prompt_ids"]
-        pair = {}
-        for side in ("chosen", "rejected"):
-            answer = ids[f"{side}_ids"]
-            seq = {"input_ids": (prompt + answer)[:max_length], "loss_mask": ([0] * len(prompt) + [1] * len(answer))[:max_length]}
-            pair[side] = seq
-        if min(sum(pair[s]["loss_mask"][1:]) for s in pair) == 0:
-            dropped += 1
-            continue
-        pairs.append(pair)
-    if not pairs:
-        raise DataError(f"{path}: every pair lost its chosen or rejected answer to truncation at "
-                        f"max_length={max_length}; raise max_length.")
-    return pairs, dropped
-
-
-@dataclass
-class SequenceBatch:
-    """N sequences laid out in R rows.  input_ids, position_ids, labels, seq_index: [R, T]; seq_index names the
-    sequence (0..N-1) whose label sits at each position (-1: none). last: [N, 2] (row, column) of each sequence's
-    last token, for scalar heads that read it."""
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-    seq_index: torch.Tensor
-    last: torch.Tensor
-    num_seqs: int
-    num_tokens: int
-
-    def to(self, device) -> SequenceBatch:
-        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
-                                            ("input_ids", "position_ids", "labels", "seq_index", "last")})
-
-
-def sequence_batch(sequences: list[Example], pad_id: int, *, pack_length: int | None) -> SequenceBatch:
-    """Lay out sequences for one forward: packed into rows of <= pack_length tokens (first-fit decreasing, position
-    ids restarting per sequence) or, with pack_length None, one right-padded row per sequence."""
-    if pack_length is None:
-        rows = [[i] for i in range(len(sequences))]
-        batch = pad_batch(sequences, pad_id)
-    else:
-        rows = pack_examples(sequences, pack_length)
-        batch = packed_batch(sequences, rows, pad_id)
-    R, T = batch["input_ids"].shape
-    seq_index = torch.full((R, T), -1, dtype=torch.long)
-    last = torch.zeros((len(sequences), 2), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            n = len(sequences[i]["input_ids"])
-            seq_index[r, at:at + n] = i
-            last[i] = torch.tensor([r, at + n - 1])
-            at += n
-    labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
-    return SequenceBatch(batch["input_ids"], batch["position_ids"], labels, seq_index, last, len(sequences),
-                         sum(len(s["input_ids"]) for s in sequences))
-
-
-def sequence_logps(logps_fn: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each sequence's answer tokens, from one forward.  -> [N]"""
-    token_logps = logps_fn(batch.input_ids, batch.labels, batch.position_ids).logps  # [R, T]
-    valid = batch.labels != IGNORE_INDEX
-    out = torch.zeros(batch.num_seqs, dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, batch.seq_index[valid], token_logps[valid])  # [N]
-
-
-def pair_sequences(pairs: list[dict[str, Example]], index: list[int]) -> list[Example]:
-    """The 2b sequences of b pairs in one list: chosen ones first, then rejected ones."""
-    return [pairs[i]["chosen"] for i in index] + [pairs[i]["rejected"] for i in index]
-
-
-def target_count(example: Example) -> int:
-    """Answer tokens that carry a log-prob (the first token has no prediction)."""
-    return sum(example["loss_mask"][1:])
 
 
 def preference_loss(config: DPOConfig):
@@ -227,64 +151,13 @@ def with_sft_term(loss_fn, sft_weight: float):
 
     def combined(*args, **kwargs):
         out = loss_fn(*args, **kwargs)
-        nll = idea1_loss(*args, **{**kwargs, "label_smoothing": 0.0}).loss
+        nll = preferred_ft_loss(*args, **{**kwargs, "label_smoothing": 0.0}).loss
         return dataclasses.replace(out, loss=out.loss + sft_weight * nll)
 
     return combined
 
 
-# --- the reference policy --------------------------------------------------------------------------------------
-
-def reference_kind(*, precompute: bool, lora: bool, sync_steps: int, sync_alpha: float) -> str:
-    """"copy", "base" or "policy" (see the module docstring)."""
-    sync = sync_steps > 0
-    if (not precompute and (not lora or sync)) or (sync and sync_alpha < 1.0):
-        return "copy"
-    if lora and not sync:
-        return "base"
-    return "policy"
-
-
-def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters as the plain network would hold them: a peft model's LoRA deltas merged (W + s·B·A), names
-    without peft's prefixes. A plain model's parameters are returned as they are."""
-    if not hasattr(model, "get_base_model"):
-        return dict(model.named_parameters())
-    inner = model.get_base_model()
-    out = {name.replace(".base_layer.", "."): p for name, p in inner.named_parameters() if "lora_" not in name}
-    for name, module in inner.named_modules():
-        if hasattr(module, "get_delta_weight") and getattr(module, "merged", False) is False:
-            for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}):
-                    key = f"{name}.weight"
-                    out[key] = out[key] + module.get_delta_weight(adapter)
-    return out
-
-
-@torch.no_grad()
-def sync_reference(ref_model: nn.Module, policy: nn.Module, alpha: float) -> None:
-    """TR-DPO update of the reference weights: π_ref <- α·π_θ + (1 − α)·π_ref (α = 1: hard copy)."""
-    weights = effective_weights(policy)
-    for name, p in ref_model.named_parameters():
-        if alpha == 1.0:
-            p.copy_(weights[name])
-        else:
-            p.mul_(1.0 - alpha).add_(weights[name].to(p.dtype), alpha=alpha)
-
-
-@contextlib.contextmanager
-def reference_logps_fn(kind: str, policy: nn.Module, ref_model: nn.Module | None, chunk_size: int):
-    """A TokenLogps that computes π_ref, in eval mode: the frozen copy, the policy without adapters, or the policy."""
-    net = ref_model if kind == "copy" else policy
-    was_training = net.training
-    net.eval()
-    adapters_off = policy.disable_adapter() if kind == "base" else contextlib.nullcontext()
-    try:
-        with adapters_off, torch.no_grad():
-            yield TokenLogps(net, chunk_size=chunk_size)
-    finally:
-        net.train(was_training)
-
+# --- the reference policy: models.reference; its log-prob cache -----------------------------------------------
 
 @announced("reference log-probs")
 @torch.no_grad()

@@ -17,7 +17,7 @@ import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -26,7 +26,14 @@ from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.envs import check_rows, env_factory
 from posttrain.envs.rl import EpisodeRollouts, episode_accuracy
 from posttrain.errors import ConfigError
-from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.backends import (
+    GenerationOptions,
+    close_generator,
+    closing_engines,
+    rollout_engine,
+    sleep_engine,
+    sync_weights,
+)
 from posttrain.generation.engine_episodes import EngineEpisodeSampler
 from posttrain.generation.episodes import EpisodeBudget, EpisodeSampler
 from posttrain.generation.rollout import RolloutBatch, RolloutSequences, rollout_sequences
@@ -96,7 +103,7 @@ class GRPOConfig(RunOptions, PromptSource, GenerationOptions):
                                                "sampler (sampler: ScaleRL's literal ρ = π_train/π_gen)")
     lr: float = field(1e-6, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
-    lr_schedule: str = field("constant", help="constant (ScaleRL) or cosine")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", help="constant (ScaleRL) or cosine")
     max_steps: int = field(50, help="optimizer steps")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward")
     shared_prefix: bool = field(True, help="training forward runs each prompt once for its G samples (exact; "
@@ -287,7 +294,8 @@ def sample_step(generator, tokenizer, pool: PromptPool, rows, prompt_ids_all, co
 
 def run(config: GRPOConfig, resume: str | None = None) -> dict[str, Any]:
     """`posttrain grpo`: online RL with verifiable rewards; returns the summary (last metrics, final_dir)."""
-    return run_distributed(_run, config, resume)
+    with closing_engines():  # a run that raises still releases its vLLM engine
+        return run_distributed(_run, config, resume)
 
 
 def _run(config: GRPOConfig, resume: str | None, d: Dist) -> dict[str, Any]:

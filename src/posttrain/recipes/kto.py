@@ -28,18 +28,15 @@ import torch
 from posttrain.config import RunOptions, field
 from posttrain.data.formats import load_dataset_file, unpair_preference
 from posttrain.data.order import micro_batches, step_units
+from posttrain.data.pairs import Example, sequence_batch, sequence_logps
 from posttrain.data.tokenize import encode_unpaired
 from posttrain.errors import ConfigError, DataError
+from posttrain.files import atomic_write_text
 from posttrain.losses.kto import kto_loss, kto_reference_point
 from posttrain.models.forward import TokenLogps
 from posttrain.models.loading import load_model
-from posttrain.recipes.dpo import (
-    Example,
-    reference_logps_fn,
-    sequence_batch,
-    sequence_logps,
-)
-from posttrain.train.checkpoint import atomic_write_text, resolve_resume
+from posttrain.models.reference import reference_logps_fn
+from posttrain.train.checkpoint import resolve_resume
 from posttrain.train.distributed import all_reduce_sum, run_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler

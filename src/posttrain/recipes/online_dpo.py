@@ -27,12 +27,12 @@ import torch
 from posttrain.config import RunOptions, field
 from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.files import atomic_write_text
 from posttrain.generation.rollout import RolloutSequences, rollout_sequences
 from posttrain.generation.sampler import HFGenerator, SamplingParams, encode_prompts
 from posttrain.losses.dpo import DPO_LOSSES, REFERENCE_FREE
 from posttrain.models.forward import TokenLogps
 from posttrain.rewards import build_rewards, score_completions
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.distributed import init_distributed
 from posttrain.train.logging import MetricsLogger
 from posttrain.train.optim import build_optimizer, build_scheduler

@@ -21,7 +21,14 @@ import torch
 from posttrain.config import RunOptions, field, save_run_config
 from posttrain.data.prompts import PromptPool, PromptSource
 from posttrain.errors import ConfigError
-from posttrain.generation.backends import GenerationOptions, close_generator, rollout_engine, sleep_engine, sync_weights
+from posttrain.generation.backends import (
+    GenerationOptions,
+    close_generator,
+    closing_engines,
+    rollout_engine,
+    sleep_engine,
+    sync_weights,
+)
 from posttrain.generation.rollout import completion_view, rollout_sequences
 from posttrain.generation.sampler import SamplingParams, encode_prompts
 from posttrain.losses.policy import POLICY_LOSSES, GlobalCounts, clipped_value_loss
@@ -96,7 +103,8 @@ def load_reward_fns(config: PPOConfig, rows: list[dict[str, Any]]) -> list:
 
 def run(config: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     """`posttrain ppo`: RLHF with a critic and GAE; returns the summary (last metrics, final_dir)."""
-    return run_distributed(_run, config, resume)
+    with closing_engines():  # a run that raises still releases its vLLM engine
+        return run_distributed(_run, config, resume)
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, d: Dist, eps: float = 1e-8) -> torch.Tensor:

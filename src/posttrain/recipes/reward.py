@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class RewardConfig(RunOptions):
     lr: float = field(1e-5, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
     min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
-    lr_schedule: str = field("cosine", help="cosine or constant (after warmup)")
+    lr_schedule: Literal["constant", "cosine"] = field("cosine", help="cosine or constant (after warmup)")
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
 
     def validate(self) -> None:
@@ -77,10 +77,6 @@ class RewardConfig(RunOptions):
             raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"key 'dtype' must be float32, bfloat16 or float16, got {self.dtype!r}.")
 
 
 def read_margins(rows: list[dict[str, Any]], path: str) -> list[float] | None:

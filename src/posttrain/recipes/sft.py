@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -61,7 +61,7 @@ class SFTConfig(RunOptions):
     lr: float = field(2e-5, help="peak learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms)")
     min_lr_ratio: float = field(0.0, help="cosine decay floor as a fraction of lr")
-    lr_schedule: str = field("cosine", help="cosine or constant (after warmup)")
+    lr_schedule: Literal["constant", "cosine"] = field("cosine", help="cosine or constant (after warmup)")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
     eval_steps: int = field(0, help="evaluate every N steps; 0 = only at the end")
     chunk_size: int = field(256, help="rows per chunk of the fused LM-head log-prob computation")
@@ -76,8 +76,6 @@ class SFTConfig(RunOptions):
             raise ConfigError(f"key 'max_steps' must be >= 1, or -1 to derive it from epochs; got {self.max_steps}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps > 0 or epochs > 0.")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"key 'lr_schedule' must be cosine or constant, got {self.lr_schedule!r}.")
 
 
 def tokenize_rows(rows, fmt: str, tokenizer, max_length: int, path: str,

@@ -17,20 +17,20 @@ while writing raises DiskFullError ("no space left on device") and leaves the pr
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from posttrain.errors import PosttrainError
+from posttrain.errors import DiskFullError, PosttrainError  # noqa: F401 -- DiskFullError: also importable from here
+from posttrain.files import atomic_dir, atomic_write_text  # noqa: F401 -- atomic_write_text: also importable from here
 
 log = logging.getLogger(__name__)
 
@@ -38,83 +38,6 @@ CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "checkpoint.json"
 _TEMP_MARKERS = (".tmp-", ".old-", ".deleting")
-
-
-class DiskFullError(PosttrainError):
-    """The disk filled up while writing; what was being written is discarded, earlier files are kept."""
-
-
-def _is_disk_full(e: BaseException, where: Path) -> bool:
-    """Whether a failed write failed for lack of space. torch.save reports ENOSPC as an iostream or zip-position
-    RuntimeError, so a failure while the file system is (nearly) full counts too; call this before the partial
-    output is removed."""
-    for error in (e, e.__cause__, e.__context__):
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-    if "no space left" in str(e).lower():
-        return True
-    with contextlib.suppress(OSError):
-        usage = shutil.disk_usage(where)
-        return usage.free < max(1 << 20, usage.total // 200)
-    return False
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `final` in one rename, on error it is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException as e:
-        full = isinstance(e, Exception) and not isinstance(e, PosttrainError) and _is_disk_full(e, final.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise DiskFullError(f"no space left on device while writing '{final}'; it was not written and the "
-                                "earlier checkpoints are kept. Free some space and resume with --resume.") from e
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.train.checkpoint import DiskFullError
+from posttrain.errors import DiskFullError
 
 
 class MetricsLogger:

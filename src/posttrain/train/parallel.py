@@ -147,6 +147,12 @@ def parallelize(module: nn.Module, d: Dist) -> nn.Module:
     return module
 
 
+def local_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter this rank holds: its FSDP2 shard (a DTensor's local part), or all of it."""
+    to_local = getattr(p, "to_local", None)
+    return to_local().numel() if to_local is not None else p.numel()
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether fully_shard was applied to `module`."""
     from torch.distributed.fsdp import FSDPModule

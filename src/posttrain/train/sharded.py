@@ -1,6 +1,6 @@
 """Checkpoints of every parallelism, and the sharded (DCP) layout that fsdp2 writes.
 
-Two layouts share `<output_dir>/checkpoints/step-<N>/` and its atomic rename (train.checkpoint.atomic_dir: a kill at
+Two layouts share `<output_dir>/checkpoints/step-<N>/` and its atomic rename (posttrain.files.atomic_dir: a kill at
 any instant leaves the previous checkpoint loadable, the new one appears only when complete):
 - `hf` (parallelism none / ddp): rank 0 writes the model as a Hugging Face folder and the whole optimizer state in
   trainer_state.pt (train.state.save_training_checkpoint).
@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from posttrain.errors import PosttrainError
+from posttrain.files import atomic_dir
 from posttrain.train.checkpoint import (
     STATE_FILE,
     _fault_point,
-    atomic_dir,
     checkpoint_dir,
     list_checkpoints,
     load_state,

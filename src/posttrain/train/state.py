@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from posttrain.files import atomic_dir
 from posttrain.models.loading import apply_lora, load_model
-from posttrain.train.checkpoint import atomic_dir, load_state, save_checkpoint, set_rng_state
+from posttrain.train.checkpoint import load_state, save_checkpoint, set_rng_state
 from posttrain.train.guards import check_finite_weights
 
 

@@ -24,7 +24,7 @@ mixture of the intermediate targets (≈ 0.1 TV from p^α/Z on the toy of tests/
 tests/ttc check the draws against the exact composed kernels and against p^α/Z on a model whose completions can be
 enumerated, for several block sizes.
 
-Pitfalls of the official code avoided (reference notes §2): the acceptance uses the FULL current suffix x[m:] even
+Pitfalls of the authors' released code avoided: the acceptance uses the FULL current suffix x[m:] even
 when the proposal ends early at EOS; the proposal is exactly softmax(α·z) (no default top-k=50 truncation);
 every random draw of a chain comes from its own seeded torch.Generator.
 
@@ -60,8 +60,6 @@ from posttrain.generation.logits import sample_from_logps
 from posttrain.generation.sampler import (
     FINISH_EOS,
     FINISH_LENGTH,
-    HFGenerator,
-    Rollouts,
     SamplingParams,
     draw_seed,
     eos_ids_of,
@@ -548,15 +546,8 @@ def low_temperature_params(alpha: float, max_new_tokens: int, *, seed: int | Non
     """The baseline: token-by-token sampling from softmax(α·z), i.e. temperature 1/α, no top-k/top-p.
 
     This is NOT p^α: low temperature exponentiates each conditional, p(x_t | x_<t)^α / Z_t, while p^α exponentiates
-    the whole sequence's probability, which sums over futures before exponentiating (reference notes §2).
+    the whole sequence's probability, which sums over futures before exponentiating (Karan & Du 2025).
     """
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0 / alpha, seed=seed,
                           stop_token_ids=tuple(stop_token_ids) if stop_token_ids is not None else None)
 
-
-def low_temperature_sample(model: nn.Module, prompt_ids: list[list[int]], alpha: float, max_new_tokens: int, *,
-                           n: int = 1, tokenizer=None, seed: int | None = None,
-                           eos_token_ids: Sequence[int] | None = None) -> Rollouts:
-    """n low-temperature (τ = 1/α) completions per prompt from the shared KV-cache sampler."""
-    generator = HFGenerator(model, tokenizer, eos_token_ids=eos_token_ids)
-    return generator.generate(prompt_ids, low_temperature_params(alpha, max_new_tokens, seed=seed), n=n)
