@@ -130,7 +130,8 @@ def render(spec: dict, root: Path) -> None:
     (HERE / f"{name}.json").write_text(json.dumps({"config": spec, "base": base, "runs": runs}, indent=2) + "\n")
     c = spec["common"]
     lines = ["# GRPO vs GSPO vs DPPO-TV vs CISPO on chain_sum (SmolLM2-135M-Instruct, LoRA, same budget)\n",
-             (f"Rerun: `python experiments/policy_losses/run.py --config {spec['config_file']}`. Every loss: "
+             (f"Rerun: `python experiments/policy_losses/run.py --config experiments/policy_losses/{spec['config_file']}`. "
+             "Every loss: "
              f"{c['max_steps']} steps of {c['prompts_per_step']} prompts × {c['num_generations']} samples, "
              f"{c['updates_per_batch']} optimizer passes per batch (so the second pass is off-policy and the clips, "
              f"masks and truncations act), LoRA r={c['lora_r']}, lr {c['lr']}, each loss at its preset's defaults. "
