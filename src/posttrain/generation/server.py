@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import http.client
 import json
 import os
 import socket
@@ -222,7 +223,7 @@ class VLLMServerClient:
                                      method="POST" if data is not None else "GET")
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout_s) as resp:
-                return json.loads(resp.read())
+                body = resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")
             try:
@@ -230,12 +231,18 @@ class VLLMServerClient:
             except ValueError:
                 pass
             raise ServerError(f"vLLM server {self.url} refused {path} (HTTP {e.code}): {detail}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            # HTTPException: the server died mid-answer (IncompleteRead, RemoteDisconnected, BadStatusLine)
+            reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
             died = self._died()
             raise ServerError(f"vLLM server {self.url} did not answer {path} ({reason}){died}; the run stops here "
                               f"(checkpoints already written are complete). Start it with `posttrain serve "
                               f"model=FOLDER port=PORT` or set vllm_url to a running server.") from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ServerError(f"vLLM server {self.url} answered {path} with {len(body)} bytes that are not JSON "
+                              f"(starting {body[:80]!r}): is vllm_url a `posttrain serve` server?") from None
 
     def _died(self) -> str:
         if self.process is not None and self.process.poll() is not None:
