@@ -2,6 +2,7 @@
 
     python bench/bench_distill.py [--student smollm2-135m-instruct:layers=0-5,24-29] [--teacher smollm2-135m-instruct]
                                   [--steps 5] [--rounds 1]
+    python bench/bench_distill.py --flops --steps 2 --out bench/results/distill_flops.json
 
 Setting (both sides): the student samples one completion per prompt (λ = 1: every step on-policy), temperature 1, no
 top-k/top-p, at most 32 new tokens; the teacher scores the student's tokens; the per-token loss is the
@@ -108,13 +109,20 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
     return {"step_seconds": clock.times, "tokens": tokens, "step_cpu_seconds": clock.cpu_times}
 
 
-def child(side: str, student: str, teacher: str, steps: int) -> None:
+def child(side: str, student: str, teacher: str, steps: int, count_flops: bool = False) -> None:
+    import contextlib
     import resource
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False) if count_flops else None
+    with tempfile.TemporaryDirectory() as tmp, counter or contextlib.nullcontext():
         run = run_trl if side == "trl" else run_posttrain
         result = run(student, teacher, steps, Path(tmp))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if counter is not None:  # every matmul/attention FLOP of the run (sampling, both forwards, backward), per step
+        result["flops_per_step"] = counter.get_total_flops() / steps
+        result["flops_by_op"] = {str(op): n / steps for op, n in counter.get_flop_counts()["Global"].items()}
     print("RESULT " + json.dumps(result))
 
 
@@ -126,17 +134,33 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     p.add_argument("--sides", default="posttrain,trl")
+    p.add_argument("--flops", action="store_true",
+                   help="count each side's FLOPs per step (torch FlopCounterMode) instead of timing: one subprocess "
+                        "per side, --steps steps, written to --out")
     p.add_argument("--child", nargs=4, metavar=("SIDE", "STUDENT", "TEACHER", "STEPS"))
     a = p.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], a.child[2], int(a.child[3]))
+        child(a.child[0], a.child[1], a.child[2], int(a.child[3]), count_flops=a.flops)
         return
     from posttrain.models.loading import resolve
 
     resolve(a.student)  # build a layer-subset folder once, before the sides start
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    runs = run_sides(__file__, [a.student, a.teacher, str(a.steps)], a.sides.split(","), a.rounds, env)
     sides = a.sides.split(",")
+    if a.flops:
+        runs = run_sides(__file__, [a.student, a.teacher, str(a.steps), "--flops"], sides, 1, env)
+        flops = {x["side"]: x["flops_per_step"] for x in runs}
+        summary = {"student": a.student, "teacher": a.teacher, "prompts": B, "max_new_tokens": MAX_NEW,
+                   "steps": a.steps, "gflops_per_step": {s: f / 1e9 for s, f in flops.items()},
+                   "completion_tokens_per_step": {x["side"]: x["tokens"] for x in runs},
+                   "gflops_by_op": {x["side"]: {k: v / 1e9 for k, v in x["flops_by_op"].items()} for x in runs}}
+        if "trl" in flops and "posttrain" in flops:
+            summary["flop_ratio_trl_over_posttrain"] = flops["trl"] / flops["posttrain"]
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
+        return
+    runs = run_sides(__file__, [a.student, a.teacher, str(a.steps)], sides, a.rounds, env)
     best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
     rss = {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in sides}
     def per_token(x: dict) -> float:
