@@ -109,6 +109,27 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
     return {"step_seconds": clock.times, "tokens": tokens, "step_cpu_seconds": clock.cpu_times}
 
 
+def matmul_peak(seconds: float = 2.0) -> dict[str, float]:
+    """Single-thread float32 matmul throughput (GFLOP/s) at the step's shapes: the decoders over 8 × 92 tokens, the
+    head at the 256 completion rows, one decode step of 8 rows, and a large square product."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    out = {}
+    for m, k, n in [(736, 576, 1536), (736, 576, 576), (256, 576, 49152), (8, 576, 1536), (2048, 2048, 2048)]:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            a @ b
+            reps += 1
+        out[f"{m}x{k}x{n}"] = 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+    return out
+
+
 def child(side: str, student: str, teacher: str, steps: int, count_flops: bool = False) -> None:
     import contextlib
     import resource
@@ -156,6 +177,7 @@ def main() -> None:
                    "gflops_by_op": {x["side"]: {k: v / 1e9 for k, v in x["flops_by_op"].items()} for x in runs}}
         if "trl" in flops and "posttrain" in flops:
             summary["flop_ratio_trl_over_posttrain"] = flops["trl"] / flops["posttrain"]
+        summary["matmul_gflops_per_s_one_thread"] = matmul_peak()
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
