@@ -236,3 +236,34 @@ def test_teacher_vote_keeps_a_majority_answer(tmp_path, monkeypatch):
     assert answers == [[1], [10]] and tokens == 42
     answers, _ = teacher_answers(None, None, [[1], [2]], config, None)  # no vote: the first sample
     assert answers == [[0], [10]]
+
+
+def test_teacher_dtype_bfloat16_scores_in_bf16_and_matches_float32(tmp_path, monkeypatch):
+    """teacher_dtype=bfloat16 with a float32 student: the teacher's forward runs in bf16 (its weights are bf16), and
+    step 1's divergence equals the float32 teacher's up to bf16 rounding (same seed, same student samples)."""
+
+    dtypes = []
+    init = FrozenTeacher.__init__
+
+    def spy(self, model, **kw):
+        dtypes.append(next(model.parameters()).dtype)
+        init(self, model, **kw)
+
+    monkeypatch.setattr(FrozenTeacher, "__init__", spy)
+    first = {}
+    for name in ("float32", "bfloat16"):
+        run(_config(tmp_path, teacher_dtype="same" if name == "float32" else name, max_steps=1, seed=5,
+                    output_dir=str(tmp_path / name)))
+        first[name] = next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "divergence" in r)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    f32, bf16 = first["float32"]["divergence"], first["bfloat16"]["divergence"]
+    assert f32 > 0.05
+    assert bf16 == pytest.approx(f32, rel=0.01) and bf16 != f32  # measured: 1.4038 vs 1.4028
+
+
+def test_teacher_dtype_unknown_exits_2(tmp_path, capsys):
+    _save_tiny(tmp_path / "student", seed=0)
+    _save_tiny(tmp_path / "teacher", seed=1)
+    code, out = _cli(tmp_path, "teacher_dtype=fp8")
+    assert code == 2 and "teacher_dtype" in capsys.readouterr().err
+    assert not out.exists()

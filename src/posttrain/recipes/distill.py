@@ -89,6 +89,9 @@ class DistillConfig(RunOptions, PromptSource, GenerationOptions):
                                                    "subset such as smollm2-135m-instruct:layers=0-5,24-29")
     teacher: str = field(help="the teacher (same tokenizer and vocabulary as the student); frozen")
     teacher_device: str = field("same", help="device of the teacher: same (the student's), cpu, cuda, cuda:1, ...")
+    teacher_dtype: Literal["same", "float32", "bfloat16", "float16"] = field(
+        "same", help="the teacher's weights and forward: same (key dtype) or its own, e.g. bfloat16 for a float32 "
+                     "student (the divergence still runs in float32)")
     mode: Mode = field("on_policy", help="sequence (SFT on teacher answers), token (divergence on fixed sequences) "
                                          "or on_policy (divergence on the student's own samples)")
     divergence: Divergence = field("reverse_kl", help="per-token divergence for token/on_policy: forward_kl "
@@ -382,7 +385,8 @@ def _run(config: DistillConfig, resume: str | None, d: Dist) -> dict[str, Any]:
     student, tokenizer = prepare_model(config.model, device=d.device, **config.model_options(),
                                        gradient_checkpointing=config.gradient_checkpointing,
                                        checkpoint=weights_checkpoint(checkpoint))
-    teacher_model, _ = load_model(config.teacher, dtype=config.dtype, device=d.device)
+    teacher_dtype = config.dtype if config.teacher_dtype == "same" else config.teacher_dtype
+    teacher_model, _ = load_model(config.teacher, dtype=teacher_dtype, device=d.device)
     check_heads(student, teacher_model, config.model, config.teacher)
     # FSDP2 shards a teacher that scores tokens on the trainer's devices as it shards the student; a teacher that
     # only writes answers (rank 0 decodes them) or sits on its own device stays whole
