@@ -241,7 +241,6 @@ def test_teacher_vote_keeps_a_majority_answer(tmp_path, monkeypatch):
 def test_teacher_dtype_bfloat16_scores_in_bf16_and_matches_float32(tmp_path, monkeypatch):
     """teacher_dtype=bfloat16 with a float32 student: the teacher's forward runs in bf16 (its weights are bf16), and
     step 1's divergence equals the float32 teacher's up to bf16 rounding (same seed, same student samples)."""
-
     dtypes = []
     init = FrozenTeacher.__init__
 
