@@ -2,6 +2,7 @@
 
     python bench/bench_distill.py [--student smollm2-135m-instruct:layers=0-5,24-29] [--teacher smollm2-135m-instruct]
                                   [--steps 5] [--rounds 1]
+    python bench/bench_distill.py --teacher-dtype bfloat16 --rounds 2 --out bench/results/distill_bf16_teacher.json
     python bench/bench_distill.py --flops --steps 2 --out bench/results/distill_flops.json
 
 Setting (both sides): the student samples one completion per prompt (λ = 1: every step on-policy), temperature 1, no
@@ -39,7 +40,7 @@ def _rows():
     return gym_rows("chain_sum", 64, 0, instruction=INSTRUCTION, **TASK_KW)
 
 
-def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
+def run_posttrain(student: str, teacher: str, steps: int, out: Path, teacher_dtype: str = "float32") -> dict:
     import time
 
     from posttrain.recipes.distill import DistillConfig, run
@@ -53,7 +54,7 @@ def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
                            mode="on_policy", divergence="reverse_kl", estimator="full", lmbda=1.0,
                            prompts_per_step=B, num_generations=1, micro_batch_size=B, max_new_tokens=MAX_NEW,
                            temperature=1.0, lr=1e-5, max_steps=steps, output_dir=str(out / "pt"), progress=False,
-                           tensorboard=False, keep_last=1)
+                           tensorboard=False, keep_last=1, teacher_dtype=teacher_dtype)
     cpu_times, last, pop = [], [time.process_time()], StageTimer.pop
 
     def pop_with_cpu(timer):
@@ -75,7 +76,7 @@ def run_posttrain(student: str, teacher: str, steps: int, out: Path) -> dict:
             "tokens": [r["tokens"] for r in metrics], "step_cpu_seconds": cpu_times[-len(metrics):]}
 
 
-def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
+def run_trl(student: str, teacher: str, steps: int, out: Path, teacher_dtype: str = "float32") -> dict:
     import datasets
     from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -93,7 +94,8 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
                      gradient_checkpointing=False, disable_tqdm=True, lr_scheduler_type="constant", seed=0)
     tokenizer = load_tokenizer(student)
     trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(resolve(student)),
-                         teacher_model=AutoModelForCausalLM.from_pretrained(resolve(teacher)), args=args,
+                         teacher_model=AutoModelForCausalLM.from_pretrained(resolve(teacher), dtype=teacher_dtype),
+                         args=args,
                          train_dataset=ds, processing_class=tokenizer, callbacks=[clock])
     tokens: list[float] = []
     generate = trainer.generate_on_policy_outputs
@@ -130,7 +132,8 @@ def matmul_peak(seconds: float = 2.0) -> dict[str, float]:
     return out
 
 
-def child(side: str, student: str, teacher: str, steps: int, count_flops: bool = False) -> None:
+def child(side: str, student: str, teacher: str, steps: int, count_flops: bool = False,
+          teacher_dtype: str = "float32") -> None:
     import contextlib
     import resource
 
@@ -139,7 +142,7 @@ def child(side: str, student: str, teacher: str, steps: int, count_flops: bool =
     counter = FlopCounterMode(display=False) if count_flops else None
     with tempfile.TemporaryDirectory() as tmp, counter or contextlib.nullcontext():
         run = run_trl if side == "trl" else run_posttrain
-        result = run(student, teacher, steps, Path(tmp))
+        result = run(student, teacher, steps, Path(tmp), teacher_dtype)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if counter is not None:  # every matmul/attention FLOP of the run (sampling, both forwards, backward), per step
         result["flops_per_step"] = counter.get_total_flops() / steps
@@ -158,10 +161,12 @@ def main() -> None:
     p.add_argument("--flops", action="store_true",
                    help="count each side's FLOPs per step (torch FlopCounterMode) instead of timing: one subprocess "
                         "per side, --steps steps, written to --out")
+    p.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="both sides load the teacher in this dtype (the student stays float32)")
     p.add_argument("--child", nargs=4, metavar=("SIDE", "STUDENT", "TEACHER", "STEPS"))
     a = p.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], a.child[2], int(a.child[3]), count_flops=a.flops)
+        child(a.child[0], a.child[1], a.child[2], int(a.child[3]), count_flops=a.flops, teacher_dtype=a.teacher_dtype)
         return
     from posttrain.models.loading import resolve
 
@@ -182,7 +187,8 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
         return
-    runs = run_sides(__file__, [a.student, a.teacher, str(a.steps)], sides, a.rounds, env)
+    runs = run_sides(__file__, [a.student, a.teacher, str(a.steps), "--teacher-dtype", a.teacher_dtype], sides,
+                     a.rounds, env)
     best = {s: min(x["median_step_s"] for x in runs if x["side"] == s) for s in sides}
     rss = {s: max(x["peak_rss_mb"] for x in runs if x["side"] == s) for s in sides}
     def per_token(x: dict) -> float:
@@ -193,7 +199,7 @@ def main() -> None:
     cpu = {s: min(statistics.median(x["step_cpu_seconds"][1:]) for x in runs if x["side"] == s) for s in sides}
     summary = {"student": a.student, "teacher": a.teacher, "prompts": B, "max_new_tokens": MAX_NEW,
                "steps": a.steps, "rounds": a.rounds, "step_s": best, "step_cpu_s": cpu, "s_per_completion_token": per_tok,
-               "peak_rss_mb": rss, "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}
+               "peak_rss_mb": rss, "teacher_dtype": a.teacher_dtype, "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}
     if "trl" in best and "posttrain" in best:
         summary["speedup"] = best["trl"] / best["posttrain"]
         summary["speedup_cpu"] = cpu["trl"] / cpu["posttrain"]
