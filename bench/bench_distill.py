@@ -144,7 +144,8 @@ def child(side: str, student: str, teacher: str, steps: int, count_flops: bool =
         run = run_trl if side == "trl" else run_posttrain
         result = run(student, teacher, steps, Path(tmp), teacher_dtype)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if counter is not None:  # every matmul/attention FLOP of the run (sampling, both forwards, backward), per step
+    if counter is not None:  # the FLOPs of every op the counter knows (matmuls, attention), per step: sampling, both
+        # forwards, the backward
         result["flops_per_step"] = counter.get_total_flops() / steps
         result["flops_by_op"] = {str(op): n / steps for op, n in counter.get_flop_counts()["Global"].items()}
     print("RESULT " + json.dumps(result))

@@ -3,6 +3,10 @@
     python experiments/distillation/continue.py            # every stage not done yet, then the report
     python experiments/distillation/continue.py --time     # one step of each method (wall time), for sizing
     python experiments/distillation/continue.py --report   # only the report from continue_results.json
+    python experiments/distillation/continue.py --config continue_long.yaml --runs on_policy/seed0   # one run only
+
+Several processes may run different `--runs` of one config at once: each evaluation is merged into the results file
+under a lock (a run's points belong to the process that trains it).
 
 Stages (config: continue.yaml): the teacher (teacher.py), the shared data (run.py's write_data: the warm-start and
 held-out prompts; fresh continuation prompts), the common warm start (the layer-dropped student after off-policy
@@ -41,12 +45,20 @@ from posttrain.train.logging import read_metrics
 LABELS = {"sequence": "(b') more off-policy sequence distillation", "on_policy": "(c') on-policy reverse KL",
           "grpo": "(d') GRPO with the verifier", "gold": "(a') SFT on gold",
           "on_policy_lr5e-5": "(c') on-policy reverse KL, lr 5e-5"}
-RESULTS = HERE / "continue_results.json"
+
+
+def results_path(c: dict) -> Path:
+    return HERE / c.get("results", "continue_results.json")
+
+
+def continue_file(c: dict, root: Path) -> Path:
+    """The continuation's prompts (fresh problems, seed continue_seed)."""
+    return root / "data" / c.get("continue_file", "continue.jsonl")
 
 
 def train(name: str, c: dict, root: Path, seed: int, out: Path, **overrides) -> None:
     """One continuation run of method `name` from the warm start (a method's own keys win over the shared ones)."""
-    base = {**common(c, root, root / "data" / "continue.jsonl", root / "data" / "heldout.jsonl"),
+    base = {**common(c, root, continue_file(c, root), root / "data" / "heldout.jsonl"),
             "model": str(root / "warm" / "final"), "eval_file": None, "seed": seed, "keep_last": 0,
             "overwrite": True, **c["methods"][name], **overrides}  # no eval_file: checkpoints are evaluated here
     if name == "grpo":
@@ -63,7 +75,7 @@ def step_flops(name: str, c: dict, root: Path, out: Path, n_params: int) -> dict
     """(student, teacher) FLOPs of a run after each step, counted from its start."""
     if name == "grpo":
         m = c["methods"]["grpo"]
-        f = grpo_flops(out / "metrics.jsonl", root / "data" / "continue.jsonl", c["student"], m["prompts_per_step"],
+        f = grpo_flops(out / "metrics.jsonl", continue_file(c, root), c["student"], m["prompts_per_step"],
                        m["num_generations"], n_params)
         return {s: (v, 0.0) for s, v in f.items()}
     return {r["step"]: (r["flops/student"], r["flops/teacher"]) for r in read_metrics(out / "metrics.jsonl")
@@ -102,19 +114,37 @@ class Evaluator:
                 "load": os.getloadavg()[0]}
 
 
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}, "timing": {}}
+def load_results(c: dict) -> dict:
+    path = results_path(c)
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}, "timing": {}}
 
 
-def save(results: dict) -> None:
-    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+def save(c: dict, results: dict) -> None:
+    """Write results, merged under a lock with what other processes wrote meanwhile: their runs and timings are
+    kept, this process's own (the keys it holds) win; `results` is updated in place to the merged whole."""
+    import fcntl
+
+    path = results_path(c)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = json.loads(path.read_text()) if path.exists() else {"runs": {}, "timing": {}}
+        merged = {**disk, **results, "runs": {**disk.get("runs", {}), **results["runs"]},
+                  "timing": {**disk.get("timing", {}), **results["timing"]}}
+        for key, run in disk.get("runs", {}).items():  # a run another process is training: its points win
+            if key not in OWN.get(id(results), set()):
+                merged["runs"][key] = run
+        atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
+    results.update(merged)
+
+
+OWN: dict[int, set[str]] = {}  # id(results) -> the run keys this process trains
 
 
 def prepare(c: dict, root: Path, results: dict) -> None:
     """Teacher, data, the warm start and the two reference evaluations (each skipped when done)."""
     teacher_main(["--config", str(c["_path"])])
     write_data(c, root)
-    fresh = root / "data" / "continue.jsonl"
+    fresh = continue_file(c, root)
     if not fresh.exists():
         write_rows(fresh, task_rows(c, c["continue_problems"], c["continue_seed"]))
     if not (root / "warm" / "final" / "config.json").exists():
@@ -128,7 +158,7 @@ def prepare(c: dict, root: Path, results: dict) -> None:
     results["warm_flops"] = {"student": last["flops/student"], "teacher": last["flops/teacher"]}
     # the task has few distinct problems: mark the held-out questions that any model trained on (teacher included)
     held = [json.loads(x)["prompt"][-1]["content"] for x in (root / "data" / "heldout.jsonl").read_text().splitlines()]
-    seen = {json.loads(x)["prompt"][-1]["content"] for f in ("teacher_sft.jsonl", "train.jsonl", "continue.jsonl")
+    seen = {json.loads(x)["prompt"][-1]["content"] for f in ("teacher_sft.jsonl", "train.jsonl", fresh.name)
             for x in (root / "data" / f).read_text().splitlines()}
     results["heldout_seen"] = [int(q in seen) for q in held]
     ev = None
@@ -136,32 +166,41 @@ def prepare(c: dict, root: Path, results: dict) -> None:
         if key not in results:
             ev = ev or Evaluator(c, root)
             results[key] = ev(path)
-            save(results)
+            save(c, results)
             print(key, {k: v for k, v in results[key].items() if "correct" not in k and "rows" not in k}, flush=True)
 
 
-def continue_runs(c: dict, root: Path, results: dict) -> None:
-    """Every (seed, method) run from the warm start; its checkpoints evaluated as they come, then deleted."""
+def continue_runs(c: dict, root: Path, results: dict, only: list[str] | None = None) -> None:
+    """Every (seed, method) run from the warm start (or those in `only`); its checkpoints evaluated as they come,
+    then deleted."""
     n_params = student_params(c["student"])
     ev = Evaluator(c, root)
     plan = [(name, seed) for seed in c["seeds"] for name in c["order"]]
     plan += [(name, int(seed)) for name, seed in (spec.split("/seed") for spec in c.get("extra_runs", []))]
+    if only is not None:
+        unknown = set(only) - {f"{name}/seed{seed}" for name, seed in plan}
+        if unknown:
+            raise SystemExit(f"--runs: {sorted(unknown)} not in the config's plan (seeds × order, extra_runs)")
+        plan = [(name, seed) for name, seed in plan if f"{name}/seed{seed}" in only]
+    OWN[id(results)] = {f"{name}/seed{seed}" for name, seed in plan}
     for name, seed in plan:
         key = f"{name}/seed{seed}"
-        out = root / "continue" / key
+        out = root / c.get("continue_dir", "continue") / key
         run = results["runs"].setdefault(key, {"method": name, "seed": seed, "points": []})
         if not run.get("trained"):
             t0, cpu0 = time.time(), time.process_time()
             train(name, c, root, seed, out)
             run.update(trained=True, train_seconds=time.time() - t0, train_cpu_seconds=time.process_time() - cpu0)
-            save(results)
+            save(c, results)
+            run = results["runs"][key]
         flops = step_flops(name, c, root, out, n_params)
         for ckpt in sorted((out / "checkpoints").glob("step-*")):
             step = int(ckpt.name.split("-")[1])
             if all(p["step"] != step for p in run["points"]):
                 point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt / "model")}
                 run["points"].append(point)
-                save(results)
+                save(c, results)
+                run = results["runs"][key]
                 print(key, step, {k: v for k, v in point.items() if "correct" not in k and "rows" not in k}, flush=True)
             shutil.rmtree(ckpt)  # 1.4 GB with the optimizer state; final/ stays
         report(c, results)
@@ -178,7 +217,7 @@ def time_steps(c: dict, root: Path, results: dict) -> None:
                                                  "step": {k: v for k, v in step[-1].items() if "time" in k or "flops" in k
                                                           or "length" in k or "sequences" in k}}
         print(name, results["timing"][f"one_step/{name}"], flush=True)
-        save(results)
+        save(c, results)
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -277,15 +316,15 @@ def report(c: dict, results: dict) -> None:
             se = math.sqrt(sum((v - m) ** 2 for v in diff) / (len(diff) - 1) / len(diff))
             lines.append(f"| {key} (step {p['step']}) | {other} | {gained} | {lost} | {mcnemar_p(gained, lost):.3g} | "
                          f"{m:+.2f} ± {se:.2f} |")
-    lines += ["", "![curves](continue_curves.png)", "", "<!-- findings -->"]
-    path = HERE / "continue_results.md"
+    lines += ["", f"![curves]({c.get('curves', 'continue_curves.png')})", "", "<!-- findings -->"]
+    path = HERE / c.get("report", "continue_results.md")
     text = path.read_text() if path.exists() else ""
     findings = text.split("<!-- findings -->", 1)[1] if "<!-- findings -->" in text else "\n"
     atomic_write_text(path, "\n".join(lines) + findings)
-    plot(results)
+    plot(results, HERE / c.get("curves", "continue_curves.png"))
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, path: Path) -> None:
     """Accuracy (Wilson 95%) and reverse KL (± SE) vs continuation TFLOPs, one line per run."""
     import matplotlib
 
@@ -309,7 +348,7 @@ def plot(results: dict) -> None:
     b.set(xlabel="continuation student TFLOPs", ylabel="reverse KL(student ‖ teacher) / answer (± SE)")
     a.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(HERE / "continue_curves.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -317,25 +356,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(HERE / "continue.yaml"))
     parser.add_argument("--time", action="store_true", help="only time one step of each method (after the warm start)")
-    parser.add_argument("--report", action="store_true", help="only write the report from continue_results.json")
+    parser.add_argument("--report", action="store_true", help="only write the report from the results file")
+    parser.add_argument("--runs", nargs="+", metavar="METHOD/seedN", help="train and evaluate only these runs")
     args = parser.parse_args(argv)
     c = {**yaml.safe_load(Path(args.config).read_text()), "_path": args.config}
     torch.set_num_threads(c.get("threads", 1))
     root = Path(c["run_root"])
-    results = load_results()
+    results = load_results(c)
     results["config"] = {k: v for k, v in c.items() if k != "_path"}
     if args.report:
         report(c, results)
         return 0
     t0, cpu0 = time.time(), time.process_time()
     prepare(c, root, results)
-    save(results)
+    save(c, results)
     if args.time:
         time_steps(c, root, results)
     else:
-        continue_runs(c, root, results)
+        continue_runs(c, root, results, args.runs)
     results["timing"]["last_invocation"] = {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
-    save(results)
+    save(c, results)
     report(c, results)
     return 0
 
