@@ -125,7 +125,9 @@ def save(c: dict, results: dict) -> None:
     import fcntl
 
     path = results_path(c)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    lock_path = Path(c["run_root"]) / (path.stem + ".lock")  # beside the runs (git-ignored), not in the repository
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         disk = json.loads(path.read_text()) if path.exists() else {"runs": {}, "timing": {}}
         merged = {**disk, **results, "runs": {**disk.get("runs", {}), **results["runs"]},
@@ -255,8 +257,8 @@ def report(c: dict, results: dict) -> None:
         return f"{k}/{len(unseen)} = {k / len(unseen):.3f} [{lo:.3f}, {hi:.3f}]"
 
     lines = ["# Continuation: off-policy first, then off-policy / on-policy / GRPO at equal student FLOPs", "",
-             "Rerun: `python experiments/distillation/continue.py` (config `continue.yaml`). Numbers from "
-             "`continue_results.json`; the findings below the tables are written by hand.", "",
+             f"Rerun: `python experiments/distillation/continue.py --config {Path(c['_path']).name}`. Numbers from "
+             f"`{results_path(c).name}`; the findings below the tables are written by hand.", "",
              f"- Held-out: n = {n} problems (seed {c['eval_seed']}), greedy, strict `Answer:` line; Wilson 95% "
              f"intervals. Reverse KL: one temperature-1 student sample per problem (sampling seeds fixed across "
              f"models), Σ_t KL(q‖p) in nats per answer, mean ± SE over problems. "
@@ -302,20 +304,23 @@ def report(c: dict, results: dict) -> None:
             lines.append(f"| {key} | {max(p['flops'] for p in pts) / 1e12:.2f} | " +
                          " | ".join("–" if v is None else f"{v / 1e12:.2f}" for v in cells) + " |")
     lines += ["", "Paired on the same held-out problems (exact McNemar): last evaluation of each run against the warm "
-              "start, and against (b') of the same seed:", "",
-              "| run | vs | gained | lost | McNemar p | reverse KL difference / answer (paired, mean ± SE) |",
-              "|---|---|---|---|---|---|"]
+              "start, against (b') of the same seed, and (c') against (d') of the same seed:", "",
+              "| run | vs | gained | lost | McNemar p | unseen only: gained / lost, p | reverse KL difference / answer "
+              "(paired, mean ± SE) |", "|---|---|---|---|---|---|---|"]
     finals = {key: max(run["points"], key=lambda p: p["step"]) for key, run in results["runs"].items() if run["points"]}
     for key, p in finals.items():
-        seed_b = f"sequence/seed{results['runs'][key]['seed']}"
-        for other, q in [("warm start", warm)] + ([(seed_b, finals[seed_b])] if seed_b in finals and seed_b != key else []):
+        seed = results["runs"][key]["seed"]
+        others = [f"sequence/seed{seed}"] + ([f"grpo/seed{seed}"] if results["runs"][key]["method"] == "on_policy" else [])
+        for other, q in [("warm start", warm)] + [(o, finals[o]) for o in others if o in finals and o != key]:
             gained = sum(a and not b for a, b in zip(p["correct"], q["correct"]))
             lost = sum(b and not a for a, b in zip(p["correct"], q["correct"]))
+            gained_u = sum(p["correct"][i] and not q["correct"][i] for i in unseen)
+            lost_u = sum(q["correct"][i] and not p["correct"][i] for i in unseen)
             diff = [a - b for a, b in zip(p["reverse_kl_rows"], q["reverse_kl_rows"])]
             m = sum(diff) / len(diff)
             se = math.sqrt(sum((v - m) ** 2 for v in diff) / (len(diff) - 1) / len(diff))
             lines.append(f"| {key} (step {p['step']}) | {other} | {gained} | {lost} | {mcnemar_p(gained, lost):.3g} | "
-                         f"{m:+.2f} ± {se:.2f} |")
+                         f"{gained_u} / {lost_u}, {mcnemar_p(gained_u, lost_u):.3g} | {m:+.2f} ± {se:.2f} |")
     lines += ["", f"![curves]({c.get('curves', 'continue_curves.png')})", "", "<!-- findings -->"]
     path = HERE / c.get("report", "continue_results.md")
     text = path.read_text() if path.exists() else ""
