@@ -74,6 +74,26 @@ def packed_batch(examples: list[Example], rows: list[list[int]], pad_id: int) ->
     return {"input_ids": input_ids, "loss_mask": loss_mask, "position_ids": position_ids}
 
 
+def lay_out(examples: list[Example], pad_id: int, pack_length: int | None) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+    """(rows, batch): the examples packed into rows of <= pack_length tokens (`pack_examples`, `packed_batch`) or,
+    with pack_length None, one right-padded row each (`pad_batch`); rows[r] lists the examples of row r in order."""
+    if pack_length is None:
+        return [[i] for i in range(len(examples))], pad_batch(examples, pad_id)
+    rows = pack_examples(examples, pack_length)
+    return rows, packed_batch(examples, rows, pad_id)
+
+
+def last_positions(examples: list[Example], rows: list[list[int]]) -> torch.Tensor:
+    """[N, 2] (row, column) of each example's last token in the layout `rows` (for heads that read one token)."""
+    last = torch.zeros((len(examples), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            at += len(examples[i]["input_ids"])
+            last[i] = torch.tensor([r, at - 1])
+    return last
+
+
 @dataclass(frozen=True)
 class SharedPrefixBatch:
     """Rollout rows packed so that each prompt is encoded once for all the samples that continue it.

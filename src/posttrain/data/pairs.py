@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from posttrain.data.collate import pack_examples, packed_batch, pad_batch
+from posttrain.data.collate import last_positions, lay_out
 from posttrain.data.tokenize import encode_preference
 from posttrain.errors import DataError
 from posttrain.ops.logps import IGNORE_INDEX, shift_labels
@@ -62,22 +62,16 @@ class SequenceBatch:
 def sequence_batch(sequences: list[Example], pad_id: int, *, pack_length: int | None) -> SequenceBatch:
     """Lay out sequences for one forward: packed into rows of <= pack_length tokens (first-fit decreasing, position
     ids restarting per sequence) or, with pack_length None, one right-padded row per sequence."""
-    if pack_length is None:
-        rows = [[i] for i in range(len(sequences))]
-        batch = pad_batch(sequences, pad_id)
-    else:
-        rows = pack_examples(sequences, pack_length)
-        batch = packed_batch(sequences, rows, pad_id)
+    rows, batch = lay_out(sequences, pad_id, pack_length)
     R, T = batch["input_ids"].shape
     seq_index = torch.full((R, T), -1, dtype=torch.long)
-    last = torch.zeros((len(sequences), 2), dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
             n = len(sequences[i]["input_ids"])
             seq_index[r, at:at + n] = i
-            last[i] = torch.tensor([r, at + n - 1])
             at += n
+    last = last_positions(sequences, rows)
     labels = shift_labels(batch["input_ids"], batch["loss_mask"], batch["position_ids"])
     return SequenceBatch(batch["input_ids"], batch["position_ids"], labels, seq_index, last, len(sequences),
                          sum(len(s["input_ids"]) for s in sequences))

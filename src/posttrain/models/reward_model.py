@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.data.collate import pack_examples, packed_batch, pad_batch
+from posttrain.data.collate import last_positions, lay_out
 from posttrain.errors import ModelNotFoundError
 
 META_FILE = "reward_model.json"
@@ -280,19 +280,9 @@ def reward_batch(examples: Sequence[Example], *, kind: str, pad_id: int, pack_le
             types[i, :n] = torch.tensor(e["token_type_ids"])
             mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
-    if pack_length is None:
-        rows = [[i] for i in range(len(examples))]
-        batch = pad_batch(examples, pad_id)
-    else:
-        rows = pack_examples(examples, pack_length)
-        batch = packed_batch(examples, rows, pad_id)
-    last = torch.zeros((len(examples), 2), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            at += len(examples[i]["input_ids"])
-            last[i] = torch.tensor([r, at - 1])
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "last": last}
+    rows, batch = lay_out(examples, pad_id, pack_length)
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            "last": last_positions(examples, rows)}
 
 
 # --- the reward function for RL and best-of-N --------------------------------------------------------------------
