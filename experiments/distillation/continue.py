@@ -39,7 +39,7 @@ from run import common, grpo_flops, student_params, wilson, write_data, write_ro
 from teacher import main as teacher_main
 from teacher import rows as task_rows
 
-from posttrain.train.checkpoint import atomic_write_text
+from posttrain.files import atomic_write_text
 from posttrain.train.logging import read_metrics
 
 LABELS = {"sequence": "(b') more off-policy sequence distillation", "on_policy": "(c') on-policy reverse KL",
@@ -119,9 +119,10 @@ def load_results(c: dict) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}, "timing": {}}
 
 
-def save(c: dict, results: dict) -> None:
+def save(c: dict, results: dict, own: frozenset[str] = frozenset()) -> None:
     """Write results, merged under a lock with what other processes wrote meanwhile: their runs and timings are
-    kept, this process's own (the keys it holds) win; `results` is updated in place to the merged whole."""
+    kept; the runs in `own` (those this process trains) are taken from `results`, every other run from the file.
+    `results` is updated in place to the merged whole."""
     import fcntl
 
     path = results_path(c)
@@ -129,17 +130,12 @@ def save(c: dict, results: dict) -> None:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        disk = json.loads(path.read_text()) if path.exists() else {"runs": {}, "timing": {}}
-        merged = {**disk, **results, "runs": {**disk.get("runs", {}), **results["runs"]},
-                  "timing": {**disk.get("timing", {}), **results["timing"]}}
-        for key, run in disk.get("runs", {}).items():  # a run another process is training: its points win
-            if key not in OWN.get(id(results), set()):
-                merged["runs"][key] = run
+        disk = load_results(c)
+        theirs = {key: run for key, run in disk["runs"].items() if key not in own}  # other processes' runs win
+        merged = {**disk, **results, "runs": {**results["runs"], **theirs},
+                  "timing": {**disk["timing"], **results["timing"]}}
         atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
     results.update(merged)
-
-
-OWN: dict[int, set[str]] = {}  # id(results) -> the run keys this process trains
 
 
 def prepare(c: dict, root: Path, results: dict) -> None:
@@ -184,7 +180,7 @@ def continue_runs(c: dict, root: Path, results: dict, only: list[str] | None = N
         if unknown:
             raise SystemExit(f"--runs: {sorted(unknown)} not in the config's plan (seeds × order, extra_runs)")
         plan = [(name, seed) for name, seed in plan if f"{name}/seed{seed}" in only]
-    OWN[id(results)] = {f"{name}/seed{seed}" for name, seed in plan}
+    own = frozenset(f"{name}/seed{seed}" for name, seed in plan)
     for name, seed in plan:
         key = f"{name}/seed{seed}"
         out = root / c.get("continue_dir", "continue") / key
@@ -193,7 +189,7 @@ def continue_runs(c: dict, root: Path, results: dict, only: list[str] | None = N
             t0, cpu0 = time.time(), time.process_time()
             train(name, c, root, seed, out)
             run.update(trained=True, train_seconds=time.time() - t0, train_cpu_seconds=time.process_time() - cpu0)
-            save(c, results)
+            save(c, results, own)
             run = results["runs"][key]
         flops = step_flops(name, c, root, out, n_params)
         for ckpt in sorted((out / "checkpoints").glob("step-*")):
@@ -201,7 +197,7 @@ def continue_runs(c: dict, root: Path, results: dict, only: list[str] | None = N
             if all(p["step"] != step for p in run["points"]):
                 point = {"step": step, "flops": flops[step][0], "teacher_flops": flops[step][1], **ev(ckpt / "model")}
                 run["points"].append(point)
-                save(c, results)
+                save(c, results, own)
                 run = results["runs"][key]
                 print(key, step, {k: v for k, v in point.items() if "correct" not in k and "rows" not in k}, flush=True)
             shutil.rmtree(ckpt)  # 1.4 GB with the optimizer state; final/ stays
